@@ -1,0 +1,30 @@
+"""String keys and defaults shared across mixpriv (one place, no magic strings)."""
+
+from __future__ import annotations
+
+# Keys of images inside a ``torchio.Subject``.
+IMAGE = "image"
+LABEL = "label"
+REFERENCE_IMAGE = "reference_image"
+REFERENCE_LABEL = "reference_label"
+
+# Keys of attributes recorded on a subject by the mixing transforms.
+MIX_LAMBDA = "mix_lambda"
+MIX_REFERENCE_ID = "mix_reference_id"
+
+# Split names of a dataset folder.
+TRAIN = "train"
+VAL = "val"
+TEST = "test"
+SPLITS = (TRAIN, VAL, TEST)
+
+# Default range of the mixing weight lambda, drawn uniformly per patch / volume.
+# The paper draws lambda from a uniform distribution; the bounds did not survive in the
+# text we work from, so we keep lambda above 0.5 (the target dominates, and the naive
+# unmixing of Eq. 4 amplifies the server's error by at most 1/lambda < 2).
+DEFAULT_LAMBDA_RANGE = (0.65, 0.95)
+
+# Naive unmixing divides by lambda; below this value it refuses (see ``naive_unmix``).
+MIN_UNMIX_LAMBDA = 0.05
+
+ENV_HOME = "MIXPRIV_HOME"

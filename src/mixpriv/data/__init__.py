@@ -1,0 +1,1 @@
+"""Data: the embedded brain cohort, nnU-Net-layout folders, TorchIO pipelines."""

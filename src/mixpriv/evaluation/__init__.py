@@ -1,0 +1,1 @@
+"""Evaluation: Dice tables with nnU-Net conventions, reports and figures."""

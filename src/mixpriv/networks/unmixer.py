@@ -1,0 +1,136 @@
+"""The client-side unmixing network: a small U-Net whose normalisations are AdaIN on lambda.
+
+It receives the server's mixed segmentation ``y_m`` (probabilities), the reference's one-hot
+segmentation ``y_r`` and the mixing weight ``lam`` and predicts the target's segmentation
+(logits). Every normalisation is an adaptive instance norm whose scale and shift are
+predicted from ``lam`` (Huang & Belongie 2017), so one network serves every weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixpriv.mixing.functional import naive_unmix
+
+
+class AdaIN3d(nn.Module):
+    """Instance norm whose affine parameters are a function of a scalar condition.
+
+    Example:
+        >>> norm = AdaIN3d(4)
+        >>> norm(torch.randn(2, 4, 8, 8, 8), torch.tensor([0.7, 0.9])).shape
+        torch.Size([2, 4, 8, 8, 8])
+    """
+
+    def __init__(self, channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.InstanceNorm3d(channels, affine=False)
+        self.to_scale_shift = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2 * channels))
+        nn.init.zeros_(self.to_scale_shift[-1].weight)
+        nn.init.zeros_(self.to_scale_shift[-1].bias)
+
+    def forward(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.to_scale_shift(lam.reshape(-1, 1).to(x.dtype)).chunk(2, dim=1)
+        shape = (x.shape[0], x.shape[1], 1, 1, 1)
+        return self.norm(x) * (1 + scale.reshape(shape)) + shift.reshape(shape)
+
+
+class AdaINBlock(nn.Module):
+    """Two (conv 3x3x3 -> AdaIN(lam) -> LeakyReLU) layers."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = AdaIN3d(out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+        self.norm2 = AdaIN3d(out_channels)
+
+    def forward(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.norm1(self.conv1(x), lam), 0.01)
+        return F.leaky_relu(self.norm2(self.conv2(x), lam), 0.01)
+
+
+@dataclass(frozen=True)
+class UnmixerSpec:
+    """Serialisable description of the unmixer.
+
+    ``channels=(16, 32)`` gives the paper's four convolutional blocks: two encoder blocks
+    (full and half resolution), one decoder block and one refinement block.
+    ``include_naive`` adds the naive unmixing (Eq. 4) of the inputs as extra input channels:
+    a fixed function of (y_m, y_r, lam) that gives the network a head start.
+    """
+
+    channels: tuple[int, ...] = (16, 32)
+    include_naive: bool = True
+
+    @classmethod
+    def from_dict(cls, spec: Mapping) -> UnmixerSpec:
+        values = dict(spec)
+        if "channels" in values:
+            values["channels"] = tuple(values["channels"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["channels"] = list(self.channels)
+        return values
+
+
+class AdaINUnmixer(nn.Module):
+    """U-Net unmixer ``U(y_m, y_r, lam) -> logits of y``.
+
+    Args:
+        num_classes: number of label channels C of ``y_m`` and ``y_r``.
+        spec: channels per level and input options.
+
+    Example:
+        >>> net = AdaINUnmixer(4)
+        >>> y_m = torch.softmax(torch.randn(2, 4, 16, 16, 16), 1); y_r = torch.softmax(torch.randn(2, 4, 16, 16, 16), 1)
+        >>> net(y_m, y_r, torch.tensor([0.7, 0.8])).shape
+        torch.Size([2, 4, 16, 16, 16])
+    """
+
+    def __init__(self, num_classes: int, spec: UnmixerSpec | Mapping | None = None) -> None:
+        super().__init__()
+        spec = spec if isinstance(spec, UnmixerSpec) else UnmixerSpec.from_dict(spec or {})
+        self.spec = spec
+        self.num_classes = num_classes
+        in_channels = (3 if spec.include_naive else 2) * num_classes
+        channels: Sequence[int] = spec.channels
+        self.encoders = nn.ModuleList(
+            AdaINBlock(c_in, c_out) for c_in, c_out in zip((in_channels, *channels[:-1]), channels)
+        )
+        self.decoders = nn.ModuleList(
+            AdaINBlock(channels[i + 1] + channels[i], channels[i]) for i in reversed(range(len(channels) - 1))
+        )
+        self.refine = AdaINBlock(channels[0], channels[0])
+        self.head = nn.Conv3d(channels[0], num_classes, 1)
+
+    @property
+    def size_divisor(self) -> int:
+        """Spatial sizes must be divisible by this number."""
+        return 2 ** (len(self.spec.channels) - 1)
+
+    def forward(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        lam = torch.as_tensor(lam, dtype=mixed_probs.dtype, device=mixed_probs.device).reshape(-1)
+        if lam.numel() == 1 and mixed_probs.shape[0] > 1:
+            lam = lam.expand(mixed_probs.shape[0])
+        inputs = [mixed_probs, reference_one_hot]
+        if self.spec.include_naive:
+            inputs.append(naive_unmix(mixed_probs, reference_one_hot, lam))
+        x = torch.cat(inputs, dim=1)
+        skips = []
+        for level, block in enumerate(self.encoders):
+            if level > 0:
+                x = F.max_pool3d(x, 2)
+            x = block(x, lam)
+            skips.append(x)
+        for block, skip in zip(self.decoders, reversed(skips[:-1])):
+            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1), lam)
+        return self.head(self.refine(x, lam))

@@ -35,24 +35,25 @@ class Mix(tio.Transform):
     """Mix the subject's image with reference ``reference_index`` of ``bank`` at weight ``lam``.
 
     Args:
-        bank: the client's reference bank.
         lam: mixing weight of the target, in (0, 1].
         reference_index: which reference of the bank to mix with.
+        bank: the client's reference bank. It is not recorded in the subject's history (it
+            is a secret), so a transform rebuilt from the history needs the bank again.
 
     Example:
         >>> import torch, torchio as tio
         >>> bank = ReferenceBank(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.long),
         ...                      {"background": 0, "fg": 1})
         >>> subject = tio.Subject(image=tio.ScalarImage(tensor=torch.ones(1, 4, 4, 4)))
-        >>> mixed = Mix(bank, lam=0.8, reference_index=0)(subject)
+        >>> mixed = Mix(lam=0.8, reference_index=0, bank=bank)(subject)
         >>> round(float(mixed["image"].data.mean()), 4), mixed["mix_lambda"]
         (0.8, 0.8)
     """
 
-    def __init__(self, bank: ReferenceBank, lam: float, reference_index: int, **kwargs) -> None:
+    def __init__(self, lam: float, reference_index: int, bank: ReferenceBank | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         check_lambda(lam)
-        if not 0 <= reference_index < len(bank):
+        if bank is not None and not 0 <= reference_index < len(bank):
             raise InputError(f"reference index {reference_index} outside a bank of {len(bank)} references")
         self.bank = bank
         self.lam = float(lam)
@@ -61,15 +62,22 @@ class Mix(tio.Transform):
         self.args_names = ["lam", "reference_index"]
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        if self.bank is None:
+            raise InputError("Mix needs the reference bank (the client's key) to be applied")
         image = subject[IMAGE]
         reference_image, reference_label = self.bank.get(self.reference_index)
         reference_image = _fit_to_shape(reference_image, image.spatial_shape).to(image.data.dtype)
         reference_label = _fit_to_shape(reference_label, image.spatial_shape)
         image.set_data(mix(image.data.float(), reference_image.float(), self.lam))
-        subject.add_image(tio.ScalarImage(tensor=reference_label, affine=image.affine), REFERENCE_LABEL)
-        subject[MIX_LAMBDA] = self.lam
-        subject[MIX_REFERENCE_ID] = self.reference_index
-        return subject
+        # A new Subject, so that the patch samplers' crops keep the recorded attributes.
+        mixed = tio.Subject({
+            **subject,
+            REFERENCE_LABEL: tio.ScalarImage(tensor=reference_label, affine=image.affine),
+            MIX_LAMBDA: self.lam,
+            MIX_REFERENCE_ID: self.reference_index,
+        })
+        mixed.applied_transforms = subject.applied_transforms
+        return mixed
 
     def is_invertible(self) -> bool:
         return False
@@ -121,4 +129,4 @@ class RandomMix(RandomTransform):
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         lam, index = self.get_params(subject.get("case_id"))
-        return Mix(self.bank, lam, index, **self._get_base_args())(subject)
+        return Mix(lam, index, self.bank, **self._get_base_args())(subject)

@@ -1,0 +1,83 @@
+"""Scans in and label maps out: NIfTI I/O that keeps the input's grid, affine and header."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+
+from mixpriv.constants import IMAGE
+from mixpriv.data.preprocessing import preprocessing
+from mixpriv.inference.grid import sliding_window
+from mixpriv.validation import InputError, check_finite, check_spatial_dims
+
+
+def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subject, tio.ScalarImage]:
+    """Load a NIfTI scan, check it, and preprocess it as the models expect.
+
+    Returns the preprocessed subject (image key ``image``) and the original image, whose grid
+    the outputs are written back on.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"scan {path} does not exist")
+    try:
+        original = tio.ScalarImage(path)
+        original.load()
+    except Exception as error:  # nibabel / SimpleITK raise many types for unreadable files
+        raise InputError(f"cannot read {path} as a medical image: {error}") from error
+    check_spatial_dims(original.data, f"scan {path.name}")
+    if original.data.shape[0] != 1:
+        raise InputError(f"scan {path.name} has {original.data.shape[0]} channels; one T1 channel is expected")
+    check_finite(original.data, f"scan {path.name}")
+    subject = preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=original.data, affine=original.affine)}))
+    return subject, original
+
+
+def to_original_grid(volume: torch.Tensor, affine: np.ndarray, original: tio.ScalarImage, label: bool) -> torch.Tensor:
+    """Resample a (C, D, H, W) volume on ``affine`` back to the original image's grid."""
+    image_class = tio.LabelMap if label else tio.ScalarImage
+    image = image_class(tensor=volume, affine=affine)
+    if image.spatial_shape == original.spatial_shape and np.allclose(affine, original.affine, atol=1e-4):
+        return volume
+    return tio.Resample(original)(image).data
+
+
+def save_like(volume: torch.Tensor | np.ndarray, original_path: str | Path, out_path: str | Path,
+              dtype=np.uint8) -> Path:
+    """Write a 3D or 4D volume on the grid of ``original_path`` with its affine and header."""
+    reference = nib.load(str(original_path))
+    data = np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume)
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, 0, -1)  # channels last, as NIfTI stores them
+    if data.shape[:3] != reference.shape[:3]:
+        raise InputError(f"volume shape {data.shape[:3]} does not match {original_path} shape {reference.shape[:3]}")
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
+    image.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
+    image.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
+    nib.save(image, str(out_path))
+    return out_path
+
+
+def segment_volume(
+    segment: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: int,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Class probabilities (C, D, H, W) of a non-private segmenter on an image (1, D, H, W)."""
+    return sliding_window(lambda patches: segment(patches[IMAGE]), {IMAGE: image}, patch_size, overlap,
+                          batch_size, device, progress)

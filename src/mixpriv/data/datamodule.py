@@ -29,13 +29,13 @@ from mixpriv.validation import check_lambda_range
 log = logging.getLogger(__name__)
 
 
-def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """``None`` means the embedded cohort (built on first use)."""
+def resolve_data_dir(data_dir: str | Path | None, embedded_spacing: float = 2.0) -> Path:
+    """``None`` means the embedded cohort at ``embedded_spacing`` mm (built on first use)."""
     if data_dir is not None:
         return Path(data_dir).expanduser()
-    from mixpriv.data.cohort import build_cohort
+    from mixpriv.data.cohort import build_cohort, default_cohort_dir
 
-    return build_cohort()
+    return build_cohort(default_cohort_dir(spacing=embedded_spacing), spacing=embedded_spacing)
 
 
 def bank_from_cases(folder: DatasetFolder, split: str = TRAIN, spacing=None, max_references: int | None = None,
@@ -61,6 +61,7 @@ class MixprivDataModule(pl.LightningDataModule):
 
     Args:
         data_dir: nnU-Net v2 folder; ``None`` uses the embedded cohort.
+        embedded_spacing: spacing (mm) of the embedded cohort used when ``data_dir`` is ``None``.
         patch_size: cubic patch side (voxels).
         batch_size: patches per batch.
         samples_per_volume: patches drawn from each loaded (and mixed) volume.
@@ -81,6 +82,7 @@ class MixprivDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
+        embedded_spacing: float = 2.0,
         patch_size: int = 48,
         batch_size: int = 4,
         samples_per_volume: int = 8,
@@ -103,7 +105,7 @@ class MixprivDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.folder is not None:
             return
-        self.folder = DatasetFolder(resolve_data_dir(self.hparams.data_dir))
+        self.folder = DatasetFolder(resolve_data_dir(self.hparams.data_dir, self.hparams.embedded_spacing))
         if self.hparams.validate_files:
             for case in tqdm(self.folder.cases(TRAIN) + self.folder.cases(VAL), desc="checking files", leave=False):
                 validate_case(case, self.folder.labels.values())

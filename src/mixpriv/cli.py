@@ -1,0 +1,175 @@
+"""The ``mixpriv`` command line: build the cohort, train, evaluate, make a key, segment, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mixpriv import __version__
+
+log = logging.getLogger("mixpriv")
+
+
+def _add_build_cohort(sub) -> None:
+    p = sub.add_parser("build-cohort", help="build the embedded synthetic brain cohort (nnU-Net v2 layout)")
+    p.add_argument("--out", type=Path, default=None, help="folder (default: under $MIXPRIV_HOME or ~/.cache/mixpriv)")
+    p.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (2 by default, 1 for paper size)")
+    p.add_argument("--n-patients", type=int, default=60)
+    p.add_argument("--scans-per-patient", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_build_cohort)
+
+
+def _build_cohort(args) -> None:
+    from mixpriv.data.cohort import build_cohort, default_cohort_dir
+
+    out = args.out or default_cohort_dir(args.spacing, args.seed, args.n_patients, args.scans_per_patient)
+    path = build_cohort(out, n_patients=args.n_patients, scans_per_patient=args.scans_per_patient,
+                        spacing=args.spacing, seed=args.seed)
+    print(path)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a recipe")
+    p.add_argument("--recipe", required=True, help="recipe name (recipes/<name>.yaml) or path")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.max_steps=100")
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> None:
+    from mixpriv.recipe import load_recipe
+    from mixpriv.training import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run = train(recipe, args.out or Path("runs") / recipe.get("name", "run"))
+    print(f"checkpoint: {run.checkpoint}")
+    print(f"training: {run.stats['train_seconds_total']} s, {run.stats['patches_per_second']} patches/s")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="Dice table (Baseline, Naive, Naive+TTA, Learned, Learned+TTA) on a test split")
+    p.add_argument("--mixpriv", type=Path, required=True, help="Mixup-Privacy checkpoint")
+    p.add_argument("--baseline", type=Path, default=None, help="baseline checkpoint (optional row)")
+    p.add_argument("--data", type=Path, default=None, help="nnU-Net v2 folder (default: embedded cohort)")
+    p.add_argument("--key", type=Path, default=None, help="reference bank (default: drawn from the training split)")
+    p.add_argument("--k", type=int, default=8, help="number of TTA references")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("outputs/evaluation"))
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args) -> None:
+    from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
+    from mixpriv.data.folder import DatasetFolder
+    from mixpriv.evaluation.runner import evaluate_models
+    from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.training import load_model
+
+    private = load_model(args.mixpriv)
+    baseline = load_model(args.baseline) if args.baseline else None
+    folder = DatasetFolder(resolve_data_dir(args.data))
+    bank = ReferenceBank.load(args.key) if args.key else bank_from_cases(folder, "train", private.hparams.spacing)
+    result = evaluate_models(baseline, private, folder, bank, args.out, k=args.k, seed=args.seed,
+                             max_cases=args.max_cases)
+    print(result.table.to_markdown(title="Segmentation (Dice), test split", notes={"K": str(args.k)}))
+    print("whole-volume seconds per case:", {k: round(v, 2) for k, v in result.seconds.items()})
+    print(f"outputs in {args.out}")
+
+
+def _add_keygen(sub) -> None:
+    p = sub.add_parser("keygen", help="create a secret key: a reference bank saved with owner-only permissions")
+    p.add_argument("--out", type=Path, required=True, help="key file to write (e.g. key.mpk)")
+    p.add_argument("--data", type=Path, default=None, help="labelled references (default: embedded cohort)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--n", type=int, default=None, help="number of references (default: all of the split)")
+    p.add_argument("--spacing", type=float, default=None, help="resample references to this spacing (mm)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_keygen)
+
+
+def _keygen(args) -> None:
+    from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
+    from mixpriv.data.folder import DatasetFolder
+
+    bank = bank_from_cases(DatasetFolder(resolve_data_dir(args.data)), args.split, args.spacing, args.n)
+    path = bank.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {bank!r} to {path} (mode 600)")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="privately segment one scan in-process (mix, segment, unmix, TTA)")
+    p.add_argument("scan", type=Path, help="NIfTI scan")
+    p.add_argument("--model", type=Path, required=True, help="Mixup-Privacy checkpoint")
+    p.add_argument("--key", type=Path, required=True, help="reference bank from `mixpriv keygen`")
+    p.add_argument("--out", type=Path, required=True, help="label map to write (NIfTI, on the scan's grid)")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--method", choices=("learned", "naive"), default="learned")
+    p.add_argument("--variance", type=Path, default=None, help="also write the TTA variance map here")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_predict)
+
+
+def _predict(args) -> None:
+    import numpy as np
+    import torch
+
+    from mixpriv.constants import IMAGE
+    from mixpriv.inference.volume import load_scan, save_like, to_original_grid
+    from mixpriv.lightning.tta import TTAEnsembler
+    from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.training import load_model
+
+    model = load_model(args.model)
+    subject, original = load_scan(args.scan, model.hparams.spacing)
+    ensembler = TTAEnsembler(model, ReferenceBank.load(args.key), k=args.k, methods=(args.method,), seed=args.seed)
+    result = ensembler(subject[IMAGE].data.float())[args.method]
+    affine = subject[IMAGE].affine
+    labels = to_original_grid(result.labels[None].to(torch.uint8), affine, original, label=True)
+    print(f"wrote {save_like(labels, args.scan, args.out)}")
+    if args.variance:
+        variance = to_original_grid(result.variance.sum(0, keepdim=True), affine, original, label=False)
+        print(f"wrote {save_like(variance, args.scan, args.variance, dtype=np.float32)}")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: cohort -> train (or reuse) -> private segmentation -> Dice table")
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N test cases")
+    p.add_argument("overrides", nargs="*", help="recipe overrides applied to both recipes, e.g. trainer.max_steps=200")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> None:
+    from mixpriv.demo import run_demo
+
+    run_demo(args.out, k=args.k, max_cases=args.max_cases, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixpriv", description="Privacy-preserving 3D segmentation (Mixup-Privacy).")
+    parser.add_argument("--version", action="version", version=f"mixpriv {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_build_cohort, _add_train, _add_evaluate, _add_keygen, _add_predict, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

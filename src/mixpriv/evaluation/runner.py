@@ -1,0 +1,149 @@
+"""Evaluate the baseline and the private pipeline on a test split (paper Table 1, Fig. 2-3).
+
+For every test case the server segments K mixtures once; the client unmixes them naively
+and with the learned unmixer. ``Naive`` / ``Learned`` use the first reference only,
+``Naive+TTA`` / ``Learned+TTA`` average all K; the Dice-versus-K curve uses the first k.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mixpriv.constants import DEFAULT_LAMBDA_RANGE, IMAGE, LABEL, TEST
+from mixpriv.data.folder import DatasetFolder
+from mixpriv.data.preprocessing import preprocessing
+from mixpriv.evaluation.dice import dice_per_class, mean_foreground
+from mixpriv.evaluation.plots import plot_dice_vs_k, plot_private_segmentation, plot_variance_map
+from mixpriv.evaluation.report import DiceTable
+from mixpriv.inference.private import PrivateSegmentation, mix_with_references, segment_mixtures, unmix_volumes
+from mixpriv.inference.volume import save_like, segment_volume, to_original_grid
+from mixpriv.lightning.baseline import BaselineSegmenter
+from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.mixing.bank import ReferenceBank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationResult:
+    table: DiceTable
+    dice_vs_k: dict[str, dict[int, float]]
+    seconds: dict[str, float]
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def _baseline_probabilities(model: BaselineSegmenter, image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    return segment_volume(lambda x: torch.softmax(model(x).float(), 1), image, patch_size, device=model.device)
+
+
+def evaluate_models(
+    baseline: BaselineSegmenter | None,
+    private: MixupPrivacyModule,
+    folder: DatasetFolder,
+    bank: ReferenceBank,
+    out_dir: str | Path,
+    k: int = 8,
+    seed: int = 0,
+    max_cases: int | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Run the evaluation, write ``summary.json``, ``table.md``, figures and the first case's NIfTIs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [c for c in folder.cases(TEST) if c.label_path is not None][:max_cases]
+    if not cases:
+        raise ValueError(f"{folder.root} has no labelled test case to evaluate")
+    generator = torch.Generator().manual_seed(seed)
+    spacing = private.hparams.spacing
+    patch = private.hparams.patch_size
+    lambda_range = tuple(private.hparams.get("lambda_range", DEFAULT_LAMBDA_RANGE))
+    table = DiceTable(folder.labels)
+    curves: dict[str, list[list[float]]] = {"Naive+TTA": [], "Learned+TTA": []}
+    seconds: dict[str, list[float]] = {"baseline": [], "private_k1": [], f"private_k{k}": []}
+    outputs: dict[str, Path] = {}
+    transform = preprocessing(spacing)
+    for index, case in enumerate(tqdm(cases, desc="evaluating test cases", disable=not progress)):
+        subject = transform(case.to_subject())
+        image, label = subject[IMAGE].data.float(), subject[LABEL].data[0]
+        if baseline is not None:
+            start = time.perf_counter()
+            baseline_probs = _baseline_probabilities(baseline, image, baseline.hparams.patch_size)
+            seconds["baseline"].append(time.perf_counter() - start)
+            table.add_prediction("Baseline", case.case_id, baseline_probs.argmax(0), label)
+        start = time.perf_counter()
+        mixtures = mix_with_references(image, bank, k, lambda_range, generator)
+        mixed_probs = segment_mixtures(private.segment_mixture, mixtures.mixtures, patch, device=private.device)
+        learned = PrivateSegmentation(unmix_volumes(mixed_probs, mixtures.reference_one_hot, mixtures.lambdas,
+                                                    "learned", private.unmix, patch, device=private.device))
+        seconds[f"private_k{k}"].append(time.perf_counter() - start)
+        naive = PrivateSegmentation(unmix_volumes(mixed_probs, mixtures.reference_one_hot, mixtures.lambdas, "naive"))
+        if index == 0:
+            seconds["private_k1"].append(_time_private_k1(private, image, bank, lambda_range, patch))
+        table.add_prediction("Naive", case.case_id, naive.first(1).labels, label)
+        table.add_prediction("Naive+TTA", case.case_id, naive.labels, label)
+        table.add_prediction("Learned", case.case_id, learned.first(1).labels, label)
+        table.add_prediction("Learned+TTA", case.case_id, learned.labels, label)
+        for name, result in (("Naive+TTA", naive), ("Learned+TTA", learned)):
+            curves[name].append([mean_foreground(dice_per_class(result.first(j).labels, label, folder.labels))
+                                 for j in range(1, k + 1)])
+        if index == 0:
+            outputs.update(_write_case_outputs(case, subject, bank, mixtures, mixed_probs, naive, learned,
+                                               folder.labels, out_dir))
+    dice_vs_k = {name: dict(zip(range(1, k + 1), np.nanmean(values, axis=0).tolist())) for name, values in curves.items()}
+    stds = {name: dict(zip(range(1, k + 1), np.nanstd(values, axis=0).tolist())) for name, values in curves.items()}
+    baseline_mean = table.aggregate().get("Baseline", {}).get("mean", {}).get("mean")
+    outputs["dice_vs_k"] = plot_dice_vs_k(dice_vs_k, out_dir / "dice_vs_k.png", baseline=baseline_mean, stds=stds)
+    mean_seconds = {name: float(np.mean(v)) for name, v in seconds.items() if v}
+    metadata = {"K": k, "lambda_range": list(lambda_range), "seed": seed, "n_cases": len(cases),
+                "dataset": str(folder.root), "whole_volume_seconds": mean_seconds,
+                "device": str(private.device), "torch_threads": torch.get_num_threads()}
+    notes = {"K (TTA references)": str(k), "λ range": f"[{lambda_range[0]}, {lambda_range[1]}]",
+             "test cases": str(len(cases)), "Naive / Learned": "first reference only"}
+    outputs.update(table.save(out_dir, metadata=metadata, title="Segmentation (Dice), test split", notes=notes))
+    (out_dir / "dice_vs_k.json").write_text(json.dumps({"mean": dice_vs_k, "std": stds}, indent=2))
+    return EvaluationResult(table, dice_vs_k, mean_seconds, outputs)
+
+
+def _time_private_k1(private: MixupPrivacyModule, image, bank, lambda_range, patch) -> float:
+    start = time.perf_counter()
+    mixtures = mix_with_references(image, bank, 1, lambda_range)
+    mixed = segment_mixtures(private.segment_mixture, mixtures.mixtures, patch, device=private.device)
+    unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "learned", private.unmix, patch,
+                  device=private.device)
+    return time.perf_counter() - start
+
+
+def _write_case_outputs(case, subject, bank, mixtures, mixed_probs, naive, learned,
+                        label_names: Mapping[str, int], out_dir: Path) -> dict[str, Path]:
+    """Figures and NIfTIs of one case (on the input's original grid and affine)."""
+    image = subject[IMAGE].data[0].numpy()
+    label = subject[LABEL].data[0].numpy()
+    shown = min(3, len(mixtures.reference_indices))
+    references = [bank.images[i, 0].numpy() for i in mixtures.reference_indices[:shown]]
+    reference_labels = [bank.labels[i].numpy() for i in mixtures.reference_indices[:shown]]
+    outputs = {
+        "figure": plot_private_segmentation(
+            image, label, references, reference_labels, [m[0].numpy() for m in mixtures.mixtures[:shown]],
+            [p.numpy() for p in mixed_probs[:shown]], [p.numpy() for p in naive.per_reference[:shown]],
+            [p.numpy() for p in learned.per_reference[:shown]], naive.labels.numpy(), learned.labels.numpy(),
+            label_names, out_dir / "private_segmentation.png", title=f"test case {case.case_id}"),
+        "variance_figure": plot_variance_map(image, learned.variance.numpy(), out_dir / "tta_variance.png",
+                                             title=f"Learned+TTA variance, {case.case_id}"),
+    }
+    original = case.to_subject()[IMAGE]
+    affine = subject[IMAGE].affine
+    segmentation = to_original_grid(learned.labels[None].to(torch.uint8), affine, original, label=True)
+    outputs["segmentation"] = save_like(segmentation, case.image_paths[0], out_dir / f"{case.case_id}_private_seg.nii.gz")
+    variance = to_original_grid(learned.variance.sum(0, keepdim=True), affine, original, label=False)
+    outputs["variance"] = save_like(variance, case.image_paths[0], out_dir / f"{case.case_id}_tta_variance.nii.gz",
+                                    dtype=np.float32)
+    return outputs

@@ -1,0 +1,154 @@
+"""Train a model from a recipe: DataModule + LightningModule + Trainer + logger, timed.
+
+Example:
+    >>> from mixpriv.recipe import load_recipe
+    >>> run = train(load_recipe("tissue-mixpriv", ["trainer.max_steps=10"]), "runs/demo")  # doctest: +SKIP
+    >>> run.checkpoint  # doctest: +SKIP
+    PosixPath('runs/demo/checkpoints/last.ckpt')
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+from mixpriv.data.datamodule import MixprivDataModule
+from mixpriv.lightning.baseline import BaselineSegmenter
+from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.recipe import RecipeError, dump_recipe
+
+log = logging.getLogger(__name__)
+
+MODEL_KINDS = {"baseline": BaselineSegmenter, "mixpriv": MixupPrivacyModule}
+
+
+@dataclass
+class TrainingRun:
+    """Where a run wrote its outputs, and how fast it went."""
+
+    out_dir: Path
+    checkpoint: Path
+    stats: dict
+
+
+def auto_precision() -> str:
+    """Mixed precision on a GPU (bf16 where supported), full precision on a CPU."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def build_logger(config: Mapping, out_dir: Path, run_name: str) -> Logger | bool:
+    """``wandb`` (offline unless ``mode: online``), ``csv`` or ``none``."""
+    kind = config.get("kind", "wandb")
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return CSVLogger(save_dir=str(out_dir), name="csv")
+    if kind == "wandb":
+        mode = config.get("mode", "offline")
+        os.environ.setdefault("WANDB_MODE", mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return WandbLogger(project=config.get("project", "mixpriv"), name=run_name, save_dir=str(out_dir),
+                           offline=mode == "offline", log_model=False)
+    raise RecipeError(f"unknown logger kind {kind!r}; choose wandb, csv or none")
+
+
+class ThroughputMeter(Callback):
+    """Measures training patches per second (excluding validation)."""
+
+    def __init__(self) -> None:
+        self.patches = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.patches += int(batch["image"]["data"].shape[0])
+
+
+def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataModule]:
+    """Instantiate the DataModule and the LightningModule a recipe describes.
+
+    The model section is the single source of the lambda range; the data section the single
+    source of the patch size and spacing (both are recorded in the model's hparams).
+    """
+    model_config = dict(recipe["model"])
+    kind = model_config.pop("kind", None)
+    if kind not in MODEL_KINDS:
+        raise RecipeError(f"model.kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    data_config = dict(recipe.get("data", {}))
+    if kind == "mixpriv":
+        data_config["mixing"] = True
+        if "lambda_range" in model_config:
+            data_config["lambda_range"] = model_config["lambda_range"]
+    datamodule = MixprivDataModule(**data_config)
+    datamodule.setup("fit")
+    model_config["patch_size"] = datamodule.hparams.patch_size
+    model_config["spacing"] = datamodule.hparams.spacing or datamodule.folder.meta.get("mixpriv", {}).get("spacing_mm")
+    model = MODEL_KINDS[kind](label_names=datamodule.folder.labels, **model_config)
+    return model, datamodule
+
+
+def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:
+    """Train the recipe's model; write checkpoints, the resolved recipe and ``train_stats.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(recipe.get("seed", 0)), workers=True)
+    model, datamodule = build_from_recipe(recipe)
+    dump_recipe(recipe, out_dir / "recipe.yaml")
+    trainer_config = dict(recipe.get("trainer", {}))
+    if trainer_config.get("precision", "auto") == "auto":
+        trainer_config["precision"] = auto_precision()
+    # The queue shards subjects itself under DDP; Lightning must not add a sampler to it.
+    trainer_config["use_distributed_sampler"] = False
+    meter = ThroughputMeter()
+    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False,
+                                 save_top_k=1, every_n_train_steps=None, save_on_train_epoch_end=True)
+    trainer = pl.Trainer(default_root_dir=str(out_dir), logger=build_logger(recipe.get("logger", {}), out_dir,
+                         recipe.get("name", "mixpriv")), callbacks=[meter, checkpoint], **trainer_config)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule)
+    elapsed = time.perf_counter() - start
+    last = out_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)
+    stats = {
+        "recipe": recipe.get("name"),
+        "steps": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "train_seconds_total": round(elapsed, 1),
+        "train_seconds_in_steps": round(meter.seconds, 1),
+        "patches": meter.patches,
+        "patches_per_second": round(meter.patches / meter.seconds, 3) if meter.seconds else None,
+        "precision": str(trainer_config["precision"]),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "val_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+    }
+    (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    log.info("trained %s in %.0f s (%s patches/s)", recipe.get("name"), elapsed, stats["patches_per_second"])
+    return TrainingRun(out_dir, last, stats)
+
+
+def load_model(checkpoint: str | Path, map_location: str = "cpu") -> pl.LightningModule:
+    """Reload a baseline or Mixup-Privacy module from a Lightning checkpoint."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    module_class = MixupPrivacyModule if "unmixer" in hparams else BaselineSegmenter
+    model = module_class.load_from_checkpoint(checkpoint, map_location=map_location)
+    return model.eval()

@@ -23,14 +23,16 @@ class RecipeError(ValueError):
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
-    """Resolve a recipe path, or a bare name looked up in the repository's ``recipes/``."""
+    """Resolve a recipe path, or a bare name looked up in ``./recipes/`` then the repository's."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    folders = [folder for folder in (Path("recipes"), RECIPES_DIR) if folder.is_dir()]
+    for folder in folders:
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
     raise RecipeError(f"recipe {name_or_path!r} not found; known recipes: {known}")
 
 

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -99,8 +100,13 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
     datamodule.setup("fit")
     model_config["patch_size"] = datamodule.hparams.patch_size
     model_config["spacing"] = datamodule.hparams.spacing or datamodule.folder.meta.get("mixpriv", {}).get("spacing_mm")
-    model = MODEL_KINDS[kind](label_names=datamodule.folder.labels, **model_config)
-    return model, datamodule
+    module_class = MODEL_KINDS[kind]
+    accepted = set(inspect.signature(module_class.__init__).parameters) - {"self", "label_names"}
+    unknown = sorted(set(model_config) - accepted)
+    if unknown:
+        raise RecipeError(f"model section has keys {unknown} that {module_class.__name__} does not take; "
+                          f"it takes {sorted(accepted)}")
+    return module_class(label_names=datamodule.folder.labels, **model_config), datamodule
 
 
 def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:

@@ -72,7 +72,7 @@ def _evaluate(args) -> None:
     private = load_model(args.mixpriv)
     baseline = load_model(args.baseline) if args.baseline else None
     folder = DatasetFolder(resolve_data_dir(args.data))
-    bank = ReferenceBank.load(args.key) if args.key else bank_from_cases(folder, "train", private.hparams.spacing)
+    bank = ReferenceBank.load(args.key) if args.key else bank_from_cases(folder, "train", private.hparams.input_spacing)
     result = evaluate_models(baseline, private, folder, bank, args.out, k=args.k, seed=args.seed,
                              max_cases=args.max_cases)
     print(result.table.to_markdown(title="Segmentation (Dice), test split", notes={"K": str(args.k)}))
@@ -124,7 +124,7 @@ def _predict(args) -> None:
     from mixpriv.training import load_model
 
     model = load_model(args.model)
-    subject, original = load_scan(args.scan, model.hparams.spacing)
+    subject, original = load_scan(args.scan, model.hparams.input_spacing)
     ensembler = TTAEnsembler(model, ReferenceBank.load(args.key), k=args.k, methods=(args.method,), seed=args.seed)
     result = ensembler(subject[IMAGE].data.float())[args.method]
     affine = subject[IMAGE].affine

@@ -43,7 +43,7 @@ def run_demo(out: str | Path, k: int = 8, max_cases: int | None = None, override
         checkpoints[name] = checkpoint
     baseline, private = load_model(checkpoints["tissue-baseline"]), load_model(checkpoints["tissue-mixpriv"])
 
-    key = bank_from_cases(folder, "train", private.hparams.spacing)
+    key = bank_from_cases(folder, "train", private.hparams.input_spacing)
     key_path = key.save(out / "key.mpk", overwrite=True)
     result = evaluate_models(baseline, private, folder, key, out / "evaluation", k=k, max_cases=max_cases)
     print(result.table.to_markdown(title="Segmentation (Dice), embedded cohort test split",
@@ -51,7 +51,7 @@ def run_demo(out: str | Path, k: int = 8, max_cases: int | None = None, override
     print("whole-volume inference, seconds per scan:", {n: round(s, 2) for n, s in result.seconds.items()})
 
     scan = folder.cases(TEST)[0].image_paths[0]
-    subject, original = load_scan(scan, private.hparams.spacing)
+    subject, original = load_scan(scan, private.hparams.input_spacing)
     segmentation = TTAEnsembler(private, key, k=k)(subject[IMAGE].data.float())["learned"]
     affine = subject[IMAGE].affine
     seg_path = save_like(to_original_grid(segmentation.labels[None].to(torch.uint8), affine, original, True),

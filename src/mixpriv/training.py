@@ -99,7 +99,7 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
     datamodule = MixprivDataModule(**data_config)
     datamodule.setup("fit")
     model_config["patch_size"] = datamodule.hparams.patch_size
-    model_config["spacing"] = datamodule.hparams.spacing or datamodule.folder.meta.get("mixpriv", {}).get("spacing_mm")
+    model_config["input_spacing"] = datamodule.hparams.spacing or datamodule.folder.meta.get("mixpriv", {}).get("spacing_mm")
     module_class = MODEL_KINDS[kind]
     accepted = set(inspect.signature(module_class.__init__).parameters) - {"self", "label_names"}
     unknown = sorted(set(model_config) - accepted)

@@ -52,6 +52,10 @@ GENERATOR_VERSION = 1
 LABELS = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
 FOV_MM = np.array([176.0, 208.0, 176.0])
 _GRID_MM, _GRID_MARGIN_MM, _DISPLACEMENT_RMS_MM, _DISPLACEMENT_SMOOTH_MM = 8.0, 24.0, 2.0, 16.0
+_DESCRIPTION = ("Synthetic brain tissue segmentation cohort: each patient is a smooth random deformation of "
+                "the MNI ICBM152 2009a template (affine + displacement field), each scan adds rigid motion, "
+                "bias field, contrast gamma, blur and Rician noise; labels are the argmax over (background = "
+                "1 - brain mask, CSF = mask - GM - WM, GM, WM) of the warped probability maps.")
 _LICENCE = ("Synthetic data derived from the MNI ICBM152 2009a template, Copyright (C) 1993-2009 "
             "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill "
             "University; free to use, copy and distribute with this notice (see nilearn's docs).")
@@ -170,7 +174,7 @@ def _make_scan(template: _Template, patient: _Patient, rng: np.random.Generator,
 
 def _split_patients(n_patients: int, fractions: tuple[float, float, float], seed: int) -> list[str]:
     """Split name of each patient, from a seeded permutation (train, then val, then test)."""
-    n_val, n_test = (int(round(f * n_patients)) for f in fractions[1:])
+    n_val, n_test = (round(f * n_patients) for f in fractions[1:])
     n_train = n_patients - n_val - n_test
     if n_train < 1:
         raise ValueError(f"split_fractions {fractions} leave no training patient out of {n_patients}")
@@ -193,10 +197,7 @@ def _dataset_json(params: dict, cases: dict[str, dict]) -> dict:
     tag = f"{params['spacing_mm']:g}".replace(".", "p")
     return {
         "name": f"MixprivTissue{tag}mm",
-        "description": ("Synthetic brain tissue segmentation cohort: each patient is a smooth random "
-                        "deformation of the MNI ICBM152 2009a template, each scan adds rigid motion, "
-                        "bias field, contrast gamma, blur and Rician noise; labels are the argmax of "
-                        "the warped tissue probability maps (CSF = mask - GM - WM)."),
+        "description": _DESCRIPTION,
         "reference": "MNI ICBM152 2009a (nilearn)",
         "licence": _LICENCE,
         "channel_names": {"0": "T1"},
@@ -208,7 +209,9 @@ def _dataset_json(params: dict, cases: dict[str, dict]) -> dict:
 
 
 def _write_cohort(folder: Path, params: dict, progress: bool) -> None:
-    """Build every scan into ``folder``; ``dataset.json`` is written last."""
+    """Build every scan and ``preview.png`` into ``folder``; ``dataset.json`` is written last."""
+    from mixpriv.evaluation.plots import plot_label_overlay  # matplotlib: import late
+
     spacing, seed = params["spacing_mm"], params["seed"]
     template = _load_template(spacing)
     shape, affine = _output_grid(spacing, template.centre)
@@ -231,17 +234,11 @@ def _write_cohort(folder: Path, params: dict, progress: bool) -> None:
                 if preview is None and split == TRAIN:
                     preview = (case, image, label)
                 bar.update()
-    _write_preview(folder, *preview)
+    case, image, label = preview
+    plot_label_overlay(image, label, LABELS, folder / "preview.png", n_slices=3, title=f"{case} (train)")
     by_split = {name: sorted(c for c, info in cases.items() if info["split"] == name) for name in SPLITS}
     (folder / "splits_final.json").write_text(json.dumps([{"train": by_split[TRAIN], "val": by_split[VAL]}], indent=1))
     (folder / "dataset.json").write_text(json.dumps(_dataset_json(params, cases), indent=1))
-
-
-def _write_preview(folder: Path, case: str, image: np.ndarray, label: np.ndarray) -> None:
-    """``preview.png``: a few slices of one training case with its labels overlaid."""
-    from mixpriv.evaluation.plots import plot_label_overlay
-
-    plot_label_overlay(image, label, LABELS, folder / "preview.png", n_slices=3, title=case)
 
 
 def _parameters(n_patients: int, scans_per_patient: int, spacing: float, seed: int,
@@ -311,8 +308,8 @@ def build_cohort(out_dir: str | Path | None = None, *, n_patients: int = 60, sca
         >>> import tempfile
         >>> folder = build_cohort(tempfile.mkdtemp(), n_patients=3, scans_per_patient=1, spacing=4.0,
         ...                       split_fractions=(0.34, 0.33, 0.33), progress=False)
-        >>> sorted(p.name for p in (folder / "imagesTr").iterdir())
-        ['P000_S0_0000.nii.gz', 'P001_S0_0000.nii.gz']
+        >>> len(list((folder / "imagesTr").glob("P*_S0_0000.nii.gz")))  # 2 train + val patients
+        2
     """
     params = _parameters(n_patients, scans_per_patient, spacing, seed, split_fractions)
     out = Path(out_dir) if out_dir is not None else default_cohort_dir(spacing, seed, n_patients, scans_per_patient)

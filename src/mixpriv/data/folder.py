@@ -157,11 +157,18 @@ class DatasetFolder:
 
     def _train_val_split(self, train_ids, patient, recorded, val_fraction, seed) -> dict[str, str]:
         if all(cid in recorded and "split" in recorded[cid] for cid in train_ids):
+            bad = {cid: recorded[cid]["split"] for cid in train_ids if recorded[cid]["split"] not in (TRAIN, VAL)}
+            if bad:
+                raise InputError(f"dataset.json records splits {bad} for imagesTr cases; expected {TRAIN!r} or {VAL!r}")
             return {cid: recorded[cid]["split"] for cid in train_ids}
         splits_file = self.root / "splits_final.json"
         if splits_file.is_file():
             fold = json.loads(splits_file.read_text())[0]
-            return {**{cid: TRAIN for cid in fold["train"]}, **{cid: VAL for cid in fold["val"]}}
+            assigned = {**{cid: TRAIN for cid in fold["train"]}, **{cid: VAL for cid in fold["val"]}}
+            unassigned = sorted(set(train_ids) - set(assigned))
+            if unassigned:
+                raise InputError(f"{splits_file}: fold 0 assigns no split to imagesTr case(s) {unassigned[:10]}")
+            return assigned
         patients = sorted({patient[cid] for cid in train_ids})
         random.Random(seed).shuffle(patients)
         n_val = max(1, round(val_fraction * len(patients))) if len(patients) > 1 else 0

@@ -63,7 +63,7 @@ def evaluate_models(
     if not cases:
         raise ValueError(f"{folder.root} has no labelled test case to evaluate")
     generator = torch.Generator().manual_seed(seed)
-    spacing = private.hparams.spacing
+    spacing = private.hparams.input_spacing
     patch = private.hparams.patch_size
     lambda_range = tuple(private.hparams.get("lambda_range", DEFAULT_LAMBDA_RANGE))
     table = DiceTable(folder.labels)

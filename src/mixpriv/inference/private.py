@@ -17,7 +17,7 @@ from mixpriv.constants import DEFAULT_LAMBDA_RANGE
 from mixpriv.inference.grid import sliding_window
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.functional import mix, naive_unmix, probabilities_from_unmixed
-from mixpriv.mixing.transforms import _fit_to_shape
+from mixpriv.mixing.transforms import _fit_one_hot_to_shape, _fit_to_shape
 from mixpriv.validation import InputError, check_finite, check_lambda_range
 
 UNMIX_METHODS = ("learned", "naive")
@@ -94,7 +94,7 @@ def mix_with_references(
     for index, lam in zip(indices, lambdas):
         reference_image, reference_one_hot = bank.get(index)
         reference_image = _fit_to_shape(reference_image, image.shape[1:])
-        references.append(_fit_to_shape(reference_one_hot, image.shape[1:]))
+        references.append(_fit_one_hot_to_shape(reference_one_hot, image.shape[1:]))
         mixtures.append(mix(image.float(), reference_image, float(lam)))
     return Mixtures(torch.stack(mixtures), torch.stack(references), torch.as_tensor(lambdas).float(), indices)
 

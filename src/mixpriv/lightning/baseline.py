@@ -22,7 +22,7 @@ class BaselineSegmenter(SegmentationModuleBase):
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         poly_decay: decay the learning rate polynomially to 0 over training.
-        spacing: voxel spacing (mm) the model expects, recorded for inference.
+        input_spacing: voxel spacing (mm) the model expects, recorded for inference.
         patch_size: training patch side, reused for whole-volume inference.
 
     Example:
@@ -39,7 +39,7 @@ class BaselineSegmenter(SegmentationModuleBase):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         poly_decay: bool = True,
-        spacing: float | None = None,
+        input_spacing: float | None = None,
         patch_size: int = 48,
     ) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ class MixupPrivacyModule(SegmentationModuleBase):
         unmixer: unmixer spec (dict).
         lambda_range: range of lambda used in training, recorded for inference.
         unmix_loss_weight: weight of the unmixer's loss.
-        lr, weight_decay, poly_decay, spacing, patch_size: as in the baseline.
+        lr, weight_decay, poly_decay, input_spacing, patch_size: as in the baseline.
 
     Example:
         >>> module = MixupPrivacyModule({"background": 0, "fg": 1},
@@ -53,7 +53,7 @@ class MixupPrivacyModule(SegmentationModuleBase):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         poly_decay: bool = True,
-        spacing: float | None = None,
+        input_spacing: float | None = None,
         patch_size: int = 48,
     ) -> None:
         super().__init__()

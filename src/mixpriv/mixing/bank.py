@@ -138,6 +138,9 @@ class ReferenceBank:
         if metadata.get("format") != _FORMAT:
             raise InputError(f"{path} is not a mixpriv reference bank (format {metadata.get('format')!r})")
         tensors = load_file(str(path))
+        missing = sorted({"images", "labels"} - set(tensors)) + sorted({"label_names", "ids"} - set(metadata))
+        if missing:
+            raise InputError(f"{path} is an incomplete mixpriv reference bank: it lacks {missing}")
         return cls(tensors["images"], tensors["labels"].long(), json.loads(metadata["label_names"]),
                    json.loads(metadata["ids"]))
 

@@ -31,6 +31,16 @@ def _fit_to_shape(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return tio.CropOrPad(tuple(shape))(tio.ScalarImage(tensor=volume)).data
 
 
+def _fit_one_hot_to_shape(one_hot: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """As :func:`_fit_to_shape` for a one-hot (C, D, H, W) label: padded voxels are background (channel 0)."""
+    fitted = _fit_to_shape(one_hot, shape)
+    if fitted is one_hot:
+        return fitted
+    fitted = fitted.clone()
+    fitted[0][fitted.sum(0) == 0] = 1
+    return fitted
+
+
 class Mix(tio.Transform):
     """Mix the subject's image with reference ``reference_index`` of ``bank`` at weight ``lam``.
 
@@ -67,7 +77,7 @@ class Mix(tio.Transform):
         image = subject[IMAGE]
         reference_image, reference_label = self.bank.get(self.reference_index)
         reference_image = _fit_to_shape(reference_image, image.spatial_shape).to(image.data.dtype)
-        reference_label = _fit_to_shape(reference_label, image.spatial_shape)
+        reference_label = _fit_one_hot_to_shape(reference_label, image.spatial_shape)
         image.set_data(mix(image.data.float(), reference_image.float(), self.lam))
         # A new Subject, so that the patch samplers' crops keep the recorded attributes.
         mixed = tio.Subject({

@@ -1,0 +1,74 @@
+"""Training and inference speed of the CPU recipes, as a table.
+
+Reads the ``train_stats.json`` of the demo's runs (training time, patches/s) and times the
+whole-volume inference of one held-out test scan: the baseline, and the private pipeline
+(mix -> segment -> learned unmix, averaged) with K = 1 and K = 8, median of ``--repeats`` runs.
+
+Usage (after ``bash scripts/demo.sh`` has trained the models):
+    .venv/bin/python benchmarks/cpu_pipeline.py --runs outputs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mixpriv.constants import IMAGE, TEST
+from mixpriv.data.cohort import build_cohort
+from mixpriv.data.datamodule import bank_from_cases
+from mixpriv.data.folder import DatasetFolder
+from mixpriv.inference.volume import load_scan, segment_volume
+from mixpriv.lightning.tta import TTAEnsembler
+from mixpriv.training import load_model
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=Path("outputs/demo"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    baseline = load_model(args.runs / "tissue-baseline/checkpoints/last.ckpt")
+    private = load_model(args.runs / "tissue-mixpriv/checkpoints/last.ckpt")
+    folder = DatasetFolder(build_cohort(progress=False))
+    bank = bank_from_cases(folder, "train", private.hparams.input_spacing, progress=False)
+    subject, _ = load_scan(folder.cases(TEST)[0].image_paths[0], private.hparams.input_spacing)
+    image = subject[IMAGE].data.float()
+
+    rows = []
+    for name in ("tissue-baseline", "tissue-mixpriv"):
+        stats = json.loads((args.runs / name / "train_stats.json").read_text())
+        rows.append((f"train {name}", f"{stats['train_seconds_total']:.0f} s total, {stats['steps']} steps",
+                     f"{stats['patches_per_second']:.2f} patches/s ({stats['device']}, {stats['precision']})"))
+    patch = baseline.hparams.patch_size
+    seconds = median_seconds(lambda: segment_volume(lambda x: torch.softmax(baseline(x), 1), image, patch), args.repeats)
+    rows.append(("inference baseline", f"{seconds:.2f} s / volume", f"shape {tuple(image.shape[1:])}"))
+    for k in (1, 8):
+        ensembler = TTAEnsembler(private, bank, k=k, seed=0)
+        seconds_k = median_seconds(lambda: ensembler(image), args.repeats)
+        rows.append((f"inference private K={k}", f"{seconds_k:.2f} s / volume", f"{seconds_k / seconds:.1f}x baseline"))
+
+    print(f"| what | time | notes |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs after a warm-up")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

@@ -31,9 +31,13 @@ def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subje
     except Exception as error:  # nibabel / SimpleITK raise many types for unreadable files
         raise InputError(f"cannot read {path} as a medical image: {error}") from error
     check_spatial_dims(original.data, f"scan {path.name}")
+    if 1 in original.spatial_shape:  # TorchIO reads a 2D image as a volume one voxel thick
+        raise InputError(f"scan {path.name} is 2D (spatial shape {original.spatial_shape}); a 3D volume is expected")
     if original.data.shape[0] != 1:
         raise InputError(f"scan {path.name} has {original.data.shape[0]} channels; one T1 channel is expected")
     check_finite(original.data, f"scan {path.name}")
+    if path.name.endswith((".nii", ".nii.gz")):  # SimpleITK's NIfTI reader silently turns NaN into 0
+        check_finite(np.asanyarray(nib.load(str(path)).dataobj), f"scan {path.name}")
     subject = preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=original.data, affine=original.affine)}))
     return subject, original
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixpriv.constants import MIN_UNMIX_LAMBDA
 from mixpriv.mixing.functional import naive_unmix
 
 
@@ -122,7 +123,8 @@ class AdaINUnmixer(nn.Module):
             lam = lam.expand(mixed_probs.shape[0])
         inputs = [mixed_probs, reference_one_hot]
         if self.spec.include_naive:
-            inputs.append(naive_unmix(mixed_probs, reference_one_hot, lam))
+            # Clamped so that a tiny lambda cannot blow the feature up (Eq. 4 divides by lambda).
+            inputs.append(naive_unmix(mixed_probs, reference_one_hot, lam.clamp_min(MIN_UNMIX_LAMBDA)))
         x = torch.cat(inputs, dim=1)
         skips = []
         for level, block in enumerate(self.encoders):

@@ -90,9 +90,9 @@ class DatasetFolder:
 
     Example:
         >>> folder = DatasetFolder("~/.cache/mixpriv/cohorts/tissue-2mm-p60x2-seed0")  # doctest: +SKIP
-        >>> folder.labels
+        >>> folder.labels  # doctest: +SKIP
         {'background': 0, 'CSF': 1, 'GM': 2, 'WM': 3}
-        >>> len(folder.cases("test")) > 0
+        >>> len(folder.cases("test")) > 0  # doctest: +SKIP
         True
     """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from mixpriv.data.datamodule import MixprivDataModule
@@ -125,7 +125,8 @@ def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False,
                                  save_top_k=1, every_n_train_steps=None, save_on_train_epoch_end=True)
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=build_logger(recipe.get("logger", {}), out_dir,
-                         recipe.get("name", "mixpriv")), callbacks=[meter, checkpoint], **trainer_config)
+                         recipe.get("name", "mixpriv")), callbacks=[meter, checkpoint, TQDMProgressBar(refresh_rate=10)],
+                         **trainer_config)
     start = time.perf_counter()
     trainer.fit(model, datamodule)
     elapsed = time.perf_counter() - start

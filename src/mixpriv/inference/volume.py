@@ -66,7 +66,7 @@ def save_like(volume: torch.Tensor | np.ndarray, original_path: str | Path, out_
     header.set_data_dtype(dtype)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(data.astype(dtype), np.eye(4))
+    image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
     image.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
     image.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
     nib.save(image, str(out_path))

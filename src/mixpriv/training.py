@@ -124,9 +124,11 @@ def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:
     meter = ThroughputMeter()
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False,
                                  save_top_k=1, every_n_train_steps=None, save_on_train_epoch_end=True)
-    trainer = pl.Trainer(default_root_dir=str(out_dir), logger=build_logger(recipe.get("logger", {}), out_dir,
-                         recipe.get("name", "mixpriv")), callbacks=[meter, checkpoint, TQDMProgressBar(refresh_rate=10)],
-                         **trainer_config)
+    callbacks = [meter, checkpoint]
+    if trainer_config.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    logger = build_logger(recipe.get("logger", {}), out_dir, recipe.get("name", "mixpriv"))
+    trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger, callbacks=callbacks, **trainer_config)
     start = time.perf_counter()
     trainer.fit(model, datamodule)
     elapsed = time.perf_counter() - start

@@ -130,7 +130,11 @@ def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:
     logger = build_logger(recipe.get("logger", {}), out_dir, recipe.get("name", "mixpriv"))
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger, callbacks=callbacks, **trainer_config)
     start = time.perf_counter()
-    trainer.fit(model, datamodule)
+    try:
+        trainer.fit(model, datamodule)
+    finally:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # the next run in this process gets its own wandb run
     elapsed = time.perf_counter() - start
     last = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)

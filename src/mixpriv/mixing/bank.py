@@ -61,6 +61,8 @@ class ReferenceBank:
             raise InputError("a reference bank needs at least one reference")
         check_finite(images, "reference images")
         check_label_values(labels, label_names.values(), "reference labels")
+        if max(label_names.values()) > 255:
+            raise InputError(f"label values up to {max(label_names.values())} do not fit the bank's uint8 labels")
         self.images = images.float().contiguous()
         self.labels = labels.to(torch.uint8).contiguous()
         self.label_names = dict(label_names)

@@ -1,0 +1,407 @@
+"""Whole-volume inference: patch grid, the private pipeline (mix / segment / unmix / TTA), NIfTI I/O."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torchio as tio
+from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
+
+from mixpriv.constants import IMAGE
+from mixpriv.data.preprocessing import preprocessing
+from mixpriv.inference.grid import sliding_window
+from mixpriv.inference.private import (
+    PrivateSegmentation,
+    draw_lambdas,
+    mix_with_references,
+    segment_mixtures,
+    unmix_volumes,
+)
+from mixpriv.inference.volume import load_scan, save_like, segment_volume, to_original_grid
+from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.lightning.tta import TTAEnsembler
+from mixpriv.mixing import ReferenceBank, one_hot
+from mixpriv.validation import InputError
+
+NUM_CLASSES = len(LABELS)
+
+
+def n_grid_patches(shape, patch_size: int, overlap: int) -> int:
+    padded = [max(s, patch_size) for s in shape]
+    subject = tio.Subject(x=tio.ScalarImage(tensor=torch.zeros(1, *padded)))
+    return len(tio.GridSampler(subject, patch_size, overlap))
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+
+@pytest.mark.parametrize("shape, patch_size", [
+    ((17, 9, 23), 8),  # odd sides, not multiples of the patch stride
+    ((5, 6, 7), 16),  # smaller than one patch on every side
+    ((3, 20, 11), 8),  # smaller than a patch on one side only
+    ((16, 16, 16), 16),  # exactly one patch
+])
+@pytest.mark.parametrize("mode", ["hann", "average"])
+def test_sliding_window_reproduces_identity(shape, patch_size, mode):
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    out = sliding_window(lambda b: b["x"], {"x": x}, patch_size, overlap_mode=mode)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_combines_named_volumes_and_changes_channels():
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.rand(1, 13, 10, 9, generator=generator), torch.rand(2, 13, 10, 9, generator=generator)
+
+    def fn(patches):
+        return torch.cat([patches["a"] * patches["b"][:, :1], patches["b"].sum(1, keepdim=True), patches["a"] ** 2], 1)
+
+    out = sliding_window(fn, {"a": a, "b": b}, patch_size=8, overlap=4, batch_size=3)
+    assert out.shape == (3, 13, 10, 9)
+    torch.testing.assert_close(out, torch.cat([a * b[:1], b.sum(0, keepdim=True), a ** 2]), atol=1e-5, rtol=0)
+
+
+def test_sliding_window_batches_patches():
+    shapes = []
+
+    def fn(patches):
+        shapes.append(tuple(patches["x"].shape))
+        return patches["x"]
+
+    x = torch.rand(1, 20, 20, 12)
+    sliding_window(fn, {"x": x}, patch_size=8, overlap=4, batch_size=3)
+    n = n_grid_patches((20, 20, 12), 8, 4)
+    assert len(shapes) == math.ceil(n / 3)
+    assert sum(s[0] for s in shapes) == n
+    assert all(s[1:] == (1, 8, 8, 8) for s in shapes)
+
+
+def test_sliding_window_rejects_bad_volumes():
+    with pytest.raises(InputError, match="at least one volume"):
+        sliding_window(lambda b: b, {}, 8)
+    with pytest.raises(InputError, match=r"volume 'x' must be \(C, D, H, W\)"):
+        sliding_window(lambda b: b["x"], {"x": torch.zeros(8, 8, 8)}, 8)
+    with pytest.raises(InputError, match="share their spatial shape"):
+        sliding_window(lambda b: b["x"], {"x": torch.zeros(1, 8, 8, 8), "y": torch.zeros(1, 8, 8, 9)}, 8)
+
+
+def test_segment_volume_applies_the_segmenter_on_the_grid():
+    image = torch.rand(1, 11, 19, 10)
+    out = segment_volume(lambda x: torch.cat([x, 1 - x], 1), image, patch_size=8)
+    torch.testing.assert_close(out, torch.cat([image, 1 - image]), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- private pipeline
+
+
+def make_bank(n: int = 3, shape=(20, 20, 20)) -> ReferenceBank:
+    images, labels = zip(*[phantom(50 + i, shape) for i in range(n)])
+    return ReferenceBank.from_arrays(images, labels, LABELS)
+
+
+def test_mix_with_references_matches_the_bank():
+    bank = make_bank(3, shape=(20, 20, 20))
+    image = torch.from_numpy(phantom(0, (20, 20, 20))[0])[None]
+    lambdas = torch.tensor([0.9, 0.7])
+    mixtures = mix_with_references(image, bank, 2, reference_indices=[2, 0], lambdas=lambdas)
+    assert mixtures.mixtures.shape == (2, 1, 20, 20, 20)
+    assert mixtures.reference_one_hot.shape == (2, NUM_CLASSES, 20, 20, 20)
+    assert mixtures.reference_indices == [2, 0]
+    for k, (index, lam) in enumerate(zip([2, 0], lambdas)):
+        reference_image, reference_one_hot = bank.get(index)
+        torch.testing.assert_close(mixtures.mixtures[k], lam * image + (1 - lam) * reference_image)
+        torch.testing.assert_close(mixtures.reference_one_hot[k], reference_one_hot)
+    drawn = mix_with_references(image, bank, 3, (0.6, 0.8), torch.Generator().manual_seed(0))
+    assert sorted(drawn.reference_indices) == [0, 1, 2]
+    assert bool(((drawn.lambdas >= 0.6) & (drawn.lambdas <= 0.8)).all())
+    again = mix_with_references(image, bank, 3, (0.6, 0.8), torch.Generator().manual_seed(0))
+    assert torch.equal(again.mixtures, drawn.mixtures) and again.reference_indices == drawn.reference_indices
+
+
+def test_mix_with_references_rejects_bad_inputs():
+    bank = make_bank(2)
+    with pytest.raises(InputError, match=r"\(1, D, H, W\)"):
+        mix_with_references(torch.zeros(20, 20, 20), bank, 2)
+    bad = torch.zeros(1, 20, 20, 20)
+    bad[0, 1, 1, 1] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        mix_with_references(bad, bank, 2)
+    with pytest.raises(InputError, match="at least 1"):
+        mix_with_references(torch.zeros(1, 20, 20, 20), bank, 0)
+    with pytest.raises(InputError, match="lambda range"):
+        draw_lambdas(3, (0.0, 0.5))
+
+
+def test_segment_mixtures_runs_all_k_mixtures_in_one_call_per_grid_batch():
+    k, shape, patch, overlap, batch_size = 3, (19, 21, 17), 8, 4, 2
+    mixtures = torch.rand(k, 1, *shape, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def segment(x):
+        calls.append(tuple(x.shape))
+        return torch.cat([x, x ** 2 + 1], 1)  # per voxel, two "classes"
+
+    out = segment_mixtures(segment, mixtures, patch, overlap, batch_size)
+    assert out.shape == (k, 2, *shape)
+    n = n_grid_patches(shape, patch, overlap)
+    assert len(calls) == math.ceil(n / batch_size)
+    assert sum(c[0] for c in calls) == n * k
+    assert all(c[0] % k == 0 and c[1:] == (1, patch, patch, patch) for c in calls)
+    # Each mixture's output lands in its own slot: no mixing-up of the K axis and the class axis.
+    torch.testing.assert_close(out[:, 0], mixtures[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 1], mixtures[:, 0] ** 2 + 1, atol=1e-5, rtol=0)
+
+
+def test_naive_unmixing_with_a_perfect_server_recovers_the_target():
+    """The server returns exactly the mixed one-hot labels; naive unmixing must give back the target."""
+    shape, k = (19, 21, 17), 3
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randint(0, NUM_CLASSES, shape, generator=generator)
+    # Reference k: zero image, constant label c_k. The target's intensity is its label value, so a
+    # mixture voxel m = lam_k * y determines y; the server knows lam_k (it is "perfect"), and which
+    # mixture it is looking at from its position in the batch (all K of a patch come together).
+    reference_labels = [1, 3, 0]
+    bank = ReferenceBank(torch.zeros(k, 1, *shape),
+                         torch.stack([torch.full(shape, c) for c in reference_labels]), LABELS)
+    lambdas = torch.tensor([0.9, 0.6, 0.75])
+    mixtures = mix_with_references(target.float()[None], bank, k, reference_indices=[0, 1, 2], lambdas=lambdas)
+
+    def perfect_server(x):
+        out = []
+        for i, mixture in enumerate(x):
+            j = i % k
+            decoded = mixture[0] / lambdas[j]
+            assert torch.allclose(decoded, decoded.round(), atol=1e-4), "mixture order within the batch is wrong"
+            y = one_hot(decoded.round().long()[None], NUM_CLASSES)[0]
+            y_r = torch.zeros_like(y)
+            y_r[reference_labels[j]] = 1
+            out.append(lambdas[j] * y + (1 - lambdas[j]) * y_r)
+        return torch.stack(out)
+
+    mixed = segment_mixtures(perfect_server, mixtures.mixtures, patch_size=8, overlap=4)
+    expected_mixed = torch.stack([
+        lambdas[j] * one_hot(target[None], NUM_CLASSES)[0] + (1 - lambdas[j]) * mixtures.reference_one_hot[j]
+        for j in range(k)
+    ])
+    torch.testing.assert_close(mixed, expected_mixed, atol=1e-5, rtol=0)
+    unmixed = unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, method="naive")
+    assert unmixed.shape == (k, NUM_CLASSES, *shape)
+    target_one_hot = one_hot(target[None], NUM_CLASSES)[0]
+    for j in range(k):
+        torch.testing.assert_close(unmixed[j], target_one_hot, atol=1e-4, rtol=0)
+    result = PrivateSegmentation(unmixed)
+    assert torch.equal(result.labels, target)
+    assert float(result.variance.max()) < 1e-6
+
+
+def test_unmix_volumes_learned_calls_the_unmixer_per_reference():
+    k, c, shape = 2, NUM_CLASSES, (10, 9, 12)
+    generator = torch.Generator().manual_seed(4)
+    mixed = torch.softmax(torch.randn(k, c, *shape, generator=generator), 1)
+    reference = one_hot(torch.randint(0, c, (k, *shape), generator=generator), c)
+    lambdas = torch.tensor([0.7, 0.9])
+    seen = []
+
+    def unmixer(m, r, lam):
+        seen.append(lam.clone())
+        assert m.shape[0] == r.shape[0] == lam.shape[0]
+        return m * lam.reshape(-1, 1, 1, 1, 1) + r  # depends on lambda and on both inputs, per voxel
+
+    out = unmix_volumes(mixed, reference, lambdas, "learned", unmixer, patch_size=8, overlap=4)
+    assert out.shape == (k, c, *shape)
+    expected = mixed * lambdas.reshape(-1, 1, 1, 1, 1) + reference
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert all(torch.equal(lam.reshape(-1, k), lambdas.expand(lam.numel() // k, k)) for lam in seen)
+    with pytest.raises(InputError, match="needs an unmixer"):
+        unmix_volumes(mixed, reference, lambdas, "learned")
+    with pytest.raises(InputError, match="unknown unmixing method"):
+        unmix_volumes(mixed, reference, lambdas, "magic")
+
+
+def test_private_segmentation_mean_variance_first():
+    per_reference = torch.softmax(torch.randn(5, 3, 4, 5, 6, generator=torch.Generator().manual_seed(5)), 1)
+    result = PrivateSegmentation(per_reference)
+    manual_mean = sum(per_reference[k] for k in range(5)) / 5
+    manual_var = sum((per_reference[k] - manual_mean) ** 2 for k in range(5)) / 5
+    torch.testing.assert_close(result.probabilities, manual_mean)
+    torch.testing.assert_close(result.variance, manual_var)
+    assert torch.equal(result.labels, manual_mean.argmax(0))
+    first = result.first(2)
+    assert first.per_reference.shape == (2, 3, 4, 5, 6)
+    torch.testing.assert_close(first.probabilities, (per_reference[0] + per_reference[1]) / 2)
+    torch.testing.assert_close(first.variance, (per_reference[0] - per_reference[1]) ** 2 / 4)
+    single = result.first(1)
+    torch.testing.assert_close(single.probabilities, per_reference[0])
+    assert torch.equal(single.variance, torch.zeros(3, 4, 5, 6))
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> MixupPrivacyModule:
+    torch.manual_seed(0)
+    return MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, lambda_range=(0.6, 0.9), patch_size=16).eval()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.slow
+def test_tta_ensembler_shapes_and_variance(tiny_model, k):
+    bank = make_bank(3, shape=(20, 20, 20))
+    image = torch.from_numpy(phantom(0, (18, 20, 22))[0])[None]  # another shape than the bank: crop / pad
+    ensembler = TTAEnsembler(tiny_model, bank, k=k, methods=("learned", "naive"), seed=0)
+    server_calls = []
+    original = tiny_model.segment_mixture
+
+    def counting(x):
+        server_calls.append(x.shape[0])
+        return original(x)
+
+    tiny_model.segment_mixture = counting
+    try:
+        results = ensembler(image)
+    finally:
+        del tiny_model.segment_mixture
+    assert set(results) == {"learned", "naive"}
+    # One server pass serves both unmixing methods, with all K mixtures of a patch batched.
+    n = n_grid_patches((18, 20, 22), 16, 8)
+    assert len(server_calls) == math.ceil(n / 2) and sum(server_calls) == n * k
+    for result in results.values():
+        assert result.per_reference.shape == (k, NUM_CLASSES, 18, 20, 22)
+        assert result.probabilities.shape == result.variance.shape == (NUM_CLASSES, 18, 20, 22)
+        assert result.labels.shape == (18, 20, 22)
+        torch.testing.assert_close(result.per_reference.sum(1), torch.ones(k, 18, 20, 22), atol=1e-4, rtol=0)
+        assert bool((result.variance >= 0).all())
+        if k == 1:
+            assert torch.equal(result.variance, torch.zeros(NUM_CLASSES, 18, 20, 22))
+        else:
+            assert float(result.variance.max()) > 0
+    again = TTAEnsembler(tiny_model, bank, k=k, methods=("learned", "naive"), seed=0)(image)
+    torch.testing.assert_close(again["learned"].per_reference, results["learned"].per_reference)
+
+
+def test_tta_ensembler_rejects_bad_configuration(tiny_model):
+    with pytest.raises(InputError, match="unknown unmixing method"):
+        TTAEnsembler(tiny_model, make_bank(2), methods=("learned", "oracle"))
+    three = ReferenceBank(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 8, 8, 8, dtype=torch.long),
+                          {"background": 0, "a": 1, "b": 2})
+    with pytest.raises(InputError, match="3 labels but the model predicts 4"):
+        TTAEnsembler(tiny_model, three)
+    ensembler = TTAEnsembler(tiny_model, make_bank(2), k=2)
+    assert ensembler.lambda_range == (0.6, 0.9) and ensembler.patch_size == 16
+
+
+# ----------------------------------------------------------------------------- NIfTI I/O
+
+
+def _affine(kind: str) -> np.ndarray:
+    if kind == "lps":  # x and y flipped (DICOM-like LPS), 2 mm
+        affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+    else:  # axes permuted and one flipped, anisotropic spacing
+        affine = np.array([[0.0, 0.0, 2.0, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 2.5, 0.0, 0.0], [0, 0, 0, 1.0]])
+    affine[:3, 3] = [30.0, -12.0, 7.0]
+    return affine
+
+
+@pytest.mark.parametrize("kind", ["lps", "permuted"])
+def test_nifti_round_trip_keeps_the_input_grid(tmp_path, kind):
+    shape = (20, 18, 22)
+    image, label = phantom(7, shape)
+    affine = _affine(kind)
+    path = tmp_path / "scan.nii.gz"
+    scan = nib.Nifti1Image(image * 1000, affine)
+    scan.header.set_xyzt_units("mm", "sec")
+    scan.header["descrip"] = b"mixpriv round trip"
+    nib.save(scan, str(path))
+
+    subject, original = load_scan(path)
+    assert original.spatial_shape == shape
+    np.testing.assert_allclose(original.affine, affine)
+    assert subject[IMAGE].orientation == ("R", "A", "S")  # preprocessed in canonical orientation
+    assert not np.allclose(subject[IMAGE].affine, affine)
+    data = subject[IMAGE].data
+    assert 0 <= float(data.min()) and float(data.max()) <= 1
+
+    # A "segmentation" computed in the model's space, by a threshold on the preprocessed image.
+    predicted = (data > 0.5).long() + (data > 0.8).long()
+    back = to_original_grid(predicted, subject[IMAGE].affine, original, label=True)
+    assert tuple(back.shape[1:]) == shape
+    # The same threshold applied in the scan's own orientation gives the same map, voxel for voxel.
+    rescaled = tio.RescaleIntensity(out_min_max=(0.0, 1.0), percentiles=(0.5, 99.5))(original).data
+    expected = (rescaled > 0.5).long() + (rescaled > 0.8).long()
+    assert torch.equal(back.long(), expected)
+
+    out = save_like(back, path, tmp_path / "out" / "scan_seg.nii.gz")
+    written = nib.load(str(out))
+    assert written.shape == shape
+    np.testing.assert_allclose(written.affine, affine)
+    np.testing.assert_allclose(written.header.get_zooms()[:3], nib.load(str(path)).header.get_zooms()[:3])
+    assert written.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asanyarray(written.dataobj), expected[0].numpy())
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(affine)
+    # The rest of the input's header travels with the output (units, description, qform/sform codes).
+    assert written.header.get_xyzt_units() == ("mm", "sec")
+    assert written.header["descrip"].tobytes().rstrip(b"\0") == b"mixpriv round trip"
+    assert int(written.header["sform_code"]) == int(scan.header["sform_code"])
+    assert int(written.header["qform_code"]) == int(scan.header["qform_code"])
+
+
+def test_to_original_grid_resamples_from_another_spacing(tmp_path):
+    shape = (20, 18, 22)
+    image, _ = phantom(8, shape)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(image, _affine("lps")), str(path))
+    subject, original = load_scan(path, spacing=3.0)
+    assert subject[IMAGE].spatial_shape != shape
+    labels = (subject[IMAGE].data > 0.5).long()
+    back = to_original_grid(labels, subject[IMAGE].affine, original, label=True)
+    assert tuple(back.shape[1:]) == shape
+    assert set(back.unique().tolist()) <= {0, 1}
+    save_like(back, path, tmp_path / "seg.nii.gz")
+    np.testing.assert_allclose(nib.load(str(tmp_path / "seg.nii.gz")).affine, original.affine)
+
+
+def test_save_like_rejects_a_volume_of_another_shape(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), _affine("lps")), str(path))
+    with pytest.raises(InputError, match=r"volume shape \(8, 8, 7\) does not match"):
+        save_like(np.zeros((8, 8, 7)), path, tmp_path / "out.nii.gz")
+
+
+@pytest.mark.filterwarnings("ignore:Error loading image with SimpleITK")
+def test_load_scan_rejects_bad_scans(tmp_path):
+    affine = _affine("lps")
+    image, _ = phantom(9, (12, 12, 12))
+    image[3, 4, 5] = np.nan
+    nan_path = tmp_path / "nan_scan.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), str(nan_path))
+    with pytest.raises(InputError, match=r"scan nan_scan.nii.gz contains 1 NaN or infinite voxel"):
+        load_scan(nan_path)
+
+    flat = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(12, 12).astype(np.float32), affine), str(flat))
+    with pytest.raises(InputError, match="scan slice.nii.gz .*2D"):
+        load_scan(flat)
+
+    two_channels = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(12, 12, 12, 2).astype(np.float32), affine), str(two_channels))
+    with pytest.raises(InputError, match="two.nii.gz has 2 channels"):
+        load_scan(two_channels)
+
+    with pytest.raises(InputError, match="missing.nii.gz does not exist"):
+        load_scan(tmp_path / "missing.nii.gz")
+
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not a nifti at all")
+    with pytest.raises(InputError, match="cannot read .*garbage.nii.gz"):
+        load_scan(garbage)
+
+
+def test_preprocessing_is_shared_by_load_scan(tmp_path):
+    image, _ = phantom(10, (12, 12, 12))
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))
+    subject, _ = load_scan(path)
+    expected = preprocessing()(tio.Subject(image=tio.ScalarImage(path)))[IMAGE].data
+    torch.testing.assert_close(subject[IMAGE].data, expected)

@@ -1,0 +1,169 @@
+"""LightningModules on CPU: fast_dev_run, a short real fit, checkpoint reload, serialisable hparams."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from mixpriv.data.datamodule import MixprivDataModule
+from mixpriv.lightning.baseline import BaselineSegmenter
+from mixpriv.lightning.losses import ce_dice_loss, hard_dice_per_class, soft_dice_per_class
+from mixpriv.lightning.mixup import MixupPrivacyModule
+
+LAMBDA_RANGE = (0.6, 0.9)
+PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+def datamodule(folder, mixing: bool) -> MixprivDataModule:
+    return MixprivDataModule(data_dir=str(folder), patch_size=16, batch_size=2, samples_per_volume=2,
+                             queue_length=4, val_samples_per_volume=2, mixing=mixing,
+                             lambda_range=LAMBDA_RANGE)
+
+
+def baseline() -> BaselineSegmenter:
+    return BaselineSegmenter(LABELS, TINY_SEGMENTER, lr=1e-3, patch_size=16)
+
+
+def mixup() -> MixupPrivacyModule:
+    return MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, lambda_range=LAMBDA_RANGE, patch_size=16)
+
+
+MODULES = {"baseline": (baseline, False), "mixup": (mixup, True)}
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      **kwargs)
+
+
+def assert_plain(value, where: str = "hparams") -> None:
+    """Only plain, serialisable types (no nn.Module, tensor or custom object) anywhere in ``value``."""
+    assert not isinstance(value, (torch.nn.Module, torch.Tensor)), f"{where} holds a {type(value).__name__}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert isinstance(key, str), f"{where} has a non-string key {key!r}"
+            assert_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            assert_plain(item, f"{where}[{index}]")
+    else:
+        assert type(value) in PLAIN_TYPES, f"{where} holds a {type(value).__name__}: {value!r}"
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_loss_is_small_for_perfect_and_large_for_wrong_predictions():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 6, 6, 6), generator=generator), 4)
+    target = target.movedim(-1, 1).float()
+    assert float(ce_dice_loss(target * 50, target)) < 0.01
+    assert float(ce_dice_loss(target.roll(1, dims=1) * 50, target)) > 10
+    # Soft targets (a lambda-mixture of one-hot maps) are allowed: the minimum is at the matching logits.
+    soft = 0.7 * target + 0.3 * target.roll(1, dims=1)
+    at_target = float(ce_dice_loss(soft.clamp_min(1e-8).log(), soft))
+    assert at_target < float(ce_dice_loss(target.log().clamp_min(-50), soft))
+    torch.testing.assert_close(soft_dice_per_class(target, target), torch.ones(4))
+    torch.testing.assert_close(hard_dice_per_class(soft, target), torch.ones(4))
+
+
+# ----------------------------------------------------------------------------- fast_dev_run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_fast_dev_run(tiny_folder, name):
+    build, mixing = MODULES[name]
+    module = build()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule(tiny_folder, mixing))
+    assert trainer.global_step == 2
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/loss"]))
+    prefix = "learned_" if mixing else ""
+    for label in ("CSF", "GM", "WM"):
+        assert f"train/{prefix}dice_{label}" in metrics and f"val/{prefix}dice_{label}" in metrics
+    assert f"val/{prefix}dice_mean" in metrics
+    if mixing:
+        assert {"train/loss_segmenter", "train/loss_unmixer", "val/naive_dice_GM"} <= set(metrics)
+    changed = [k for k, v in module.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert any(k.startswith("segmenter.") for k in changed)
+    if mixing:  # end to end: the unmixer learns too
+        assert any(k.startswith("unmixer.") for k in changed)
+
+
+# ----------------------------------------------------------------------------- fit + checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_short_fit_checkpoint_reload(tiny_folder, tmp_path, name):
+    build, mixing = MODULES[name]
+    module = build()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path, callbacks=[checkpoint],
+                            num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.fit(module, datamodule=datamodule(tiny_folder, mixing))
+    assert trainer.global_step == 3
+    path = checkpoint.last_model_path
+    assert path and (tmp_path / "ckpt").is_dir()
+
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = raw["hyper_parameters"]
+    assert_plain(dict(hparams))
+    assert dict(hparams["label_names"]) == LABELS
+    assert dict(hparams["segmenter"])["encoder_name"] == TINY_SEGMENTER["encoder_name"]
+    if mixing:
+        assert list(hparams["lambda_range"]) == list(LAMBDA_RANGE)
+
+    cls = type(module)
+    reloaded = cls.load_from_checkpoint(path, map_location="cpu")
+    assert type(reloaded) is cls
+    assert dict(reloaded.hparams.label_names) == LABELS
+    state, reloaded_state = module.state_dict(), reloaded.state_dict()
+    assert state.keys() == reloaded_state.keys()
+    for key in state:
+        assert torch.equal(state[key].cpu(), reloaded_state[key]), key
+
+    module.eval()
+    reloaded.eval()
+    x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if mixing:
+            probs = module.segment_mixture(x)
+            torch.testing.assert_close(reloaded.segment_mixture(x), probs)
+            lam = torch.tensor([0.7, 0.8])
+            torch.testing.assert_close(reloaded.unmix(probs, probs, lam), module.unmix(probs, probs, lam))
+        else:
+            torch.testing.assert_close(reloaded(x), module(x))
+
+
+def test_hparams_hold_specs_not_modules():
+    for module in (baseline(), mixup()):
+        assert_plain(dict(module.hparams))
+    with pytest.raises(ValueError, match="unknown segmenter spec keys"):
+        BaselineSegmenter(LABELS, {**TINY_SEGMENTER, "encoder": "oops"})
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_on_gpu(tiny_folder, precision):
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16 support")
+    module = mixup()
+    trainer = pl.Trainer(fast_dev_run=2, accelerator="gpu", devices=1, precision=precision, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule(tiny_folder, mixing=True))
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert next(module.parameters()).dtype == torch.float32  # master weights stay fp32

@@ -35,7 +35,7 @@ def sliding_window(
         fn: maps ``{name: (B, C_name, p, p, p)}`` to ``(B, C_out, p, p, p)``.
         volumes: ``{name: (C_name, D, H, W)}`` tensors sharing their spatial shape.
         patch_size: cubic patch side.
-        overlap: voxels shared by neighbouring patches (even); default half a patch.
+        overlap: voxels shared by neighbouring patches (even); default a quarter of a patch.
         batch_size: patches per call of ``fn``.
         device: where ``fn`` runs; outputs are aggregated on the CPU.
         progress: show a progress bar over patch batches.
@@ -59,7 +59,7 @@ def sliding_window(
     if len(set(shapes.values())) != 1:
         raise InputError(f"volumes must share their spatial shape, got {shapes}")
     shape = next(iter(shapes.values()))
-    overlap = patch_size // 2 if overlap is None else overlap
+    overlap = patch_size // 4 if overlap is None else overlap
     overlap -= overlap % 2
     # The grid needs every side to hold at least one patch: zero-pad small volumes.
     padding = [max(0, patch_size - s) for s in shape]

@@ -33,7 +33,7 @@ class TTAEnsembler(pl.LightningModule):
         methods: unmixing methods to return (``learned``, ``naive``); the server runs once for all.
         lambda_range: range of the weights; defaults to the model's training range.
         patch_size: grid patch side; defaults to the training patch size.
-        overlap: grid overlap; default half a patch.
+        overlap: grid overlap; default a quarter of a patch.
         seed: seed of the draws of references and weights (``None``: fresh randomness).
 
     Example:

@@ -1,8 +1,11 @@
 """Training and inference speed of the CPU recipes, as a table.
 
-Reads the ``train_stats.json`` of the demo's runs (training time, patches/s) and times the
-whole-volume inference of one held-out test scan: the baseline, and the private pipeline
-(mix -> segment -> learned unmix, averaged) with K = 1 and K = 8, median of ``--repeats`` runs.
+Reads the ``train_stats.json`` of the demo's runs (training time, steps, patches/s over the
+whole run), measures training throughput again on a short run of each recipe
+(``--train-steps`` steps after 5 warm-up steps, so the number is not skewed by whatever else
+ran during the demo), and times the whole-volume inference of one held-out test scan: the
+baseline, and the private pipeline (mix -> segment -> learned unmix, averaged) with K = 1 and
+K = 8, median of ``--repeats`` runs.
 
 Usage (after ``bash scripts/demo.sh`` has trained the models):
     .venv/bin/python benchmarks/cpu_pipeline.py --runs outputs/demo
@@ -24,7 +27,8 @@ from mixpriv.data.datamodule import bank_from_cases
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.inference.volume import load_scan, segment_volume
 from mixpriv.lightning.tta import TTAEnsembler
-from mixpriv.training import load_model
+from mixpriv.recipe import load_recipe
+from mixpriv.training import load_model, train
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -37,10 +41,20 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure_training(recipe_name: str, steps: int, scratch: Path) -> tuple[str, str]:
+    """Patches/s over ``steps`` training steps, after 5 warm-up steps (model init, queue fill)."""
+    overrides = [f"trainer.max_steps={steps + 5}", "trainer.max_time=null", "logger.kind=none",
+                 "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0"]
+    run = train(load_recipe(recipe_name, overrides), scratch / recipe_name)
+    return f"{run.stats['steps']} steps", f"{run.stats['patches_per_second_after_warmup']:.2f} patches/s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=40, help="steps of the throughput measurement (0: skip)")
+    parser.add_argument("--scratch", type=Path, default=Path("outputs/benchmark-scratch"))
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     baseline = load_model(args.runs / "tissue-baseline/checkpoints/last.ckpt")
@@ -53,9 +67,12 @@ def main() -> None:
     rows = []
     for name in ("tissue-baseline", "tissue-mixpriv"):
         stats = json.loads((args.runs / name / "train_stats.json").read_text())
-        rows.append((f"train {name}", f"{stats['train_seconds_total']:.0f} s total, {stats['steps']} steps",
+        rows.append((f"train {name} (demo run)", f"{stats['train_seconds_total']:.0f} s total, {stats['steps']} steps",
                      f"{stats['patches_per_second']:.2f} patches/s ({stats['device']}, {stats['precision']})"))
+        if args.train_steps:
+            rows.append((f"train {name} (throughput)", *measure_training(name, args.train_steps, args.scratch)))
     patch = baseline.hparams.patch_size
+    torch.set_grad_enabled(False)
     seconds = median_seconds(lambda: segment_volume(lambda x: torch.softmax(baseline(x), 1), image, patch), args.repeats)
     rows.append(("inference baseline", f"{seconds:.2f} s / volume", f"shape {tuple(image.shape[1:])}"))
     for k in (1, 8):
@@ -70,5 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        main()
+    main()

@@ -66,19 +66,27 @@ def build_logger(config: Mapping, out_dir: Path, run_name: str) -> Logger | bool
 
 
 class ThroughputMeter(Callback):
-    """Measures training patches per second (excluding validation)."""
+    """Measures training patches per second (excluding validation), also after ``warmup`` steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 5) -> None:
+        self.warmup = warmup
         self.patches = 0
         self.seconds = 0.0
+        self.steady_patches = 0
+        self.steady_seconds = 0.0
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds += time.perf_counter() - self._start
-        self.patches += int(batch["image"]["data"].shape[0])
+        seconds = time.perf_counter() - self._start
+        patches = int(batch["image"]["data"].shape[0])
+        self.seconds += seconds
+        self.patches += patches
+        if trainer.global_step > self.warmup:
+            self.steady_seconds += seconds
+            self.steady_patches += patches
 
 
 def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataModule]:
@@ -146,6 +154,8 @@ def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:
         "train_seconds_in_steps": round(meter.seconds, 1),
         "patches": meter.patches,
         "patches_per_second": round(meter.patches / meter.seconds, 3) if meter.seconds else None,
+        "patches_per_second_after_warmup": (round(meter.steady_patches / meter.steady_seconds, 3)
+                                            if meter.steady_seconds else None),
         "precision": str(trainer_config["precision"]),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),

@@ -107,7 +107,8 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
     datamodule = MixprivDataModule(**data_config)
     datamodule.setup("fit")
     model_config["patch_size"] = datamodule.hparams.patch_size
-    model_config["input_spacing"] = datamodule.hparams.spacing or datamodule.folder.meta.get("mixpriv", {}).get("spacing_mm")
+    spacing = datamodule.hparams.spacing or datamodule.folder.spacing
+    model_config["input_spacing"] = spacing if isinstance(spacing, (int, float)) else list(spacing)
     module_class = MODEL_KINDS[kind]
     accepted = set(inspect.signature(module_class.__init__).parameters) - {"self", "label_names"}
     unknown = sorted(set(model_config) - accepted)
@@ -117,12 +118,32 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
     return module_class(label_names=datamodule.folder.labels, **model_config), datamodule
 
 
-def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:
-    """Train the recipe's model; write checkpoints, the resolved recipe and ``train_stats.json``."""
+def train(
+    recipe: Mapping,
+    out_dir: str | Path,
+    initial_weights: Mapping[str, torch.Tensor] | None = None,
+    freeze_encoder: bool = False,
+) -> TrainingRun:
+    """Train the recipe's model; write checkpoints, the resolved recipe and ``train_stats.json``.
+
+    Args:
+        recipe: a loaded recipe (see :mod:`mixpriv.recipe`).
+        out_dir: run folder.
+        initial_weights: start from these weights (fine-tuning); tensors whose shape differs
+            (e.g. a head for another label set) keep their fresh initialisation.
+        freeze_encoder: do not train the segmenter's encoder.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(recipe.get("seed", 0)), workers=True)
     model, datamodule = build_from_recipe(recipe)
+    if initial_weights is not None:
+        reinitialised = transfer_weights(model, initial_weights)
+        if reinitialised:
+            log.warning("new weights (shape or name differs from the pretrained model): %s", ", ".join(reinitialised))
+    if freeze_encoder:
+        model.segmenter.encoder.requires_grad_(False)
+        log.info("segmenter encoder frozen")
     dump_recipe(recipe, out_dir / "recipe.yaml")
     trainer_config = dict(recipe.get("trainer", {}))
     if trainer_config.get("precision", "auto") == "auto":
@@ -164,6 +185,15 @@ def train(recipe: Mapping, out_dir: str | Path) -> TrainingRun:
     (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
     log.info("trained %s in %.0f s (%s patches/s)", recipe.get("name"), elapsed, stats["patches_per_second"])
     return TrainingRun(out_dir, last, stats)
+
+
+def transfer_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of ``weights`` whose name and shape match ``model``'s; return the others."""
+    state = model.state_dict()
+    kept = {name: tensor.to(state[name].dtype) for name, tensor in weights.items()
+            if name in state and state[name].shape == tensor.shape}
+    model.load_state_dict(kept, strict=False)
+    return sorted(name for name in state if name not in kept)
 
 
 def load_model(checkpoint: str | Path, map_location: str = "cpu") -> pl.LightningModule:

@@ -115,6 +115,12 @@ class DatasetFolder:
         """Label names ordered by value."""
         return [name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])]
 
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) of the first case's first image, read from its header."""
+        zooms = nib.load(str(self._cases[0].image_paths[0])).header.get_zooms()[:3]
+        return tuple(round(float(z), 4) for z in zooms)
+
     def cases(self, split: str) -> list[Case]:
         """The cases of one split (``train``, ``val`` or ``test``), sorted by id."""
         if split not in SPLITS:

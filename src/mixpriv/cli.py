@@ -135,6 +135,71 @@ def _predict(args) -> None:
         print(f"wrote {save_like(variance, args.scan, args.variance, dtype=np.float32)}")
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the published models of the registry")
+    p.add_argument("--registry", default=None, help="registry.json path or URL (default: the package's)")
+    p.set_defaults(func=_models)
+
+
+def _models(args) -> None:
+    from mixpriv.hub import load_registry
+
+    registry = load_registry(args.registry)
+    for name in registry.names():
+        print(f"{name}: {registry.models[name].get('description', '')}")
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="export a checkpoint as a model-zoo entry (safetensors + card) and register it")
+    p.add_argument("checkpoint", type=Path, help="Lightning checkpoint to export")
+    p.add_argument("--name", required=True, help="model name, e.g. tissue-mixpriv-2mm")
+    p.add_argument("--out", type=Path, default=Path("checkpoints"), help="zoo folder (holds registry.json)")
+    p.add_argument("--card", type=Path, default=None, help="JSON file of extra card fields (recipe, data, evaluation)")
+    p.add_argument("--bank", type=Path, default=None, help="demo reference bank to publish with a Mixup-Privacy model")
+    p.add_argument("--float32", action="store_true", help="store float32 weights (default float16)")
+    p.add_argument("--url", default=None, help="base URL the folder will be served from")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_publish)
+
+
+def _publish(args) -> None:
+    import json
+
+    import torch
+
+    from mixpriv.hub import export_pretrained, update_registry
+    from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.training import load_model
+
+    card = json.loads(args.card.read_text()) if args.card else {}
+    bank = ReferenceBank.load(args.bank) if args.bank else None
+    folder = export_pretrained(load_model(args.checkpoint), args.out, args.name, bank=bank, card=card,
+                               dtype=torch.float32 if args.float32 else torch.float16, overwrite=args.overwrite)
+    update_registry(folder, args.out / "registry.json", url=args.url)
+    print(f"published {args.name} in {folder}")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="continue training a published model on your labelled data")
+    p.add_argument("--from", dest="source", required=True, help="model name, folder or URL")
+    p.add_argument("--data", type=Path, required=True, help="nnU-Net v2 folder with labels")
+    p.add_argument("--out", type=Path, default=Path("runs/finetuned"))
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's)")
+    p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder, head (and unmixer)")
+    p.add_argument("--name", default=None, help="name of the exported fine-tuned model")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.batch_size=2")
+    p.set_defaults(func=_finetune)
+
+
+def _finetune(args) -> None:
+    from mixpriv.finetune import finetune
+
+    run = finetune(args.source, args.data, args.out, max_steps=args.max_steps, lr=args.lr,
+                   freeze_encoder=args.freeze_encoder, overrides=args.overrides, export_name=args.name)
+    print(f"checkpoint: {run.checkpoint}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: cohort -> train (or reuse) -> private segmentation -> Dice table")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
@@ -155,17 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixpriv {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_build_cohort, _add_train, _add_evaluate, _add_keygen, _add_predict, _add_demo):
+    for add in (_add_build_cohort, _add_train, _add_finetune, _add_evaluate, _add_keygen, _add_predict,
+                _add_models, _add_publish, _add_demo):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mixpriv.hub.errors import HubError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, HubError) as error:
         log.error("%s", error)
         return 2
     return 0

@@ -96,12 +96,15 @@ class ReferenceBank:
             return torch.randperm(len(self), generator=generator)[:k].tolist()
         return torch.randint(len(self), (k,), generator=generator).tolist()
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False, image_dtype: torch.dtype = torch.float32) -> Path:
         """Write the bank to ``path`` with owner-only permissions (0600), atomically.
 
         An existing file is never replaced unless ``overwrite`` is set, and a failed write
-        leaves any existing file untouched.
+        leaves any existing file untouched. ``image_dtype=torch.float16`` halves the file
+        (images in [0, 1] keep about three decimal digits); loading always gives float32.
         """
+        if image_dtype not in (torch.float32, torch.float16):
+            raise InputError(f"image_dtype must be torch.float32 or torch.float16, got {image_dtype}")
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace the key")
@@ -116,7 +119,7 @@ class ReferenceBank:
         os.close(fd)
         try:
             os.chmod(tmp_name, stat.S_IRUSR | stat.S_IWUSR)
-            save_file({"images": self.images, "labels": self.labels}, tmp_name, metadata=metadata)
+            save_file({"images": self.images.to(image_dtype), "labels": self.labels}, tmp_name, metadata=metadata)
             os.chmod(tmp_name, stat.S_IRUSR | stat.S_IWUSR)
             os.replace(tmp_name, path)
         finally:
@@ -143,7 +146,7 @@ class ReferenceBank:
         missing = sorted({"images", "labels"} - set(tensors)) + sorted({"label_names", "ids"} - set(metadata))
         if missing:
             raise InputError(f"{path} is an incomplete mixpriv reference bank: it lacks {missing}")
-        return cls(tensors["images"], tensors["labels"].long(), json.loads(metadata["label_names"]),
+        return cls(tensors["images"].float(), tensors["labels"].long(), json.loads(metadata["label_names"]),
                    json.loads(metadata["ids"]))
 
     @classmethod

@@ -118,7 +118,7 @@ def export_pretrained(
         state = weights_state_dict(model, dtype)
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": WEIGHTS_FORMAT, "kind": kind})
         if bank is not None:
-            bank.save(staging / BANK_FILE)
+            bank.save(staging / BANK_FILE, image_dtype=torch.float16 if dtype == torch.float16 else torch.float32)
         files = {p.name: file_record(p) for p in sorted(staging.iterdir()) if p.name not in UNHASHED_IN_CARD}
         parameters = sum(int(t.numel()) for t in model.parameters())
         metadata = build_card(name=name, kind=kind, hparams=hparams, files=files, extra=card,

@@ -201,18 +201,20 @@ def _finetune(args) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: cohort -> train (or reuse) -> private segmentation -> Dice table")
+    p = sub.add_parser("demo", help="the main job: cohort -> published (or trained) models -> private segmentation "
+                                    "-> Dice table")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N test cases")
-    p.add_argument("overrides", nargs="*", help="recipe overrides applied to both recipes, e.g. trainer.max_steps=200")
+    p.add_argument("--max-cases", type=int, default=4, help="held-out test scans to segment (0: all 24)")
+    p.add_argument("--train", action="store_true", help="train the recipes instead of loading the published models")
+    p.add_argument("overrides", nargs="*", help="with --train: recipe overrides, e.g. trainer.max_steps=200")
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> None:
     from mixpriv.demo import run_demo
 
-    run_demo(args.out, k=args.k, max_cases=args.max_cases, overrides=args.overrides)
+    run_demo(args.out, k=args.k, max_cases=args.max_cases or None, train=args.train, overrides=args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

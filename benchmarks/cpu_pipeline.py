@@ -7,8 +7,8 @@ ran during the demo), and times the whole-volume inference of one held-out test 
 baseline, and the private pipeline (mix -> segment -> learned unmix, averaged) with K = 1 and
 K = 8, median of ``--repeats`` runs.
 
-Usage (after ``bash scripts/demo.sh`` has trained the models):
-    .venv/bin/python benchmarks/cpu_pipeline.py --runs outputs/demo
+Usage (after the recipes were trained into runs/, e.g. by ``scripts/publish_zoo.py``):
+    .venv/bin/python benchmarks/cpu_pipeline.py --runs runs
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def measure_training(recipe_name: str, steps: int, scratch: Path) -> tuple[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=Path("outputs/demo"))
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the recipes were trained")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=40, help="steps of the throughput measurement (0: skip)")
     parser.add_argument("--scratch", type=Path, default=Path("outputs/benchmark-scratch"))

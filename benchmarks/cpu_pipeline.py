@@ -1,6 +1,6 @@
 """Training and inference speed of the CPU recipes, as a table.
 
-Reads the ``train_stats.json`` of the demo's runs (training time, steps, patches/s over the
+Reads the ``train_stats.json`` of the recipes' runs (training time, steps, patches/s over the
 whole run), measures training throughput again on a short run of each recipe
 (``--train-steps`` steps after 5 warm-up steps, so the number is not skewed by whatever else
 ran during the demo), and times the whole-volume inference of one held-out test scan: the

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -208,32 +210,63 @@ def _dataset_json(params: dict, cases: dict[str, dict]) -> dict:
     }
 
 
-def _write_cohort(folder: Path, params: dict, progress: bool) -> None:
-    """Build every scan and ``preview.png`` into ``folder``; ``dataset.json`` is written last."""
+_WORKER_STATE: dict = {}  # the template and grid, inherited by forked workers (read-only)
+
+
+def _write_patient(task: tuple[Path, dict, int, str]) -> dict[str, dict]:
+    """Build and save every scan of patient ``p``; returns their ``dataset.json`` entries."""
+    folder, params, p, split = task
+    template, shape, affine = _WORKER_STATE["template"], _WORKER_STATE["shape"], _WORKER_STATE["affine"]
+    seed, spacing = params["seed"], params["spacing_mm"]
+    patient = _draw_patient(np.random.default_rng([seed, 0, p]), template.centre)
+    cases = {}
+    for s in range(params["scans_per_patient"]):
+        case = f"P{p:03d}_S{s}"
+        image, label = _make_scan(template, patient, np.random.default_rng([seed, 1, p, s]), spacing, shape, affine)
+        suffix = "Ts" if split == TEST else "Tr"
+        _save_nifti(image, affine, folder / f"images{suffix}" / f"{case}_0000.nii.gz")
+        _save_nifti(label, affine, folder / f"labels{suffix}" / f"{case}.nii.gz")
+        cases[case] = {"patient": f"P{p:03d}", "scan": s, "split": split}
+    return cases
+
+
+def _write_cohort(folder: Path, params: dict, progress: bool, workers: int) -> None:
+    """Build every scan and ``preview.png`` into ``folder``; ``dataset.json`` is written last.
+
+    Patients are built in ``workers`` forked processes (each patient's randomness is its own,
+    so the result does not depend on the number of workers).
+    """
     from mixpriv.evaluation.plots import plot_label_overlay  # matplotlib: import late
 
     spacing, seed = params["spacing_mm"], params["seed"]
     template = _load_template(spacing)
     shape, affine = _output_grid(spacing, template.centre)
+    _WORKER_STATE.update(template=template, shape=shape, affine=affine)
     splits = _split_patients(params["n_patients"], tuple(params["split_fractions"]), seed)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir()
-    cases, preview = {}, None
-    total = params["n_patients"] * params["scans_per_patient"]
-    with tqdm(total=total, desc="cohort scans", unit="scan", disable=not progress) as bar:
-        for p, split in enumerate(splits):
-            patient = _draw_patient(np.random.default_rng([seed, 0, p]), template.centre)
-            for s in range(params["scans_per_patient"]):
-                case = f"P{p:03d}_S{s}"
-                image, label = _make_scan(template, patient, np.random.default_rng([seed, 1, p, s]),
-                                          spacing, shape, affine)
-                suffix = "Ts" if split == TEST else "Tr"
-                _save_nifti(image, affine, folder / f"images{suffix}" / f"{case}_0000.nii.gz")
-                _save_nifti(label, affine, folder / f"labels{suffix}" / f"{case}.nii.gz")
-                cases[case] = {"patient": f"P{p:03d}", "scan": s, "split": split}
-                if preview is None and split == TRAIN:
-                    preview = (case, image, label)
-                bar.update()
+    tasks = [(folder, params, p, split) for p, split in enumerate(splits)]
+    cases: dict[str, dict] = {}
+    try:
+        with tqdm(total=len(tasks) * params["scans_per_patient"], desc="cohort scans", unit="scan",
+                  disable=not progress) as bar:
+            if workers > 1:
+                context = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                    for patient_cases in pool.map(_write_patient, tasks):
+                        cases.update(patient_cases)
+                        bar.update(len(patient_cases))
+            else:
+                for task in tasks:
+                    patient_cases = _write_patient(task)
+                    cases.update(patient_cases)
+                    bar.update(len(patient_cases))
+    finally:
+        _WORKER_STATE.clear()
+    cases = dict(sorted(cases.items()))
+    first_train = next(case for case, info in cases.items() if info["split"] == TRAIN)
+    preview = (first_train, np.asarray(nib.load(str(folder / "imagesTr" / f"{first_train}_0000.nii.gz")).dataobj),
+               np.asarray(nib.load(str(folder / "labelsTr" / f"{first_train}.nii.gz")).dataobj))
     case, image, label = preview
     plot_label_overlay(image, label, LABELS, folder / "preview.png", n_slices=3, title=f"{case} (train)")
     by_split = {name: sorted(c for c, info in cases.items() if info["split"] == name) for name in SPLITS}
@@ -282,7 +315,7 @@ def default_cohort_dir(spacing: float = 2.0, seed: int = 0, n_patients: int = 60
 
 def build_cohort(out_dir: str | Path | None = None, *, n_patients: int = 60, scans_per_patient: int = 2,
                  spacing: float = 2.0, seed: int = 0, split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                 progress: bool = True, overwrite: bool = False) -> Path:
+                 progress: bool = True, overwrite: bool = False, workers: int | None = None) -> Path:
     """Build the synthetic brain tissue cohort once (nnU-Net v2 layout) and return its folder.
 
     A folder already holding a complete cohort with the same parameters is returned as is. The
@@ -297,6 +330,8 @@ def build_cohort(out_dir: str | Path | None = None, *, n_patients: int = 60, sca
         split_fractions: train/val/test fractions of patients.
         progress: show a tqdm bar over scans.
         overwrite: replace a folder holding something else (another cohort, other files).
+        workers: processes building patients in parallel (default: the CPU count, at most 4);
+            the cohort is identical whatever their number.
 
     Returns:
         The cohort folder.
@@ -325,7 +360,7 @@ def build_cohort(out_dir: str | Path | None = None, *, n_patients: int = 60, sca
     start, tmp = time.perf_counter(), Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        _write_cohort(tmp, params, progress)
+        _write_cohort(tmp, params, progress, workers or min(4, os.cpu_count() or 1))
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

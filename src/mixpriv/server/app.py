@@ -1,0 +1,360 @@
+"""The segmentation service: a FastAPI app that hosts only the Mixup-Privacy segmenter.
+
+The server never holds an unmixer, a reference bank or anything of a scan but the mixtures it
+is sent; it cannot unmix what it segments. Endpoints:
+
+* ``GET /health`` - liveness, no authentication: ``{"status": "ok"}``.
+* ``GET /v1/model`` - what the model expects (labels, spacing, orientation, intensity
+  normalisation, patch size, λ range) and the request limits, from the model card.
+* ``POST /v1/segment`` - a ``.npy`` batch of K mixed volumes ``(K, D, H, W)`` in, their class
+  probabilities ``(K, C, D, H, W)`` out (float16 ``.npy``, ``Content-Encoding: gzip``), whole
+  volumes over the model's overlapping patch grid. See :mod:`mixpriv.server.wire`.
+
+Every ``/v1`` endpoint needs ``Authorization: Bearer <token>`` (compared in constant time);
+bodies over the size limit get 413 (``Content-Length`` is checked before reading, the streamed
+size while reading), malformed payloads 422 with a message naming the problem, a full queue
+503, an inference over the time limit 504. Inference runs in a bounded pool of worker threads
+(``workers``, one by default) so concurrent requests queue instead of oversubscribing the CPU.
+Logs hold the method, path, status, K, shape and timing of each request, never a body.
+
+Example:
+    >>> from mixpriv.server.app import HostedSegmenter, ServerConfig, create_app
+    >>> hosted = HostedSegmenter.from_pretrained("tissue-mixpriv-2mm")  # doctest: +SKIP
+    >>> app = create_app(hosted, ServerConfig(token="s3cret"))  # doctest: +SKIP
+    >>> import uvicorn; uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+from mixpriv import __version__
+from mixpriv.inference.private import segment_mixtures
+from mixpriv.server.auth import tokens_match
+from mixpriv.server.wire import (NPY_MEDIA_TYPE, REQUEST_DTYPES, RESPONSE_ENCODING, MixtureLimits, WireError,
+                                 decode_mixtures, encode_probabilities)
+
+log = logging.getLogger("mixpriv.server")
+
+_ACCEPTED_MEDIA_TYPES = (NPY_MEDIA_TYPE, "application/octet-stream")
+
+
+class _Cancelled(Exception):
+    """Raised inside a worker when its request timed out: the worker stops at the next patch batch."""
+
+
+class HostedSegmenter:
+    """The server half of a Mixup-Privacy model: the segmenter network and the public card.
+
+    Args:
+        segmenter: the segmentation network (mixtures ``(N, 1, p, p, p)`` -> logits ``(N, C, ...)``).
+        card: the model card (``metadata.json``) the model was published with.
+
+    Use :meth:`from_pretrained` to load a published model; it keeps only ``model.segmenter``
+    and drops the unmixer and any demo bank.
+
+    Example:
+        >>> import torch
+        >>> from mixpriv.lightning.mixup import MixupPrivacyModule
+        >>> model = MixupPrivacyModule({"background": 0, "fg": 1}, {"encoder_name": "mixpriv-light-8",
+        ...     "encoder_depth": 3, "decoder_channels": [16, 8, 8]}, patch_size=16, input_spacing=2.0)
+        >>> card = {"name": "tiny", "labels": {"background": 0, "fg": 1}, "hparams": dict(model.hparams)}
+        >>> hosted = HostedSegmenter(model.segmenter, card)
+        >>> hosted.segment_mixture(torch.zeros(1, 1, 16, 16, 16)).shape
+        torch.Size([1, 2, 16, 16, 16])
+    """
+
+    def __init__(self, segmenter: torch.nn.Module, card: Mapping) -> None:
+        self.segmenter = segmenter.float().eval()
+        self.card = dict(card)
+        hparams = self.card.get("hparams", {})
+        self.labels: dict[str, int] = dict(self.card.get("labels") or hparams.get("label_names") or {})
+        if not self.labels:
+            raise ValueError("the model card names no labels")
+        self.num_classes = max(self.labels.values()) + 1
+        self.patch_size = int(self.card.get("inputs", {}).get("patch_size") or hparams.get("patch_size") or 48)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path_or_url: str, *, verify: bool = True, **kwargs) -> HostedSegmenter:
+        """Load the segmenter of a published Mixup-Privacy model, and nothing else.
+
+        The folder is resolved (and downloaded into the cache if needed) by
+        :func:`mixpriv.hub.resolve_pretrained`, which takes ``kwargs``; the weights file is
+        checked against the card's sha256, and only its ``segmenter.*`` tensors are read
+        (safetensors, no pickle): the unmixer's weights and the demo bank are never loaded.
+
+        Raises:
+            ValueError: the model is not a Mixup-Privacy model (a baseline segments raw scans,
+                which a privacy-preserving server must not receive).
+            ModelCardError: the card or the weights do not describe a loadable segmenter.
+        """
+        from safetensors import safe_open
+
+        from mixpriv.hub import read_card, resolve_pretrained
+        from mixpriv.hub.errors import ModelCardError
+        from mixpriv.hub.export import WEIGHTS_FORMAT
+        from mixpriv.hub.integrity import WEIGHTS_FILE, verify_file
+        from mixpriv.networks import SegmenterSpec, build_segmenter
+
+        folder = resolve_pretrained(name_or_path_or_url, **kwargs)
+        card = read_card(folder)
+        if card.get("kind") != "mixpriv":
+            raise ValueError(f"{name_or_path_or_url} is a {card.get('kind')!r} model; the server hosts the segmenter "
+                             f"of a Mixup-Privacy ('mixpriv') model, trained on mixtures")
+        weights = folder / WEIGHTS_FILE
+        if verify:
+            verify_file(weights, card["files"][WEIGHTS_FILE])
+        hparams = card["hparams"]
+        segmenter = build_segmenter(SegmenterSpec.from_dict(hparams["segmenter"]), len(hparams["label_names"]))
+        prefix = "segmenter."
+        with safe_open(str(weights), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != WEIGHTS_FORMAT or metadata.get("kind") != "mixpriv":
+                raise ModelCardError(f"{weights} is not the weights of a mixpriv model (metadata {metadata})")
+            state = {}
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name.startswith(prefix):
+                    tensor = handle.get_tensor(name)
+                    state[name[len(prefix):]] = tensor.float() if tensor.is_floating_point() else tensor
+        try:
+            segmenter.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ModelCardError(f"{weights} does not hold the segmenter its card describes: {error}") from error
+        log.info("loaded the segmenter of %r from %s (no unmixer, no bank)", card.get("name"), folder)
+        return cls(segmenter, card)
+
+    @torch.no_grad()
+    def segment_mixture(self, mixture: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, C, ...)`` of mixed images ``(N, 1, ...)`` (as ``MixupPrivacyModule``)."""
+        return torch.softmax(self.segmenter(mixture).float(), dim=1)
+
+    def info(self) -> dict:
+        """The public description served at ``/v1/model``."""
+        inputs = self.card.get("inputs", {})
+        hparams = self.card.get("hparams", {})
+        weights = self.card.get("files", {}).get("model.safetensors", {})
+        return {
+            "name": self.card.get("name"),
+            "kind": self.card.get("kind"),
+            "version": self.card.get("version"),
+            "task": self.card.get("task"),
+            "labels": self.labels,
+            "num_classes": self.num_classes,
+            "inputs": {
+                "channels": inputs.get("channels", 1),
+                "modality": inputs.get("modality"),
+                "spacing_mm": inputs.get("spacing_mm", hparams.get("input_spacing")),
+                "orientation": inputs.get("orientation"),
+                "intensity_normalisation": inputs.get("intensity_normalisation"),
+                "patch_size": self.patch_size,
+            },
+            "mixing": {"lambda_range": (self.card.get("mixing") or {}).get("lambda_range",
+                                                                          hparams.get("lambda_range"))},
+            "weights_sha256": weights.get("sha256"),
+        }
+
+
+@dataclass
+class ServerConfig:
+    """How the service runs.
+
+    Attributes:
+        token: bearer token the ``/v1`` endpoints require; ``None`` disables authentication.
+        limits: what one request may carry.
+        timeout_s: most seconds a request may wait for and run its inference (then 504).
+        workers: inferences run at once (threads of the bounded pool).
+        max_pending: requests admitted at once (reading, queued or running); more get 503.
+        batch_size: patch positions per forward pass (each carries the K mixtures).
+        overlap: patch-grid overlap in voxels (default a quarter of a patch).
+        compresslevel: gzip level of the responses (1: fast).
+    """
+
+    token: str | None = None
+    limits: MixtureLimits = field(default_factory=MixtureLimits)
+    timeout_s: float = 300.0
+    workers: int = 1
+    max_pending: int = 64
+    batch_size: int = 2
+    overlap: int | None = None
+    compresslevel: int = 1
+
+
+class _AccessLog:
+    """ASGI middleware: one log line per request with method, path, status, K, shape and time; no body."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            state = scope.get("state") or {}
+            shape = state.get("mixpriv_shape")
+            extra = f" K={shape[0]} shape={tuple(shape)}" if shape else ""
+            log.info("%s %r %d%s %.3fs", scope.get("method"), scope.get("path"), status["code"], extra,
+                     time.perf_counter() - started)
+
+
+def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
+
+
+def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> FastAPI:
+    """Build the FastAPI app serving ``hosted`` (see the module docstring for the endpoints)."""
+    config = config or ServerConfig()
+    if config.workers < 1 or config.max_pending < 1:
+        raise ValueError(f"workers and max_pending must be at least 1, got {config.workers}, {config.max_pending}")
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="mixpriv-infer")
+    admitted = {"n": 0}  # only touched on the event loop: no lock needed
+    info = hosted.info()
+    info["limits"] = config.limits.as_dict()
+    info["wire"] = {"request": {"media_type": NPY_MEDIA_TYPE, "dtypes": list(REQUEST_DTYPES),
+                                "shape": "(K, D, H, W)"},
+                    "response": {"media_type": NPY_MEDIA_TYPE, "dtype": "float16", "shape": "(K, C, D, H, W)",
+                                 "content_encoding": RESPONSE_ENCODING}}
+    info["server"] = {"mixpriv": __version__, "timeout_s": config.timeout_s}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="mixpriv segmentation server", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None, lifespan=lifespan)
+    app.state.hosted = hosted
+    app.state.config = config
+
+    def authorize(request: Request) -> None:
+        if not config.token:
+            return
+        if not tokens_match(request.headers.get("authorization", ""), config.token):
+            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request) -> bytes:
+        limit = config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise HTTPException(400, "invalid Content-Length")
+            if int(declared) > limit:
+                raise HTTPException(413, f"the body has {int(declared)} bytes, over the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def run_inference(mixtures: np.ndarray, cancel: threading.Event) -> bytes:
+        def segment(batch: torch.Tensor) -> torch.Tensor:
+            if cancel.is_set():
+                raise _Cancelled
+            return hosted.segment_mixture(batch)
+
+        probabilities = segment_mixtures(segment, torch.from_numpy(mixtures)[:, None], hosted.patch_size,
+                                         config.overlap, config.batch_size)
+        if cancel.is_set():
+            raise _Cancelled
+        return encode_probabilities(probabilities, config.compresslevel)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def model_info(request: Request) -> dict:
+        authorize(request)
+        return info
+
+    @app.post("/v1/segment")
+    async def segment(request: Request) -> Response:
+        authorize(request)
+        media_type = request.headers.get("content-type", NPY_MEDIA_TYPE).split(";")[0].strip().lower()
+        if media_type not in _ACCEPTED_MEDIA_TYPES:
+            return _problem(415, f"send the mixtures as {NPY_MEDIA_TYPE} (numpy.save bytes)")
+        if request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            return _problem(415, "compressed request bodies are not accepted: send the .npy bytes as they are")
+        if admitted["n"] >= config.max_pending:
+            return _problem(503, "the server is busy; retry later", {"Retry-After": "5"})
+        admitted["n"] += 1
+        try:
+            body = await read_body(request)
+            try:
+                mixtures = await asyncio.to_thread(decode_mixtures, body, config.limits)
+            except WireError as error:
+                return _problem(error.status, str(error))
+            del body
+            request.state.mixpriv_shape = mixtures.shape
+            cancel = threading.Event()
+            job = executor.submit(run_inference, mixtures, cancel)
+            try:
+                payload = await asyncio.wait_for(asyncio.wrap_future(job), config.timeout_s)
+            except TimeoutError:
+                cancel.set()
+                job.cancel()
+                log.warning("inference of K=%d shape=%s timed out after %.0f s", mixtures.shape[0],
+                            tuple(mixtures.shape), config.timeout_s)
+                return _problem(504, f"the inference did not finish within {config.timeout_s:g} s")
+        finally:
+            admitted["n"] -= 1
+        return Response(payload, media_type=NPY_MEDIA_TYPE, headers={"Content-Encoding": RESPONSE_ENCODING})
+
+    app.add_middleware(_AccessLog)
+    return app
+
+
+def set_torch_threads(threads: int | None, workers: int = 1) -> int:
+    """Set torch's intra-op threads once for the server process: ``threads`` or ``cpus // workers``."""
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          config: ServerConfig | None = None, threads: int | None = None, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> None:
+    """Load ``model`` (name, folder or URL), keep its segmenter, and serve it with uvicorn until stopped.
+
+    Example:
+        >>> serve("tissue-mixpriv-2mm", port=8000, token="s3cret")  # doctest: +SKIP
+    """
+    import uvicorn
+
+    config = config or ServerConfig()
+    config.token = token
+    used = set_torch_threads(threads, config.workers)
+    hosted = HostedSegmenter.from_pretrained(model)
+    app = create_app(hosted, config)
+    if host not in ("127.0.0.1", "localhost", "::1") and not ssl_certfile:
+        log.warning("serving on %s without TLS: the token and the mixtures travel in clear; put a TLS proxy in "
+                    "front or pass --ssl-certfile/--ssl-keyfile", host)
+    log.info("serving %r (segmenter only) on %s:%d with %d worker(s) x %d torch thread(s), auth %s", hosted.card.get(
+        "name"), host, port, config.workers, used, "on" if token else "OFF")
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info", server_header=False,
+                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

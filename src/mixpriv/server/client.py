@@ -1,0 +1,292 @@
+"""The client of the segmentation service: mix locally, send only mixtures, unmix locally.
+
+The client holds the secret key (a :class:`~mixpriv.mixing.ReferenceBank`) and the local
+Mixup-Privacy model, of which it uses only the unmixer. For each scan it draws K references
+and K weights λ, sends the K mixtures ``(K, D, H, W)`` to ``POST /v1/segment`` and unmixes the
+K probability maps it gets back (learned by default, naive on request), then averages them
+(test-time augmentation, whose variance is an uncertainty map).
+
+What crosses the wire: the ``.npy`` bytes of the mixtures (their dtype and shape in its
+header) and the bearer token. Never λ, a reference or its id, the NIfTI header or affine, the
+file name or the raw image.
+
+Example:
+    >>> from mixpriv.server import PrivateClient
+    >>> client = PrivateClient("http://127.0.0.1:8000", "key.mpk", "tissue-mixpriv-2mm",
+    ...                        token="s3cret", k=8)  # doctest: +SKIP
+    >>> written = client.segment_file("scan.nii.gz", "seg.nii.gz", variance="var.nii.gz")  # doctest: +SKIP
+    >>> written.labels  # doctest: +SKIP
+    PosixPath('seg.nii.gz')
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import torch
+
+from mixpriv import __version__
+from mixpriv.inference.private import (UNMIX_METHODS, PrivateSegmentation, mix_with_references,
+                                       unmix_volumes)
+from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.server.auth import read_token
+from mixpriv.server.wire import (NPY_MEDIA_TYPE, REQUEST_DTYPES, WireError, decode_probabilities, encode_mixtures,
+                                 response_size_limit)
+from mixpriv.validation import InputError
+
+log = logging.getLogger("mixpriv.server.client")
+
+class ServerError(RuntimeError):
+    """The server could not be reached or refused a request; ``status`` is its HTTP status (or None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", "")
+    except (ValueError, AttributeError):
+        detail = ""
+    return str(detail)[:300] or response.reason_phrase
+
+
+@dataclass
+class WrittenSegmentation:
+    """Files written by :meth:`PrivateClient.segment_file`, and the result on the model's grid."""
+
+    labels: Path
+    probabilities: Path | None
+    variance: Path | None
+    result: PrivateSegmentation
+
+
+class PrivateClient:
+    """Private segmentation through a remote ``mixpriv serve``.
+
+    Args:
+        server_url: base URL of the server, e.g. ``http://127.0.0.1:8000``.
+        key: the client's secret reference bank, or the path of one (``mixpriv keygen``).
+        model: the local Mixup-Privacy model (its unmixer is used), or what
+            :func:`mixpriv.hub.from_pretrained` takes (name, folder, URL).
+        token: bearer token (default ``$MIXPRIV_SERVER_TOKEN``).
+        k: references (mixtures) per scan.
+        method: ``learned`` (the model's unmixer) or ``naive`` (Eq. 4).
+        lambda_range: range of λ (default the model's training range).
+        overlap: patch-grid overlap of the local unmixing.
+        seed: seed of the draws of references and λ (``None``: fresh randomness).
+        wire_dtype: dtype of the mixtures sent (``float32``, or ``float16`` for half the bytes).
+        timeout: seconds a request may take.
+        transport: an ``httpx`` transport (tests, proxies).
+
+    Example:
+        >>> client = PrivateClient("http://127.0.0.1:8000", bank, model, token="s3cret")  # doctest: +SKIP
+        >>> result = client.segment(image)  # image: preprocessed (1, D, H, W)  # doctest: +SKIP
+        >>> result.labels.shape, result.variance.shape  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        key: ReferenceBank | str | os.PathLike,
+        model,
+        token: str | None = None,
+        k: int = 8,
+        method: str = "learned",
+        *,
+        lambda_range: Sequence[float] | None = None,
+        overlap: int | None = None,
+        seed: int | None = None,
+        wire_dtype: str = "float32",
+        timeout: float = 600.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if method not in UNMIX_METHODS:
+            raise InputError(f"unknown unmixing method {method!r}; choose one of {UNMIX_METHODS}")
+        if wire_dtype not in REQUEST_DTYPES:
+            raise InputError(f"wire dtype must be one of {REQUEST_DTYPES}, got {wire_dtype!r}")
+        if k < 1:
+            raise InputError(f"the number of references K must be at least 1, got {k}")
+        if not isinstance(key, ReferenceBank):
+            key = ReferenceBank.load(key)
+        if isinstance(model, (str, os.PathLike)):
+            from mixpriv.hub import from_pretrained
+
+            model = from_pretrained(model)
+        if not hasattr(model, "unmix"):
+            raise InputError(f"the local model must be a Mixup-Privacy model with an unmixer, got "
+                             f"{type(model).__name__}")
+        if key.num_classes != model.num_classes:
+            raise InputError(f"the key has {key.num_classes} labels but the model predicts {model.num_classes}")
+        self.server_url = server_url.rstrip("/")
+        self.key = key
+        self.model = model.eval()
+        self.k = k
+        self.method = method
+        self.lambda_range = tuple(lambda_range or model.hparams.lambda_range)
+        self.patch_size = int(model.hparams.patch_size)
+        self.overlap = overlap
+        self.wire_dtype = wire_dtype
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        token = token if token is not None else read_token()
+        if urlsplit(self.server_url).scheme != "https" and not _is_loopback(self.server_url):
+            log.warning("%s is not https: the token and the mixtures travel unencrypted", self.server_url)
+        headers = {"User-Agent": f"mixpriv/{__version__}"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.server_url, headers=headers, transport=transport,
+                                  timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)))
+        self._info: dict | None = None
+
+    def __repr__(self) -> str:  # never show the key's content or the token
+        return f"PrivateClient({self.server_url!r}, {self.key!r}, k={self.k}, method={self.method!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ServerError(f"cannot reach the segmentation server at {self.server_url}: {error}") from error
+        if response.status_code != 200:
+            raise ServerError(f"{method} {path}: the server answered {response.status_code}: {_detail(response)}",
+                              response.status_code)
+        return response
+
+    def server_info(self) -> dict:
+        """``GET /v1/model`` (cached): labels, spacing, patch size, λ range, limits; checked against the local model."""
+        if self._info is None:
+            info = self._request("GET", "/v1/model").json()
+            labels = {str(k): int(v) for k, v in dict(info.get("labels", {})).items()}
+            local = dict(self.model.hparams.label_names)
+            if labels != local:
+                raise InputError(f"the server's model has labels {labels} but the local model {local}")
+            local_sha = (getattr(self.model, "model_card", None) or {}).get("files", {}).get(
+                "model.safetensors", {}).get("sha256")
+            if local_sha and info.get("weights_sha256") and local_sha != info["weights_sha256"]:
+                log.warning("the server hosts other weights (%s) than the local model (%s): its unmixer was trained "
+                            "with another segmenter", info.get("name"), (self.model.model_card or {}).get("name"))
+            max_k = int(info.get("limits", {}).get("max_k", self.k))
+            if self.k > max_k:
+                raise InputError(f"K = {self.k} is more than the server accepts per request ({max_k})")
+            self._info = info
+        return self._info
+
+    def segment_mixtures(self, mixtures: torch.Tensor) -> torch.Tensor:
+        """Send mixtures ``(K, 1, D, H, W)``; return the server's probabilities ``(K, C, D, H, W)`` (float32).
+
+        This is the only call that sends image data, and it sends only ``mixtures``.
+        """
+        info = self.server_info()
+        k, _, *spatial = mixtures.shape
+        expected = (k, int(info["num_classes"]), *spatial)
+        body = encode_mixtures(mixtures, self.wire_dtype)
+        limit = response_size_limit(expected)
+        request = self._http.build_request("POST", "/v1/segment", content=body,
+                                           headers={"Content-Type": NPY_MEDIA_TYPE})
+        try:
+            response = self._http.send(request, stream=True)
+        except httpx.HTTPError as error:
+            raise ServerError(f"cannot reach the segmentation server at {self.server_url}: {error}") from error
+        try:
+            if response.status_code != 200:
+                response.read()
+                raise ServerError(f"POST /v1/segment: the server answered {response.status_code}: "
+                                  f"{_detail(response)}", response.status_code)
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():  # decompressed; bounded so that a gzip bomb cannot fill memory
+                size += len(chunk)
+                if size > limit:
+                    raise ServerError(f"the server's answer is larger than the {limit} bytes of shape {expected}")
+                chunks.append(chunk)
+        except httpx.HTTPError as error:
+            raise ServerError(f"the segmentation server at {self.server_url} failed mid-answer: {error}") from error
+        finally:
+            response.close()
+        try:
+            probabilities = decode_probabilities(b"".join(chunks), expected)
+        except WireError as error:
+            raise ServerError(f"the server's answer is malformed: {error}") from error
+        return torch.from_numpy(probabilities.astype(np.float32))
+
+    def segment(self, image: torch.Tensor) -> PrivateSegmentation:
+        """Privately segment a preprocessed image ``(1, D, H, W)`` (resampled and normalised as the card says).
+
+        Returns the unmixed per-reference probabilities with their average and variance.
+        """
+        info = self.server_info()
+        lambda_range = self.lambda_range
+        server_range = (info.get("mixing") or {}).get("lambda_range")
+        if server_range and tuple(server_range) != tuple(lambda_range):
+            log.warning("mixing with λ in %s, not the range %s the server's model was trained on", lambda_range,
+                        tuple(server_range))
+        mixed = mix_with_references(image.float(), self.key, self.k, lambda_range, self.generator)
+        mixed_probs = self.segment_mixtures(mixed.mixtures)
+        unmixed = unmix_volumes(mixed_probs, mixed.reference_one_hot, mixed.lambdas, self.method, self.model.unmix,
+                                self.patch_size, self.overlap)
+        return PrivateSegmentation(unmixed)
+
+    def segment_file(
+        self,
+        path: str | os.PathLike,
+        out: str | os.PathLike,
+        probabilities: str | os.PathLike | None = None,
+        variance: str | os.PathLike | None = None,
+    ) -> WrittenSegmentation:
+        """Segment a NIfTI scan and write the label map on its grid, affine and header.
+
+        Args:
+            path: the scan (read and preprocessed locally: canonical orientation, the card's
+                spacing, intensity normalisation).
+            out: label map to write (uint8).
+            probabilities: also write the averaged class probabilities (float32, channels last).
+            variance: also write the TTA variance summed over classes (float32).
+        """
+        from mixpriv.constants import IMAGE
+        from mixpriv.inference.volume import load_scan, save_like, to_original_grid
+
+        info = self.server_info()
+        spacing = info.get("inputs", {}).get("spacing_mm")
+        local_spacing = self.model.hparams.get("input_spacing")
+        if spacing != local_spacing:
+            raise InputError(f"the server's model expects {spacing} mm voxels but the local model {local_spacing} mm")
+        subject, original = load_scan(path, spacing)
+        result = self.segment(subject[IMAGE].data.float())
+        affine = subject[IMAGE].affine
+        labels = to_original_grid(result.labels[None].to(torch.uint8), affine, original, label=True)
+        written = WrittenSegmentation(save_like(labels, path, out), None, None, result)
+        if probabilities is not None:
+            probs = to_original_grid(result.probabilities, affine, original, label=False)
+            written.probabilities = save_like(probs, path, probabilities, dtype=np.float32)
+        if variance is not None:
+            var = to_original_grid(result.variance.sum(0, keepdim=True), affine, original, label=False)
+            written.variance = save_like(var, path, variance, dtype=np.float32)
+        return written

@@ -67,7 +67,7 @@ def main() -> None:
     rows = []
     for name in ("tissue-baseline", "tissue-mixpriv"):
         stats = json.loads((args.runs / name / "train_stats.json").read_text())
-        rows.append((f"train {name} (demo run)", f"{stats['train_seconds_total']:.0f} s total, {stats['steps']} steps",
+        rows.append((f"train {name} (recipe run)", f"{stats['train_seconds_total']:.0f} s total, {stats['steps']} steps",
                      f"{stats['patches_per_second']:.2f} patches/s ({stats['device']}, {stats['precision']})"))
         if args.train_steps:
             rows.append((f"train {name} (throughput)", *measure_training(name, args.train_steps, args.scratch)))

@@ -289,7 +289,7 @@ def _add_demo(sub) -> None:
                                     "-> Dice table")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--max-cases", type=int, default=4, help="held-out test scans to segment (0: all 24)")
+    p.add_argument("--max-cases", type=int, default=2, help="held-out test scans to segment (0: all 24)")
     p.add_argument("--train", action="store_true", help="train the recipes instead of loading the published models")
     p.add_argument("overrides", nargs="*", help="with --train: recipe overrides, e.g. trainer.max_steps=200")
     p.set_defaults(func=_demo)

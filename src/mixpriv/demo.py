@@ -33,7 +33,7 @@ def _trained_models(out: Path, overrides: Sequence[str]) -> dict:
     return models
 
 
-def run_demo(out: str | Path, k: int = 8, max_cases: int | None = 4, train: bool = False,
+def run_demo(out: str | Path, k: int = 8, max_cases: int | None = 2, train: bool = False,
              overrides: Sequence[str] = ()) -> dict:
     """Run the demo; returns the paths of what it wrote."""
     from mixpriv.data.cohort import build_cohort

@@ -127,14 +127,14 @@ def _write_case_outputs(case, subject, bank, mixtures, mixed_probs, naive, learn
     """Figures and NIfTIs of one case (on the input's original grid and affine)."""
     image = subject[IMAGE].data[0].numpy()
     label = subject[LABEL].data[0].numpy()
-    shown = min(3, len(mixtures.reference_indices))
-    references = [bank.images[i, 0].numpy() for i in mixtures.reference_indices[:shown]]
-    reference_labels = [bank.labels[i].numpy() for i in mixtures.reference_indices[:shown]]
+    # All K references go to the figure: it draws the first three and states that TTA used K.
+    references = [bank.images[i, 0].numpy() for i in mixtures.reference_indices]
+    reference_labels = [bank.labels[i].numpy() for i in mixtures.reference_indices]
     outputs = {
         "figure": plot_private_segmentation(
-            image, label, references, reference_labels, [m[0].numpy() for m in mixtures.mixtures[:shown]],
-            [p.numpy() for p in mixed_probs[:shown]], [p.numpy() for p in naive.per_reference[:shown]],
-            [p.numpy() for p in learned.per_reference[:shown]], naive.labels.numpy(), learned.labels.numpy(),
+            image, label, references, reference_labels, [m[0].numpy() for m in mixtures.mixtures],
+            [p.numpy() for p in mixed_probs], [p.numpy() for p in naive.per_reference],
+            [p.numpy() for p in learned.per_reference], naive.labels.numpy(), learned.labels.numpy(),
             label_names, out_dir / "private_segmentation.png", title=f"test case {case.case_id}"),
         "variance_figure": plot_variance_map(image, learned.variance.numpy(), out_dir / "tta_variance.png",
                                              title=f"Learned+TTA variance, {case.case_id}"),

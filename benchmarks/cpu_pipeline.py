@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,16 +27,8 @@ from mixpriv.inference.volume import load_scan, segment_volume
 from mixpriv.lightning.tta import TTAEnsembler
 from mixpriv.recipe import load_recipe
 from mixpriv.training import load_model, train
+from timing import median_seconds
 
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure_training(recipe_name: str, steps: int, scratch: Path) -> tuple[str, str]:
@@ -80,7 +70,7 @@ def main() -> None:
         seconds_k = median_seconds(lambda: ensembler(image), args.repeats)
         rows.append((f"inference private K={k}", f"{seconds_k:.2f} s / volume", f"{seconds_k / seconds:.1f}x baseline"))
 
-    print(f"| what | time | notes |\n|---|---|---|")
+    print("| what | time | notes |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs after a warm-up")

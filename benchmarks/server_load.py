@@ -47,19 +47,10 @@ from mixpriv.lightning.tta import TTAEnsembler
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.server.auth import ENV_TOKEN
 from mixpriv.server.client import PrivateClient
+from timing import median_seconds
 
 log = logging.getLogger("mixpriv.benchmarks.server_load")
 
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def free_port() -> int:

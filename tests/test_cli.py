@@ -49,6 +49,12 @@ def test_train_evaluate_predict_round_trip(tiny_folder, tmp_path):
     stats = json.loads((tmp_path / "mp" / "train_stats.json").read_text())
     assert stats["steps"] == 4 and stats["patches_per_second"] > 0
     assert (tmp_path / "mp" / "wandb").is_dir()  # offline wandb run, no network
+    assert main(["train", "--recipe", "tissue-baseline", "--out", str(tmp_path / "bl"), "--resume", *data,
+                 *TINY_OVERRIDES, "logger.kind=csv", "trainer.max_steps=6"]) == 0
+    resumed = json.loads((tmp_path / "bl" / "train_stats.json").read_text())
+    assert (resumed["resumed_from_step"], resumed["steps"]) == (4, 6)
+    assert main(["train", "--recipe", "tissue-baseline", "--out", str(tmp_path / "new"), "--resume", *data,
+                 *TINY_OVERRIDES]) == 2  # nothing to resume: a clear error, not a fresh run
 
     key = tmp_path / "key.mpk"
     assert main(["keygen", "--data", str(tiny_folder), "--out", str(key)]) == 0

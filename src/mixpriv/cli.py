@@ -35,6 +35,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a recipe")
     p.add_argument("--recipe", required=True, help="recipe name (recipes/<name>.yaml) or path")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (e.g. after its max_time cap)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.max_steps=100")
     p.set_defaults(func=_train)
 
@@ -44,7 +46,7 @@ def _train(args) -> None:
     from mixpriv.training import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run = train(recipe, args.out or Path("runs") / recipe.get("name", "run"))
+    run = train(recipe, args.out or Path("runs") / recipe.get("name", "run"), resume=args.resume)
     print(f"checkpoint: {run.checkpoint}")
     print(f"training: {run.stats['train_seconds_total']} s, {run.stats['patches_per_second']} patches/s")
 

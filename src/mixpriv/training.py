@@ -123,6 +123,7 @@ def train(
     out_dir: str | Path,
     initial_weights: Mapping[str, torch.Tensor] | None = None,
     freeze_encoder: bool = False,
+    resume: bool = False,
 ) -> TrainingRun:
     """Train the recipe's model; write checkpoints, the resolved recipe and ``train_stats.json``.
 
@@ -132,8 +133,14 @@ def train(
         initial_weights: start from these weights (fine-tuning); tensors whose shape differs
             (e.g. a head for another label set) keep their fresh initialisation.
         freeze_encoder: do not train the segmenter's encoder.
+        resume: continue the run in ``out_dir`` from ``checkpoints/last.ckpt`` (weights, optimiser,
+            learning-rate schedule, step count and elapsed time), e.g. after its ``max_time`` cap
+            stopped it or the recipe's ``max_steps`` was raised.
     """
     out_dir = Path(out_dir)
+    resume_from = out_dir / "checkpoints" / "last.ckpt"
+    if resume and not resume_from.is_file():
+        raise FileNotFoundError(f"cannot resume: {resume_from} does not exist (train this run first)")
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(recipe.get("seed", 0)), workers=True)
     model, datamodule = build_from_recipe(recipe)
@@ -158,9 +165,10 @@ def train(
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     logger = build_logger(recipe.get("logger", {}), out_dir, recipe.get("name", "mixpriv"))
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger, callbacks=callbacks, **trainer_config)
+    start_step = int(torch.load(resume_from, map_location="cpu", weights_only=False)["global_step"]) if resume else 0
     start = time.perf_counter()
     try:
-        trainer.fit(model, datamodule)
+        trainer.fit(model, datamodule, ckpt_path=resume_from if resume else None)
     finally:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next run in this process gets its own wandb run
@@ -170,6 +178,7 @@ def train(
     stats = {
         "recipe": recipe.get("name"),
         "steps": int(trainer.global_step),
+        "resumed_from_step": start_step,
         "epochs": int(trainer.current_epoch),
         "train_seconds_total": round(elapsed, 1),
         "train_seconds_in_steps": round(meter.seconds, 1),

@@ -53,6 +53,7 @@ def test_train_evaluate_predict_round_trip(tiny_folder, tmp_path):
                  *TINY_OVERRIDES, "logger.kind=csv", "trainer.max_steps=6"]) == 0
     resumed = json.loads((tmp_path / "bl" / "train_stats.json").read_text())
     assert (resumed["resumed_from_step"], resumed["steps"]) == (4, 6)
+    assert [segment["steps"] for segment in resumed["earlier_segments"]] == [4]
     assert main(["train", "--recipe", "tissue-baseline", "--out", str(tmp_path / "new"), "--resume", *data,
                  *TINY_OVERRIDES]) == 2  # nothing to resume: a clear error, not a fresh run
 

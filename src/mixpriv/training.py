@@ -135,7 +135,8 @@ def train(
         freeze_encoder: do not train the segmenter's encoder.
         resume: continue the run in ``out_dir`` from ``checkpoints/last.ckpt`` (weights, optimiser,
             learning-rate schedule, step count and elapsed time), e.g. after its ``max_time`` cap
-            stopped it or the recipe's ``max_steps`` was raised.
+            stopped it or the recipe's ``max_steps`` was raised. ``train_stats.json`` then describes
+            this segment and keeps the earlier ones under ``earlier_segments``.
     """
     out_dir = Path(out_dir)
     resume_from = out_dir / "checkpoints" / "last.ckpt"
@@ -166,6 +167,8 @@ def train(
     logger = build_logger(recipe.get("logger", {}), out_dir, recipe.get("name", "mixpriv"))
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger, callbacks=callbacks, **trainer_config)
     start_step = int(torch.load(resume_from, map_location="cpu", weights_only=False)["global_step"]) if resume else 0
+    stats_path = out_dir / "train_stats.json"
+    earlier_segments = _earlier_segments(stats_path) if resume else []
     start = time.perf_counter()
     try:
         trainer.fit(model, datamodule, ckpt_path=resume_from if resume else None)
@@ -190,10 +193,19 @@ def train(
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "val_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "earlier_segments": earlier_segments,
     }
-    (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    stats_path.write_text(json.dumps(stats, indent=2))
     log.info("trained %s in %.0f s (%s patches/s)", recipe.get("name"), elapsed, stats["patches_per_second"])
     return TrainingRun(out_dir, last, stats)
+
+
+def _earlier_segments(stats_path: Path) -> list[dict]:
+    """The statistics of a resumed run's earlier segments, oldest first (empty when none were written)."""
+    if not stats_path.is_file():
+        return []
+    previous = json.loads(stats_path.read_text())
+    return [*previous.pop("earlier_segments", []), previous]
 
 
 def transfer_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> list[str]:

@@ -24,7 +24,7 @@ from mixpriv.inference.private import (
 from mixpriv.inference.volume import load_scan, save_like, segment_volume, to_original_grid
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.lightning.tta import TTAEnsembler
-from mixpriv.mixing import ReferenceBank, one_hot
+from mixpriv.mixing import ReferenceBank, mix, one_hot
 from mixpriv.validation import InputError
 
 NUM_CLASSES = len(LABELS)
@@ -120,6 +120,21 @@ def test_mix_with_references_matches_the_bank():
     assert bool(((drawn.lambdas >= 0.6) & (drawn.lambdas <= 0.8)).all())
     again = mix_with_references(image, bank, 3, (0.6, 0.8), torch.Generator().manual_seed(0))
     assert torch.equal(again.mixtures, drawn.mixtures) and again.reference_indices == drawn.reference_indices
+
+
+def test_mix_with_references_single_reference_draws_are_pinned():
+    """Values recorded before K-way mixing existed: the single-reference random stream must not change."""
+    bank = make_bank(4, shape=(20, 20, 20))
+    image = torch.from_numpy(phantom(0, (20, 20, 20))[0])[None]
+    generator = torch.Generator().manual_seed(5)
+    mixtures = mix_with_references(image, bank, 3, (0.6, 0.8), generator)
+    assert mixtures.reference_indices == [3, 1, 0]
+    assert mixtures.lambdas.tolist() == [0.7639854550361633, 0.784020721912384, 0.6233290433883667]
+    assert torch.rand(1, generator=generator).item() == 0.16439151763916016  # no extra draw
+    for k, index in enumerate([3, 1, 0]):
+        reference_image, reference_one_hot = bank.get(index)
+        assert torch.equal(mixtures.mixtures[k], mix(image, reference_image, float(mixtures.lambdas[k])))
+        assert torch.equal(mixtures.reference_one_hot[k], reference_one_hot)
 
 
 def test_mix_with_references_rejects_bad_inputs():

@@ -185,6 +185,18 @@ def test_random_mix_is_reproducible_by_seed():
     torch.testing.assert_close(replay[IMAGE].data, first[IMAGE].data)
 
 
+def test_random_mix_single_reference_draws_are_pinned():
+    """Values recorded before K-way mixing existed: the single-reference random stream must not change."""
+    bank = make_bank(5)
+    subject = make_subject()
+    mixed = _draw(3, bank, subject)
+    assert mixed[MIX_LAMBDA] == 0.6316708087921142 and mixed[MIX_REFERENCE_ID] == 2
+    assert torch.rand(1).item() == 0.47161436080932617  # no extra draw from the global generator
+    image, one_hot_label = bank.get(2)
+    assert torch.equal(mixed[IMAGE].data, mix(subject[IMAGE].data.float(), image, mixed[MIX_LAMBDA]))
+    assert torch.equal(mixed[REFERENCE_LABEL].data, one_hot_label)
+
+
 def test_random_mix_records_lambda_and_reference_in_history():
     bank = make_bank(4)
     subject = make_subject()

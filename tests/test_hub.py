@@ -147,6 +147,7 @@ def test_export_writes_the_documented_folder(published, model):
     assert card["hparams"]["lambda_range"] == list(model.hparams.lambda_range)
     assert card["inputs"]["spacing_mm"] == 2.0 and card["inputs"]["orientation"] == "RAS+ (canonical)"
     assert card["inputs"]["patch_size"] == 16 and card["mixing"]["lambda_range"] == [0.65, 0.95]
+    assert (card["mixing"]["references_per_mix"], card["mixing"]["dirichlet_alpha"]) == (1, 1.0)
     assert card["training"] == {"recipe": "test"}
     assert {"torch", "pytorch-lightning", "torchio", "segmentation-models-pytorch-3d", "numpy",
             "mixpriv"} <= set(card["versions"])
@@ -159,6 +160,18 @@ def test_export_writes_the_documented_folder(published, model):
     assert stat.S_IMODE((published / "bank.mpk").stat().st_mode) == 0o600
     readme = (published / "README.md").read_text()
     assert "from_pretrained" in readme and "| Dice | 0.9 |" in readme and "U(0.65, 0.95)" in readme
+
+
+def test_kway_model_card_records_and_reloads_its_mixing(tmp_path):
+    torch.manual_seed(0)
+    model = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, patch_size=16, input_spacing=2.0,
+                               references_per_mix=3, dirichlet_alpha=0.5).eval()
+    folder = export_pretrained(model, tmp_path / "kway", name="tiny-kway")
+    card = json.loads((folder / "metadata.json").read_text())
+    assert (card["mixing"]["references_per_mix"], card["mixing"]["dirichlet_alpha"]) == (3, 0.5)
+    assert "| references per mix | 3 (K-way), weights Dirichlet(α = 0.5) |" in (folder / "README.md").read_text()
+    reloaded = from_pretrained(folder, offline=True, progress=False)
+    assert (reloaded.hparams.references_per_mix, reloaded.hparams.dirichlet_alpha) == (3, 0.5)
 
 
 def test_round_trip_fp16_close_and_fp32_exact(tmp_path, published, model):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import torchio as tio
 from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
@@ -23,8 +26,10 @@ from mixpriv.inference.private import (
 )
 from mixpriv.inference.volume import load_scan, save_like, segment_volume, to_original_grid
 from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.hub import from_pretrained
+from mixpriv.lightning import tta as tta_module
 from mixpriv.lightning.tta import TTAEnsembler
-from mixpriv.mixing import ReferenceBank, one_hot
+from mixpriv.mixing import ReferenceBank, mix, naive_unmix, one_hot
 from mixpriv.validation import InputError
 
 NUM_CLASSES = len(LABELS)
@@ -110,16 +115,31 @@ def test_mix_with_references_matches_the_bank():
     mixtures = mix_with_references(image, bank, 2, reference_indices=[2, 0], lambdas=lambdas)
     assert mixtures.mixtures.shape == (2, 1, 20, 20, 20)
     assert mixtures.reference_one_hot.shape == (2, NUM_CLASSES, 20, 20, 20)
-    assert mixtures.reference_indices == [2, 0]
+    assert mixtures.reference_indices == [(2,), (0,)]
     for k, (index, lam) in enumerate(zip([2, 0], lambdas)):
         reference_image, reference_one_hot = bank.get(index)
         torch.testing.assert_close(mixtures.mixtures[k], lam * image + (1 - lam) * reference_image)
         torch.testing.assert_close(mixtures.reference_one_hot[k], reference_one_hot)
     drawn = mix_with_references(image, bank, 3, (0.6, 0.8), torch.Generator().manual_seed(0))
-    assert sorted(drawn.reference_indices) == [0, 1, 2]
+    assert sorted(drawn.reference_indices) == [(0,), (1,), (2,)]
     assert bool(((drawn.lambdas >= 0.6) & (drawn.lambdas <= 0.8)).all())
     again = mix_with_references(image, bank, 3, (0.6, 0.8), torch.Generator().manual_seed(0))
     assert torch.equal(again.mixtures, drawn.mixtures) and again.reference_indices == drawn.reference_indices
+
+
+def test_mix_with_references_single_reference_draws_are_pinned():
+    """Values recorded before K-way mixing existed: the single-reference random stream must not change."""
+    bank = make_bank(4, shape=(20, 20, 20))
+    image = torch.from_numpy(phantom(0, (20, 20, 20))[0])[None]
+    generator = torch.Generator().manual_seed(5)
+    mixtures = mix_with_references(image, bank, 3, (0.6, 0.8), generator)
+    assert mixtures.reference_indices == [(3,), (1,), (0,)] and torch.equal(mixtures.reference_weights, torch.ones(3, 1))
+    assert mixtures.lambdas.tolist() == [0.7639854550361633, 0.784020721912384, 0.6233290433883667]
+    assert torch.rand(1, generator=generator).item() == 0.16439151763916016  # no extra draw
+    for k, index in enumerate([3, 1, 0]):
+        reference_image, reference_one_hot = bank.get(index)
+        assert torch.equal(mixtures.mixtures[k], mix(image, reference_image, float(mixtures.lambdas[k])))
+        assert torch.equal(mixtures.reference_one_hot[k], reference_one_hot)
 
 
 def test_mix_with_references_rejects_bad_inputs():
@@ -134,6 +154,61 @@ def test_mix_with_references_rejects_bad_inputs():
         mix_with_references(torch.zeros(1, 20, 20, 20), bank, 0)
     with pytest.raises(InputError, match="lambda range"):
         draw_lambdas(3, (0.0, 0.5))
+
+
+def test_mix_with_references_kway_is_the_weighted_sum_of_distinct_references():
+    bank = make_bank(5, shape=(20, 20, 20))
+    image = torch.from_numpy(phantom(0, (20, 20, 20))[0])[None]
+    mixtures = mix_with_references(image, bank, 4, (0.6, 0.8), torch.Generator().manual_seed(1), references_per_mix=3)
+    assert mixtures.mixtures.shape == (4, 1, 20, 20, 20)
+    assert mixtures.reference_one_hot.shape == (4, NUM_CLASSES, 20, 20, 20)
+    assert mixtures.reference_weights.shape == (4, 3)
+    assert len(mixtures.reference_indices) == 4 and all(len(set(refs)) == 3 for refs in mixtures.reference_indices)
+    for k, (refs, weights, lam) in enumerate(zip(mixtures.reference_indices, mixtures.reference_weights,
+                                                  mixtures.lambdas)):
+        assert bool((weights >= 0).all()) and float(lam + (1 - lam) * weights.sum()) == pytest.approx(1, abs=1e-6)
+        images, labels = zip(*(bank.get(i) for i in refs))
+        expected = lam * image + (1 - lam) * sum(w * r for w, r in zip(weights, images))
+        torch.testing.assert_close(mixtures.mixtures[k], expected)
+        torch.testing.assert_close(mixtures.reference_one_hot[k], sum(w * y for w, y in zip(weights, labels)))
+    # Given references and weights replay the mixtures exactly.
+    replay = mix_with_references(image, bank, 4, reference_indices=mixtures.reference_indices,
+                                 lambdas=mixtures.lambdas, references_per_mix=3,
+                                 reference_weights=mixtures.reference_weights)
+    assert torch.equal(replay.mixtures, mixtures.mixtures)
+    again = mix_with_references(image, bank, 4, (0.6, 0.8), torch.Generator().manual_seed(1), references_per_mix=3)
+    assert again.reference_indices == mixtures.reference_indices
+    assert torch.equal(again.reference_weights, mixtures.reference_weights)
+
+
+def test_kway_naive_unmixing_of_perfect_mixed_labels_recovers_the_target():
+    bank = make_bank(4, shape=(12, 12, 12))
+    target = one_hot(torch.randint(0, NUM_CLASSES, (1, 12, 12, 12), generator=torch.Generator().manual_seed(2)),
+                     NUM_CLASSES)[0]
+    mixtures = mix_with_references(torch.rand(1, 12, 12, 12), bank, 3, (0.6, 0.9), torch.Generator().manual_seed(3),
+                                   references_per_mix=3)
+    lambdas = mixtures.lambdas.reshape(-1, 1, 1, 1, 1)
+    perfect = lambdas * target + (1 - lambdas) * mixtures.reference_one_hot  # what an exact server would return
+    unmixed = unmix_volumes(perfect, mixtures.reference_one_hot, mixtures.lambdas, method="naive")
+    torch.testing.assert_close(unmixed, target.expand(3, -1, -1, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(naive_unmix(perfect, mixtures.reference_one_hot, mixtures.lambdas),
+                               target.expand(3, -1, -1, -1, -1), atol=1e-5, rtol=0)
+
+
+def test_mix_with_references_rejects_bad_kway_settings():
+    bank = make_bank(3)
+    image = torch.zeros(1, 20, 20, 20)
+    with pytest.raises(InputError, match="between 1 and 2"):
+        mix_with_references(image, bank, 2, references_per_mix=3)
+    with pytest.raises(InputError, match="at least 1"):
+        mix_with_references(image, bank, 2, references_per_mix=0)
+    with pytest.raises(InputError, match="dirichlet_alpha"):
+        mix_with_references(image, bank, 2, references_per_mix=2, dirichlet_alpha=0)
+    with pytest.raises(InputError, match="references_per_mix = 2 reference indices"):
+        mix_with_references(image, bank, 2, reference_indices=[(0, 1), (2,)], references_per_mix=2)
+    with pytest.raises(InputError, match=r"shape \(2, 2\)"):
+        mix_with_references(image, bank, 2, reference_indices=[(0, 1), (1, 2)], references_per_mix=2,
+                            reference_weights=torch.ones(2, 1))
 
 
 def test_segment_mixtures_runs_all_k_mixtures_in_one_call_per_grid_batch():
@@ -290,6 +365,62 @@ def test_tta_ensembler_rejects_bad_configuration(tiny_model):
         TTAEnsembler(tiny_model, three)
     ensembler = TTAEnsembler(tiny_model, make_bank(2), k=2)
     assert ensembler.lambda_range == (0.6, 0.9) and ensembler.patch_size == 16
+
+
+def test_tta_ensembler_mixes_kway_as_the_model_was_trained(monkeypatch):
+    torch.manual_seed(0)
+    model = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, lambda_range=(0.6, 0.9), patch_size=16,
+                               references_per_mix=2).eval()
+    bank = make_bank(3, shape=(16, 16, 16))
+    image = torch.from_numpy(phantom(0, (16, 16, 16))[0])[None]
+    drawn = []
+    original = tta_module.mix_with_references
+
+    def recording(*args, **kwargs):
+        drawn.append(original(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(tta_module, "mix_with_references", recording)
+    ensembler = TTAEnsembler(model, bank, k=2, methods=("learned", "naive"), seed=0)
+    assert (ensembler.references_per_mix, ensembler.dirichlet_alpha) == (2, 1.0)
+    results = ensembler(image)
+    assert [len(refs) for refs in drawn[0].reference_indices] == [2, 2]
+    for result in results.values():
+        assert result.per_reference.shape == (2, NUM_CLASSES, 16, 16, 16)
+        torch.testing.assert_close(result.per_reference.sum(1), torch.ones(2, 16, 16, 16), atol=1e-4, rtol=0)
+    assert TTAEnsembler(model, bank, k=2, seed=0, references_per_mix=1).references_per_mix == 1
+    with pytest.raises(InputError, match="between 1 and 2"):
+        TTAEnsembler(model, bank, references_per_mix=3)
+
+
+def test_model_without_kway_hparams_loads_and_mixes_as_single_reference(tiny_model, tmp_path):
+    """Checkpoints written before K-way mixing lack its hparams: they load as R = 1 and behave as before."""
+    old_hparams = {k: v for k, v in tiny_model.hparams.items() if k not in ("references_per_mix", "dirichlet_alpha")}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": tiny_model.state_dict(), "hyper_parameters": old_hparams,
+                "pytorch-lightning_version": pl.__version__}, path)
+    old = MixupPrivacyModule.load_from_checkpoint(path, map_location="cpu").eval()
+    assert (old.hparams.references_per_mix, old.hparams.dirichlet_alpha) == (1, 1.0)
+    bank = make_bank(3, shape=(16, 16, 16))
+    image = torch.from_numpy(phantom(1, (16, 16, 16))[0])[None]
+    ensembler = TTAEnsembler(old, bank, k=2, methods=("naive",), seed=4)
+    assert ensembler.references_per_mix == 1
+    result = ensembler(image)["naive"]
+    # The pre-K-way pipeline, spelled out: the same draws, mixtures and unmixing.
+    mixtures = mix_with_references(image, bank, 2, (0.6, 0.9), torch.Generator().manual_seed(4))
+    assert all(len(refs) == 1 for refs in mixtures.reference_indices)
+    mixed = segment_mixtures(old.segment_mixture, mixtures.mixtures, 16)
+    expected = unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "naive")
+    assert torch.equal(result.per_reference, expected)
+
+
+def test_published_model_card_without_kway_hparams_loads_as_single_reference():
+    published = Path(__file__).resolve().parents[1] / "checkpoints" / "tissue-mixpriv-2mm"
+    if not (published / "metadata.json").is_file():
+        pytest.skip("the published model is not in this checkout")
+    assert "references_per_mix" not in json.loads((published / "metadata.json").read_text())["hparams"]
+    model = from_pretrained(published, offline=True, progress=False)
+    assert (model.hparams.references_per_mix, model.hparams.dirichlet_alpha) == (1, 1.0)
 
 
 # ----------------------------------------------------------------------------- NIfTI I/O

@@ -10,19 +10,23 @@ import torch
 from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from mixpriv.constants import MIX_REFERENCE_ID, MIX_REFERENCE_WEIGHTS, REFERENCE_LABEL
 from mixpriv.data.datamodule import MixprivDataModule
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.losses import ce_dice_loss, hard_dice_per_class, soft_dice_per_class
 from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.recipe import load_recipe
+from mixpriv.training import build_from_recipe
+from mixpriv.validation import InputError
 
 LAMBDA_RANGE = (0.6, 0.9)
 PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
-def datamodule(folder, mixing: bool) -> MixprivDataModule:
+def datamodule(folder, mixing: bool, **kwargs) -> MixprivDataModule:
     return MixprivDataModule(data_dir=str(folder), patch_size=16, batch_size=2, samples_per_volume=2,
                              queue_length=4, val_samples_per_volume=2, mixing=mixing,
-                             lambda_range=LAMBDA_RANGE)
+                             lambda_range=LAMBDA_RANGE, **kwargs)
 
 
 def baseline() -> BaselineSegmenter:
@@ -150,6 +154,59 @@ def test_hparams_hold_specs_not_modules():
         assert_plain(dict(module.hparams))
     with pytest.raises(ValueError, match="unknown segmenter spec keys"):
         BaselineSegmenter(LABELS, {**TINY_SEGMENTER, "encoder": "oops"})
+
+
+# ----------------------------------------------------------------------------- K-way mixing
+
+
+def test_kway_train_step_end_to_end(tiny_folder, tmp_path):
+    """R = 2: batches carry composite (soft) reference labels and one optimiser step trains both networks."""
+    torch.manual_seed(0)
+    data = datamodule(tiny_folder, mixing=True, references_per_mix=2)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    reference = batch[REFERENCE_LABEL]["data"]
+    torch.testing.assert_close(reference.sum(1), torch.ones_like(reference[:, 0]))
+    assert bool(((reference > 0) & (reference < 1)).any())  # a weighted mixture of one-hot maps, not one-hot
+    assert [len(batch[MIX_REFERENCE_ID]), len(batch[MIX_REFERENCE_WEIGHTS])] == [2, 2]  # R lists of B values
+
+    module = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, lambda_range=LAMBDA_RANGE, patch_size=16,
+                                references_per_mix=2, dirichlet_alpha=0.5)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                            default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    changed = {k.split(".")[0] for k, v in module.state_dict().items()
+               if v.dtype.is_floating_point and not torch.equal(v, before[k])}
+    assert {"segmenter", "unmixer"} <= changed
+    assert (module.hparams.references_per_mix, module.hparams.dirichlet_alpha) == (2, 0.5)
+    assert_plain(dict(module.hparams))
+
+
+def test_recipe_sets_kway_mixing_once_for_model_and_data(tiny_folder):
+    recipe = load_recipe("tissue-mixpriv-kway3", [f"data.data_dir={tiny_folder}", "data.patch_size=16"])
+    assert recipe["model"]["references_per_mix"] == 3 and "references_per_mix" not in recipe["data"]
+    recipe["model"].update(references_per_mix=2, dirichlet_alpha=0.7, segmenter=TINY_SEGMENTER,
+                           unmixer=TINY_UNMIXER)  # the tiny folder's bank holds 3 training cases
+    model, data = build_from_recipe(recipe)
+    assert (model.hparams.references_per_mix, model.hparams.dirichlet_alpha) == (2, 0.7)
+    assert (data.hparams.references_per_mix, data.hparams.dirichlet_alpha) == (2, 0.7)
+
+
+@pytest.mark.parametrize("references_per_mix, alpha", [(0, 1.0), (2, 0.0), (2, -1.0)])
+def test_kway_settings_are_checked_by_model_and_data(tiny_folder, references_per_mix, alpha):
+    with pytest.raises(InputError):
+        MixupPrivacyModule(LABELS, TINY_SEGMENTER, references_per_mix=references_per_mix, dirichlet_alpha=alpha)
+    with pytest.raises(InputError):
+        datamodule(tiny_folder, mixing=True, references_per_mix=references_per_mix, dirichlet_alpha=alpha)
+
+
+def test_kway_larger_than_the_training_bank_is_refused(tiny_folder):
+    data = datamodule(tiny_folder, mixing=True, references_per_mix=3)
+    data.setup("fit")
+    with pytest.raises(InputError, match="between 1 and 2 for a bank of 3"):
+        data.train_dataloader()
 
 
 # ----------------------------------------------------------------------------- GPU

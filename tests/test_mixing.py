@@ -12,8 +12,26 @@ import torchio as tio
 from conftest import LABELS, phantom
 from safetensors.torch import save_file
 
-from mixpriv.constants import IMAGE, LABEL, MIN_UNMIX_LAMBDA, MIX_LAMBDA, MIX_REFERENCE_ID, REFERENCE_LABEL
-from mixpriv.mixing import Mix, RandomMix, ReferenceBank, mix, naive_unmix, one_hot, probabilities_from_unmixed
+from mixpriv.constants import (
+    IMAGE,
+    LABEL,
+    MIN_UNMIX_LAMBDA,
+    MIX_LAMBDA,
+    MIX_REFERENCE_ID,
+    MIX_REFERENCE_WEIGHTS,
+    REFERENCE_LABEL,
+)
+from mixpriv.mixing import (
+    Mix,
+    RandomMix,
+    ReferenceBank,
+    composite_reference,
+    draw_reference_weights,
+    mix,
+    naive_unmix,
+    one_hot,
+    probabilities_from_unmixed,
+)
 from mixpriv.validation import InputError
 
 SMALL = (10, 12, 8)
@@ -185,6 +203,24 @@ def test_random_mix_is_reproducible_by_seed():
     torch.testing.assert_close(replay[IMAGE].data, first[IMAGE].data)
 
 
+def test_random_mix_single_reference_draws_are_pinned():
+    """Values recorded before K-way mixing existed: the single-reference random stream must not change."""
+    bank = make_bank(5)
+    subject = make_subject()
+    mixed = _draw(3, bank, subject)
+    assert mixed[MIX_LAMBDA] == 0.6316708087921142 and mixed[MIX_REFERENCE_ID] == 2
+    assert torch.rand(1).item() == 0.47161436080932617  # no extra draw from the global generator
+    image, one_hot_label = bank.get(2)
+    assert torch.equal(mixed[IMAGE].data, mix(subject[IMAGE].data.float(), image, mixed[MIX_LAMBDA]))
+    assert torch.equal(mixed[REFERENCE_LABEL].data, one_hot_label)
+    assert MIX_REFERENCE_WEIGHTS not in mixed  # the single-reference subject carries what it always did
+    # Spelling out R = 1 changes nothing, whatever alpha (unused with one reference).
+    torch.manual_seed(3)
+    explicit = RandomMix(bank, (0.6, 0.9), references_per_mix=1, dirichlet_alpha=7.0)(subject)
+    assert (explicit[MIX_LAMBDA], explicit[MIX_REFERENCE_ID]) == (mixed[MIX_LAMBDA], mixed[MIX_REFERENCE_ID])
+    assert torch.equal(explicit[IMAGE].data, mixed[IMAGE].data)
+
+
 def test_random_mix_records_lambda_and_reference_in_history():
     bank = make_bank(4)
     subject = make_subject()
@@ -230,6 +266,103 @@ def test_random_mix_never_mixes_a_subject_with_itself():
     alone = make_bank(1, ids=["case_b"])
     with pytest.raises(InputError, match="no reference other"):
         RandomMix(alone, (0.6, 0.9))(subject)
+
+
+def _draw_kway(seed: int, bank: ReferenceBank, subject: tio.Subject, references_per_mix: int = 3,
+               dirichlet_alpha: float = 1.0):
+    torch.manual_seed(seed)
+    return RandomMix(bank, (0.6, 0.9), references_per_mix=references_per_mix, dirichlet_alpha=dirichlet_alpha)(subject)
+
+
+def test_kway_mix_is_the_weighted_sum_of_distinct_references():
+    bank = make_bank(6, ids=[f"case_{i}" for i in range(6)])
+    subject = make_subject(case_id="case_4")
+    seen = set()
+    for seed in range(12):
+        mixed = _draw_kway(seed, bank, subject)
+        lam, indices, weights = mixed[MIX_LAMBDA], mixed[MIX_REFERENCE_ID], mixed[MIX_REFERENCE_WEIGHTS]
+        assert len(indices) == len(set(indices)) == 3 and 4 not in indices  # distinct, never the subject itself
+        assert all(w >= 0 for w in weights)
+        assert lam + (1 - lam) * sum(weights) == pytest.approx(1.0, abs=1e-6)
+        references = [bank.get(i) for i in indices]
+        expected_image = lam * subject[IMAGE].data + (1 - lam) * sum(w * r for w, (r, _) in zip(weights, references))
+        torch.testing.assert_close(mixed[IMAGE].data, expected_image)
+        expected_label = sum(w * y for w, (_, y) in zip(weights, references))
+        torch.testing.assert_close(mixed[REFERENCE_LABEL].data, expected_label)
+        torch.testing.assert_close(mixed[REFERENCE_LABEL].data.sum(0), torch.ones(SMALL))
+        # The history records indices and weights (not the bank); replaying them reproduces the mixture.
+        recorded = mixed.history[0]
+        assert (recorded.reference_index, recorded.reference_weights) == (indices, weights)
+        assert "bank" not in recorded._get_reproducing_arguments()
+        replay = Mix(lam, indices, bank, reference_weights=weights)(subject)
+        assert torch.equal(replay[IMAGE].data, mixed[IMAGE].data)
+        seen.add(tuple(sorted(indices)))
+    assert len(seen) > 1  # the reference sets are drawn, not fixed
+    assert _draw_kway(5, bank, subject)[MIX_REFERENCE_WEIGHTS] == _draw_kway(5, bank, subject)[MIX_REFERENCE_WEIGHTS]
+
+
+def test_kway_naive_unmix_is_exact_on_one_hot_inputs():
+    bank = make_bank(4)
+    target = one_hot(random_labels(1, seed=9), NUM_CLASSES)[0]
+    for seed in range(5):
+        weights = draw_reference_weights(3, 1.0, torch.Generator().manual_seed(seed))
+        _, composite_label = composite_reference(bank, [3, 0, 2], weights)
+        lam = 0.6 + 0.05 * seed
+        recovered = naive_unmix(mix(target, composite_label, lam), composite_label, lam)
+        torch.testing.assert_close(recovered, target, atol=1e-5, rtol=0)
+
+
+def test_kway_draws_only_among_the_others_and_follows_alpha():
+    bank = make_bank(4, ids=["case_a", "case_b", "case_c", "case_d"])
+    subject = make_subject(case_id="case_b")
+    for seed in range(5):  # R = N - 1 with the subject in the bank: always all the others
+        assert sorted(_draw_kway(seed, bank, subject)[MIX_REFERENCE_ID]) == [0, 2, 3]
+    # A small alpha puts the weight on one reference, a large one spreads it evenly.
+    peaked = [max(_draw_kway(s, bank, subject, 3, 0.05)[MIX_REFERENCE_WEIGHTS]) for s in range(20)]
+    even = [max(_draw_kway(s, bank, subject, 3, 200.0)[MIX_REFERENCE_WEIGHTS]) for s in range(20)]
+    assert np.mean(peaked) > 0.8 and np.mean(even) < 0.4
+    duplicated = make_bank(4, ids=["case_a", "case_b", "case_b", "case_d"])
+    with pytest.raises(InputError, match="only 2 references other than the subject itself"):
+        _draw_kway(0, duplicated, subject)
+
+
+def test_draw_reference_weights_uses_the_given_generator():
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state()
+    assert torch.equal(draw_reference_weights(1, 0.5, generator), torch.ones(1))
+    assert torch.equal(generator.get_state(), state)  # one reference: nothing drawn
+    first = draw_reference_weights(4, 0.5, torch.Generator().manual_seed(2))
+    assert torch.equal(first, draw_reference_weights(4, 0.5, torch.Generator().manual_seed(2)))
+    assert not torch.equal(first, draw_reference_weights(4, 0.5, torch.Generator().manual_seed(3)))
+    assert first.dtype == torch.float32 and float(first.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("references_per_mix, alpha, message", [
+    (0, 1.0, "at least 1"), (-2, 1.0, "at least 1"), (4, 1.0, "between 1 and 3"), (2.0, 1.0, "integer"),
+    (2, 0.0, "dirichlet_alpha"), (2, -1.0, "dirichlet_alpha"), (2, float("nan"), "dirichlet_alpha"),
+    (2, "1", "dirichlet_alpha"),
+])
+def test_kway_rejects_bad_settings(references_per_mix, alpha, message):
+    with pytest.raises(InputError, match=message):
+        RandomMix(make_bank(4), (0.6, 0.9), references_per_mix=references_per_mix, dirichlet_alpha=alpha)
+
+
+def test_kway_mix_rejects_bad_references():
+    bank = make_bank(4)
+    with pytest.raises(InputError, match="distinct"):
+        Mix(0.8, [1, 1], bank)
+    with pytest.raises(InputError, match="reference index 4 outside"):
+        Mix(0.8, [1, 4], bank)
+    with pytest.raises(InputError, match="sum to 1"):
+        Mix(0.8, [0, 1], bank, reference_weights=[0.5, 0.6])
+    with pytest.raises(InputError, match="non-negative"):
+        Mix(0.8, [0, 1], bank, reference_weights=[1.5, -0.5])
+    with pytest.raises(InputError, match="2 references need 2 weights"):
+        Mix(0.8, [0, 1], bank, reference_weights=[1.0])
+    with pytest.raises(InputError, match="list of reference indices"):
+        Mix(0.8, 1, bank, reference_weights=[1.0])
+    equal = Mix(0.8, (0, 3), bank)(make_subject())  # equal weights by default
+    assert equal[MIX_REFERENCE_WEIGHTS] == [0.5, 0.5] and equal[MIX_REFERENCE_ID] == [0, 3]
 
 
 def test_mix_crops_and_pads_a_reference_of_another_shape():

@@ -41,6 +41,7 @@ from mixpriv.networks import AdaINUnmixer
 from mixpriv.server.app import HostedSegmenter, ServerConfig, create_app
 from mixpriv.server.client import PrivateClient, ServerError
 from mixpriv.server.wire import MixtureLimits, encode_mixtures
+from mixpriv.validation import InputError
 
 NAME = "tiny-mixpriv-server"
 MAX_K = 8
@@ -204,6 +205,19 @@ def test_private_segmentation_matches_in_process(server, model, token):
         remote = client.segment_mixtures(mixtures)  # half the bytes: the server segments float16-rounded mixtures
     expected = segment_mixtures(model.segment_mixture, mixtures.half().float(), 16)
     torch.testing.assert_close(remote, expected, atol=1e-3, rtol=0)
+
+
+def test_kway_client_mixes_as_its_model_was_trained(server, model, token):
+    """A model trained with K-way mixing is used K-way by default; only the (composite) mixtures are sent."""
+    key, image = make_key(3), make_image(3)
+    kway = MixupPrivacyModule(**{**model.hparams, "references_per_mix": 2})
+    kway.load_state_dict(model.state_dict())
+    with PrivateClient(server.url, key, kway.eval(), token=token[0], k=3, seed=5) as client:
+        assert (client.references_per_mix, client.dirichlet_alpha) == (2, 1.0)
+        result = client.segment(image)
+    assert_same_segmentation(result, in_process(kway, key, image, 3, 5))
+    with pytest.raises(InputError, match="between 1 and 2"):
+        PrivateClient(server.url, key, kway, token=token[0], references_per_mix=3)
 
 
 def test_the_server_hosts_only_the_segmenter(published, model, tmp_path, monkeypatch):
@@ -514,7 +528,7 @@ def test_only_mixtures_cross_the_wire(server, published, model, token, tmp_path)
     image = subject[IMAGE].data.float()
     mixed = mix_with_references(image, key, 4, model.hparams.lambda_range, torch.Generator().manual_seed(7))
     lambdas = mixed.lambdas.numpy()
-    ids = [key.ids[i] for i in mixed.reference_indices]
+    ids = [key.ids[i] for indices in mixed.reference_indices for i in indices]
 
     requests = proxy.requests()
     assert [line.rsplit(" ", 1)[0] for line, _, _ in requests] == ["GET /v1/model", "POST /v1/segment"]

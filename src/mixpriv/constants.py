@@ -11,6 +11,7 @@ REFERENCE_LABEL = "reference_label"
 # Keys of attributes recorded on a subject by the mixing transforms.
 MIX_LAMBDA = "mix_lambda"
 MIX_REFERENCE_ID = "mix_reference_id"
+MIX_REFERENCE_WEIGHTS = "mix_reference_weights"
 
 # Split names of a dataset folder.
 TRAIN = "train"
@@ -23,6 +24,11 @@ SPLITS = (TRAIN, VAL, TEST)
 # text we work from, so we keep lambda above 0.5 (the target dominates, and the naive
 # unmixing of Eq. 4 amplifies the server's error by at most 1/lambda < 2).
 DEFAULT_LAMBDA_RANGE = (0.65, 0.95)
+
+# K-way mixing: the target keeps weight lambda, the remaining 1 - lambda is split over this
+# many references with Dirichlet(alpha, ..., alpha) weights. One reference is the paper's scheme.
+DEFAULT_REFERENCES_PER_MIX = 1
+DEFAULT_DIRICHLET_ALPHA = 1.0
 
 # Naive unmixing divides by lambda; below this value it refuses (see ``naive_unmix``).
 MIN_UNMIX_LAMBDA = 0.05

@@ -31,6 +31,8 @@ from mixpriv.recipe import RecipeError, dump_recipe
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = {"baseline": BaselineSegmenter, "mixpriv": MixupPrivacyModule}
+# Mixing settings a recipe gives once, in its model section, and the data module receives too.
+MIXING_KEYS = ("lambda_range", "references_per_mix", "dirichlet_alpha")
 
 
 @dataclass
@@ -92,8 +94,9 @@ class ThroughputMeter(Callback):
 def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataModule]:
     """Instantiate the DataModule and the LightningModule a recipe describes.
 
-    The model section is the single source of the lambda range; the data section the single
-    source of the patch size and spacing (both are recorded in the model's hparams).
+    The model section is the single source of the mixing settings (lambda range, references
+    per mix, Dirichlet alpha); the data section the single source of the patch size and
+    spacing (all are recorded in the model's hparams).
     """
     model_config = dict(recipe["model"])
     kind = model_config.pop("kind", None)
@@ -102,8 +105,9 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
     data_config = dict(recipe.get("data", {}))
     if kind == "mixpriv":
         data_config["mixing"] = True
-        if "lambda_range" in model_config:
-            data_config["lambda_range"] = model_config["lambda_range"]
+        for key in MIXING_KEYS:
+            if key in model_config:
+                data_config[key] = model_config[key]
     datamodule = MixprivDataModule(**data_config)
     datamodule.setup("fit")
     model_config["patch_size"] = datamodule.hparams.patch_size

@@ -6,6 +6,8 @@ gives one clear error instead of a cryptic failure deep inside a network.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Collection, Sequence
 
 import numpy as np
@@ -95,3 +97,35 @@ def check_lambda(value: float | torch.Tensor, name: str = "lambda") -> None:
     values = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     if not bool(((values > 0) & (values <= 1)).all()):
         raise InputError(f"{name} must lie in (0, 1], got {values.flatten()[:8].tolist()}")
+
+
+def check_references_per_mix(
+    references_per_mix: int, dirichlet_alpha: float, bank_size: int | None = None
+) -> tuple[int, float]:
+    """Check the K-way mixing settings: R references per mixture, Dirichlet concentration alpha.
+
+    R is an integer of at least 1 and alpha a finite number above 0. Given the bank's size N,
+    R distinct references other than the subject's own scan must exist: R <= N - 1 (a bank of
+    one reference still serves R = 1, as before K-way mixing).
+
+    Example:
+        >>> check_references_per_mix(3, 1.0, bank_size=10)
+        (3, 1.0)
+        >>> check_references_per_mix(4, 1.0, bank_size=4)
+        Traceback (most recent call last):
+        ...
+        mixpriv.validation.InputError: references_per_mix must be between 1 and 3 for a bank of 4 references (distinct references, never the subject's own scan), got 4
+    """
+    if isinstance(references_per_mix, bool) or not isinstance(references_per_mix, numbers.Integral):
+        raise InputError(f"references_per_mix must be an integer, got {references_per_mix!r}")
+    references_per_mix = int(references_per_mix)
+    if references_per_mix < 1:
+        raise InputError(f"references_per_mix must be at least 1, got {references_per_mix}")
+    if bank_size is not None and references_per_mix > max(1, bank_size - 1):
+        raise InputError(f"references_per_mix must be between 1 and {max(1, bank_size - 1)} for a bank of "
+                         f"{bank_size} references (distinct references, never the subject's own scan), "
+                         f"got {references_per_mix}")
+    if (isinstance(dirichlet_alpha, bool) or not isinstance(dirichlet_alpha, numbers.Real)
+            or not (math.isfinite(dirichlet_alpha) and dirichlet_alpha > 0)):
+        raise InputError(f"dirichlet_alpha must be a finite number above 0, got {dirichlet_alpha!r}")
+    return references_per_mix, float(dirichlet_alpha)

@@ -20,11 +20,19 @@ import torchio as tio
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from mixpriv.constants import DEFAULT_LAMBDA_RANGE, IMAGE, LABEL, TRAIN, VAL
+from mixpriv.constants import (
+    DEFAULT_DIRICHLET_ALPHA,
+    DEFAULT_LAMBDA_RANGE,
+    DEFAULT_REFERENCES_PER_MIX,
+    IMAGE,
+    LABEL,
+    TRAIN,
+    VAL,
+)
 from mixpriv.data.folder import DatasetFolder, validate_case
 from mixpriv.data.preprocessing import preprocessing
 from mixpriv.mixing import RandomMix, ReferenceBank
-from mixpriv.validation import check_lambda_range
+from mixpriv.validation import check_lambda_range, check_references_per_mix
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,9 @@ class MixprivDataModule(pl.LightningDataModule):
         spacing: resample to this spacing (mm) when given.
         val_samples_per_volume: patches per validation volume.
         validate_files: check every file (dims, finite values, shapes, affines, labels) in ``setup``.
+        references_per_mix: R, distinct training references mixed with each volume (K-way
+            mixing; 1: the paper's scheme). At most the number of training cases minus one.
+        dirichlet_alpha: concentration of the Dirichlet weights of the R references.
 
     Example:
         >>> dm = MixprivDataModule(data_dir=None, patch_size=48, mixing=True)  # doctest: +SKIP
@@ -94,9 +105,12 @@ class MixprivDataModule(pl.LightningDataModule):
         spacing: float | None = None,
         val_samples_per_volume: int = 4,
         validate_files: bool = True,
+        references_per_mix: int = DEFAULT_REFERENCES_PER_MIX,
+        dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
     ) -> None:
         super().__init__()
         check_lambda_range(lambda_range)
+        check_references_per_mix(references_per_mix, dirichlet_alpha)
         self.save_hyperparameters()
         self.folder: DatasetFolder | None = None
         self.bank: ReferenceBank | None = None
@@ -119,7 +133,9 @@ class MixprivDataModule(pl.LightningDataModule):
     def _transform(self) -> tio.Compose:
         transforms = [preprocessing(self.hparams.spacing)]
         if self.hparams.mixing:
-            transforms.append(RandomMix(self.bank, self.hparams.lambda_range))
+            transforms.append(RandomMix(self.bank, self.hparams.lambda_range,
+                                        references_per_mix=self.hparams.references_per_mix,
+                                        dirichlet_alpha=self.hparams.dirichlet_alpha))
         return tio.Compose(transforms)
 
     def _sampler(self) -> tio.LabelSampler:

@@ -3,6 +3,7 @@
 For every test case the server segments K mixtures once; the client unmixes them naively
 and with the learned unmixer. ``Naive`` / ``Learned`` use the first reference only,
 ``Naive+TTA`` / ``Learned+TTA`` average all K; the Dice-versus-K curve uses the first k.
+A model trained with K-way mixing is evaluated K-way (its ``references_per_mix``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from mixpriv.data.preprocessing import preprocessing
 from mixpriv.evaluation.dice import dice_per_class, mean_foreground
 from mixpriv.evaluation.plots import plot_dice_vs_k, plot_private_segmentation, plot_variance_map
 from mixpriv.evaluation.report import DiceTable
-from mixpriv.inference.private import PrivateSegmentation, mix_with_references, segment_mixtures, unmix_volumes
+from mixpriv.inference.private import (PrivateSegmentation, mix_with_references, mixing_settings, segment_mixtures,
+                                       unmix_volumes)
 from mixpriv.inference.volume import save_like, segment_volume, to_original_grid
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.composite import composite_reference
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ def evaluate_models(
     spacing = private.hparams.input_spacing
     patch = private.hparams.patch_size
     lambda_range = tuple(private.hparams.get("lambda_range", DEFAULT_LAMBDA_RANGE))
+    references_per_mix, dirichlet_alpha = mixing_settings(private.hparams, bank_size=len(bank))
     table = DiceTable(folder.labels)
     curves: dict[str, list[list[float]]] = {"Naive+TTA": [], "Learned+TTA": []}
     seconds: dict[str, list[float]] = {"baseline": [], "private_k1": [], f"private_k{k}": []}
@@ -80,14 +84,16 @@ def evaluate_models(
             seconds["baseline"].append(time.perf_counter() - start)
             table.add_prediction("Baseline", case.case_id, baseline_probs.argmax(0), label)
         start = time.perf_counter()
-        mixtures = mix_with_references(image, bank, k, lambda_range, generator)
+        mixtures = mix_with_references(image, bank, k, lambda_range, generator, references_per_mix=references_per_mix,
+                                       dirichlet_alpha=dirichlet_alpha)
         mixed_probs = segment_mixtures(private.segment_mixture, mixtures.mixtures, patch, device=private.device)
         learned = PrivateSegmentation(unmix_volumes(mixed_probs, mixtures.reference_one_hot, mixtures.lambdas,
                                                     "learned", private.unmix, patch, device=private.device))
         seconds[f"private_k{k}"].append(time.perf_counter() - start)
         naive = PrivateSegmentation(unmix_volumes(mixed_probs, mixtures.reference_one_hot, mixtures.lambdas, "naive"))
         if index == 0:
-            seconds["private_k1"].append(_time_private_k1(private, image, bank, lambda_range, patch))
+            seconds["private_k1"].append(_time_private_k1(private, image, bank, lambda_range, references_per_mix,
+                                                          dirichlet_alpha, patch))
         table.add_prediction("Naive", case.case_id, naive.first(1).labels, label)
         table.add_prediction("Naive+TTA", case.case_id, naive.labels, label)
         table.add_prediction("Learned", case.case_id, learned.first(1).labels, label)
@@ -103,19 +109,24 @@ def evaluate_models(
     baseline_mean = table.aggregate().get("Baseline", {}).get("mean", {}).get("mean")
     outputs["dice_vs_k"] = plot_dice_vs_k(dice_vs_k, out_dir / "dice_vs_k.png", baseline=baseline_mean, stds=stds)
     mean_seconds = {name: float(np.mean(v)) for name, v in seconds.items() if v}
-    metadata = {"K": k, "lambda_range": list(lambda_range), "seed": seed, "n_cases": len(cases),
+    metadata = {"K": k, "lambda_range": list(lambda_range), "references_per_mix": references_per_mix,
+                "dirichlet_alpha": dirichlet_alpha, "seed": seed, "n_cases": len(cases),
                 "dataset": str(folder.root), "whole_volume_seconds": mean_seconds,
                 "device": str(private.device), "torch_threads": torch.get_num_threads()}
     notes = {"K (TTA references)": str(k), "λ range": f"[{lambda_range[0]}, {lambda_range[1]}]",
              "test cases": str(len(cases)), "Naive / Learned": "first reference only"}
+    if references_per_mix > 1:
+        notes["references per mixture (K-way)"] = f"{references_per_mix}, Dirichlet(α = {dirichlet_alpha}) weights"
     outputs.update(table.save(out_dir, metadata=metadata, title="Segmentation (Dice), test split", notes=notes))
     (out_dir / "dice_vs_k.json").write_text(json.dumps({"mean": dice_vs_k, "std": stds}, indent=2))
     return EvaluationResult(table, dice_vs_k, mean_seconds, outputs)
 
 
-def _time_private_k1(private: MixupPrivacyModule, image, bank, lambda_range, patch) -> float:
+def _time_private_k1(private: MixupPrivacyModule, image, bank, lambda_range, references_per_mix, dirichlet_alpha,
+                     patch) -> float:
     start = time.perf_counter()
-    mixtures = mix_with_references(image, bank, 1, lambda_range)
+    mixtures = mix_with_references(image, bank, 1, lambda_range, references_per_mix=references_per_mix,
+                                   dirichlet_alpha=dirichlet_alpha)
     mixed = segment_mixtures(private.segment_mixture, mixtures.mixtures, patch, device=private.device)
     unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "learned", private.unmix, patch,
                   device=private.device)
@@ -127,9 +138,12 @@ def _write_case_outputs(case, subject, bank, mixtures, mixed_probs, naive, learn
     """Figures and NIfTIs of one case (on the input's original grid and affine)."""
     image = subject[IMAGE].data[0].numpy()
     label = subject[LABEL].data[0].numpy()
-    # All K references go to the figure: it draws the first three and states that TTA used K.
-    references = [bank.images[i, 0].numpy() for i in mixtures.reference_indices]
-    reference_labels = [bank.labels[i].numpy() for i in mixtures.reference_indices]
+    # All K references go to the figure: it draws the first three and states that TTA used K. A
+    # composite reference (K-way mixing) is drawn as its weighted image and its dominant label.
+    composites = [composite_reference(bank, indices, weights)
+                  for indices, weights in zip(mixtures.reference_indices, mixtures.reference_weights)]
+    references = [reference_image[0].numpy() for reference_image, _ in composites]
+    reference_labels = [reference_label.argmax(0).to(bank.labels.dtype).numpy() for _, reference_label in composites]
     outputs = {
         "figure": plot_private_segmentation(
             image, label, references, reference_labels, [m[0].numpy() for m in mixtures.mixtures],

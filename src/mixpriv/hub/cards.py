@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA, DEFAULT_REFERENCES_PER_MIX
 from mixpriv.hub.errors import ModelCardError
 from mixpriv.hub.integrity import BANK_FILE, METADATA_FILE, WEIGHTS_FILE, check_file_name
 
@@ -145,6 +146,8 @@ def build_card(
     if kind == "mixpriv":
         card["mixing"] = {"lambda_range": hparams.get("lambda_range"),
                           "lambda_distribution": "uniform",
+                          "references_per_mix": hparams.get("references_per_mix", DEFAULT_REFERENCES_PER_MIX),
+                          "dirichlet_alpha": hparams.get("dirichlet_alpha", DEFAULT_DIRICHLET_ALPHA),
                           "default_bank": BANK_FILE if BANK_FILE in files else None}
     card.update(extra)
     return card
@@ -225,6 +228,10 @@ def render_readme(card: Mapping) -> str:
     if mixing:
         rows.append(("λ range", f"U({mixing['lambda_range'][0]}, {mixing['lambda_range'][1]})"
                      if mixing.get("lambda_range") else "not recorded"))
+        references_per_mix = mixing.get("references_per_mix", DEFAULT_REFERENCES_PER_MIX)
+        alpha = mixing.get("dirichlet_alpha", DEFAULT_DIRICHLET_ALPHA)
+        if references_per_mix > 1:
+            rows.append(("references per mix", f"{references_per_mix} (K-way), weights Dirichlet(α = {alpha})"))
     weights = card.get("weights", {})
     if weights:
         rows.append(("weights", f"{weights.get('dtype', '')}, {weights.get('parameters', '?'):,} parameters"

@@ -4,21 +4,35 @@
     p_mk = S(m_k)                                        server, all K in one batched pass
     p_k  = U(p_mk, y_rk, lam_k)  or naive Eq. 4           client
     p    = mean_k p_k,  variance = var_k p_k             (Eq. 6, uncertainty)
+
+With K-way mixing (``references_per_mix`` R > 1) each ``r_k`` is a composite of R distinct
+references, ``r_k = sum_j beta_kj r_kj`` with ``beta_k ~ Dirichlet(alpha)``, and ``y_rk`` the
+same weighted sum of their one-hot labels (:mod:`mixpriv.mixing.composite`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mixpriv.constants import DEFAULT_LAMBDA_RANGE
+from mixpriv.constants import (
+    DEFAULT_DIRICHLET_ALPHA,
+    DEFAULT_LAMBDA_RANGE,
+    DEFAULT_REFERENCES_PER_MIX,
+)
 from mixpriv.inference.grid import sliding_window
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.composite import composite_reference, draw_reference_weights
 from mixpriv.mixing.functional import mix, naive_unmix, probabilities_from_unmixed
 from mixpriv.mixing.transforms import _fit_one_hot_to_shape, _fit_to_shape
-from mixpriv.validation import InputError, check_finite, check_lambda_range
+from mixpriv.validation import (
+    InputError,
+    check_finite,
+    check_lambda_range,
+    check_references_per_mix,
+)
 
 UNMIX_METHODS = ("learned", "naive")
 
@@ -58,12 +72,27 @@ class PrivateSegmentation:
 
 @dataclass
 class Mixtures:
-    """What the client keeps (lambdas, reference labels) and what it sends (mixtures)."""
+    """What the client keeps (weights, references) and what it sends (mixtures).
 
-    mixtures: torch.Tensor  # (K, 1, D, H, W) — the only thing sent to the server
-    reference_one_hot: torch.Tensor  # (K, C, D, H, W) — secret
-    lambdas: torch.Tensor  # (K,) — secret
-    reference_indices: list[int]  # secret
+    Mixture k is ``lambdas[k] * x + (1 - lambdas[k]) * sum_j reference_weights[k, j] * r_j`` over
+    the R references ``j`` in ``reference_indices[k]`` (R = 1: ``lambdas[k] * x + (1 - lambdas[k]) * r``).
+
+    Attributes:
+        mixtures: (K, 1, D, H, W), the only thing sent to the server.
+        reference_one_hot: (K, C, D, H, W), secret: each mixture's reference label, one-hot for
+            R = 1 and the weighted mixture of the R one-hot labels otherwise.
+        lambdas: (K,), secret: the target's weight in each mixture.
+        reference_indices: secret: for each mixture, the tuple of its R bank indices (a
+            one-tuple ``(i,)`` for R = 1).
+        reference_weights: (K, R), secret: the references' weights within each composite
+            (all ones for R = 1).
+    """
+
+    mixtures: torch.Tensor
+    reference_one_hot: torch.Tensor
+    lambdas: torch.Tensor
+    reference_indices: list[tuple[int, ...]]
+    reference_weights: torch.Tensor
 
 
 def draw_lambdas(k: int, lambda_range: Sequence[float] = DEFAULT_LAMBDA_RANGE,
@@ -73,30 +102,104 @@ def draw_lambdas(k: int, lambda_range: Sequence[float] = DEFAULT_LAMBDA_RANGE,
     return low + (high - low) * torch.rand(k, generator=generator)
 
 
+def mixing_settings(
+    hparams: Mapping,
+    references_per_mix: int | None = None,
+    dirichlet_alpha: float | None = None,
+    bank_size: int | None = None,
+) -> tuple[int, float]:
+    """The K-way mixing settings (R, alpha) to use with a model: the given ones, else the model's.
+
+    Models trained before K-way mixing have neither in their ``hparams``: they get (1, 1.0),
+    the single-reference scheme they were trained with.
+
+    Example:
+        >>> mixing_settings({"lambda_range": [0.65, 0.95]})
+        (1, 1.0)
+        >>> mixing_settings({"references_per_mix": 3, "dirichlet_alpha": 2.0}, dirichlet_alpha=0.5)
+        (3, 0.5)
+    """
+    return check_references_per_mix(
+        hparams.get("references_per_mix", DEFAULT_REFERENCES_PER_MIX) if references_per_mix is None
+        else references_per_mix,
+        hparams.get("dirichlet_alpha", DEFAULT_DIRICHLET_ALPHA) if dirichlet_alpha is None else dirichlet_alpha,
+        bank_size)
+
+
+def _reference_sets(bank: ReferenceBank, k: int, references_per_mix: int,
+                    generator: torch.Generator | None) -> list[tuple[int, ...]]:
+    """K tuples of R distinct references; with R = 1, the K references differ while K <= bank size."""
+    if references_per_mix == 1:
+        return [(index,) for index in bank.sample_indices(k, generator)]
+    return [tuple(torch.randperm(len(bank), generator=generator)[:references_per_mix].tolist()) for _ in range(k)]
+
+
 def mix_with_references(
     image: torch.Tensor,
     bank: ReferenceBank,
     k: int,
     lambda_range: Sequence[float] = DEFAULT_LAMBDA_RANGE,
     generator: torch.Generator | None = None,
-    reference_indices: Sequence[int] | None = None,
+    reference_indices: Sequence[int | Sequence[int]] | None = None,
     lambdas: torch.Tensor | None = None,
+    references_per_mix: int = DEFAULT_REFERENCES_PER_MIX,
+    dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
+    reference_weights: torch.Tensor | None = None,
 ) -> Mixtures:
-    """Mix a preprocessed image (1, D, H, W) with K references of the bank (client side)."""
+    """Mix a preprocessed image (1, D, H, W) with K references of the bank (client side).
+
+    Args:
+        image: the preprocessed target (1, D, H, W).
+        bank: the client's reference bank.
+        k: number of mixtures K.
+        lambda_range: range of the target's weights, drawn uniformly.
+        generator: source of every draw (references, lambdas, Dirichlet weights); ``None``
+            uses torch's global generator.
+        reference_indices: use these references instead of drawing them, one entry per
+            mixture: an index, or a sequence of R indices (K is then its length).
+        lambdas: use these target weights (K,) instead of drawing them.
+        references_per_mix: R, references in each mixture's composite (K-way mixing); 1 is the
+            paper's scheme, with the same draws as before K-way mixing.
+        dirichlet_alpha: concentration of the Dirichlet weights of the R references.
+        reference_weights: use these weights (K, R) of the references instead of drawing them.
+
+    Example:
+        >>> bank = ReferenceBank(torch.rand(4, 1, 6, 6, 6), torch.zeros(4, 6, 6, 6, dtype=torch.long),
+        ...                      {"background": 0, "fg": 1})
+        >>> mixed = mix_with_references(torch.rand(1, 6, 6, 6), bank, 2, references_per_mix=3,
+        ...                             generator=torch.Generator().manual_seed(0))
+        >>> mixed.mixtures.shape, [len(set(refs)) for refs in mixed.reference_indices]
+        (torch.Size([2, 1, 6, 6, 6]), [3, 3])
+        >>> torch.allclose(mixed.reference_weights.sum(1), torch.ones(2))
+        True
+    """
     if image.ndim != 4 or image.shape[0] != 1:
         raise InputError(f"image must have shape (1, D, H, W), got {tuple(image.shape)}")
     check_finite(image, "image")
     if k < 1:
         raise InputError(f"the number of references K must be at least 1, got {k}")
-    indices = list(reference_indices) if reference_indices is not None else bank.sample_indices(k, generator)
+    r, alpha = check_references_per_mix(references_per_mix, dirichlet_alpha, len(bank))
+    if reference_indices is None:
+        indices = _reference_sets(bank, k, r, generator)
+    else:
+        indices = [tuple(int(i) for i in entry) if isinstance(entry, Sequence) else (int(entry),)
+                   for entry in reference_indices]
+        if any(len(entry) != r for entry in indices):
+            raise InputError(f"each mixture needs references_per_mix = {r} reference indices")
     lambdas = draw_lambdas(len(indices), lambda_range, generator) if lambdas is None else lambdas
+    if reference_weights is None:
+        reference_weights = torch.stack([draw_reference_weights(r, alpha, generator) for _ in indices])
+    reference_weights = torch.as_tensor(reference_weights, dtype=torch.float32)
+    if reference_weights.shape != (len(indices), r):
+        raise InputError(f"reference weights must have shape {(len(indices), r)}, got {tuple(reference_weights.shape)}")
     mixtures, references = [], []
-    for index, lam in zip(indices, lambdas):
-        reference_image, reference_one_hot = bank.get(index)
+    for entry, weights, lam in zip(indices, reference_weights, lambdas):
+        reference_image, reference_label = composite_reference(bank, entry, weights)
         reference_image = _fit_to_shape(reference_image, image.shape[1:])
-        references.append(_fit_one_hot_to_shape(reference_one_hot, image.shape[1:]))
+        references.append(_fit_one_hot_to_shape(reference_label, image.shape[1:]))
         mixtures.append(mix(image.float(), reference_image, float(lam)))
-    return Mixtures(torch.stack(mixtures), torch.stack(references), torch.as_tensor(lambdas).float(), indices)
+    return Mixtures(torch.stack(mixtures), torch.stack(references), torch.as_tensor(lambdas).float(), indices,
+                    reference_weights)
 
 
 def segment_mixtures(

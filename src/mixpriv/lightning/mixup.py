@@ -8,7 +8,9 @@ For a patch batch mixed by :class:`~mixpriv.mixing.RandomMix` (image ``m``, targ
     y^   = U(p_m, y_r, lam)                   (client, learned unmixing)
     loss = CE+Dice(S(m), y_m) + CE+Dice(y^, y)
 
-The unmixer's loss back-propagates into the segmenter (end-to-end training).
+The unmixer's loss back-propagates into the segmenter (end-to-end training). With K-way
+mixing, ``y_r`` is the composite reference's label (a weighted mixture of R one-hot maps) and
+the same losses apply.
 """
 
 from __future__ import annotations
@@ -17,11 +19,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mixpriv.constants import DEFAULT_LAMBDA_RANGE, IMAGE, LABEL, MIX_LAMBDA, REFERENCE_LABEL
+from mixpriv.constants import (
+    DEFAULT_DIRICHLET_ALPHA,
+    DEFAULT_LAMBDA_RANGE,
+    DEFAULT_REFERENCES_PER_MIX,
+    IMAGE,
+    LABEL,
+    MIX_LAMBDA,
+    REFERENCE_LABEL,
+)
 from mixpriv.lightning.base import SegmentationModuleBase
 from mixpriv.lightning.losses import ce_dice_loss
 from mixpriv.mixing.functional import mix, naive_unmix, one_hot, probabilities_from_unmixed
 from mixpriv.networks import AdaINUnmixer, SegmenterSpec, UnmixerSpec, build_segmenter
+from mixpriv.validation import check_references_per_mix
 
 
 class MixupPrivacyModule(SegmentationModuleBase):
@@ -34,6 +45,13 @@ class MixupPrivacyModule(SegmentationModuleBase):
         lambda_range: range of lambda used in training, recorded for inference.
         unmix_loss_weight: weight of the unmixer's loss.
         lr, weight_decay, poly_decay, input_spacing, patch_size: as in the baseline.
+        references_per_mix: R, references mixed with each target (K-way mixing, 1: the paper's
+            scheme); the data must be mixed likewise (a recipe sets it once, in ``model:``).
+            Recorded for the model card and used by inference (TTA, the server client).
+        dirichlet_alpha: concentration of the Dirichlet weights of the R references.
+
+    Checkpoints and cards written before K-way mixing lack the last two: they load with the
+    defaults, the single-reference scheme they were trained with.
 
     Example:
         >>> module = MixupPrivacyModule({"background": 0, "fg": 1},
@@ -55,8 +73,11 @@ class MixupPrivacyModule(SegmentationModuleBase):
         poly_decay: bool = True,
         input_spacing: float | None = None,
         patch_size: int = 48,
+        references_per_mix: int = DEFAULT_REFERENCES_PER_MIX,
+        dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
     ) -> None:
         super().__init__()
+        check_references_per_mix(references_per_mix, dirichlet_alpha)
         self.save_hyperparameters()
         self.segmenter = build_segmenter(SegmenterSpec.from_dict(segmenter), len(label_names))
         self.unmixer = AdaINUnmixer(len(label_names), UnmixerSpec.from_dict(unmixer or {}))

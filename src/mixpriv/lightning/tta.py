@@ -12,6 +12,7 @@ from mixpriv.inference.private import (
     UNMIX_METHODS,
     PrivateSegmentation,
     mix_with_references,
+    mixing_settings,
     segment_mixtures,
     unmix_volumes,
 )
@@ -35,6 +36,10 @@ class TTAEnsembler(pl.LightningModule):
         patch_size: grid patch side; defaults to the training patch size.
         overlap: grid overlap; default a quarter of a patch.
         seed: seed of the draws of references and weights (``None``: fresh randomness).
+        references_per_mix: R, references in each mixture's composite (K-way mixing); defaults
+            to the model's (1 for models trained before K-way mixing).
+        dirichlet_alpha: concentration of the Dirichlet weights of the R references; defaults
+            to the model's.
 
     Example:
         >>> ensembler = TTAEnsembler(model, bank, k=8)  # doctest: +SKIP
@@ -52,6 +57,8 @@ class TTAEnsembler(pl.LightningModule):
         patch_size: int | None = None,
         overlap: int | None = None,
         seed: int | None = None,
+        references_per_mix: int | None = None,
+        dirichlet_alpha: float | None = None,
     ) -> None:
         super().__init__()
         unknown = set(methods) - set(UNMIX_METHODS)
@@ -67,10 +74,14 @@ class TTAEnsembler(pl.LightningModule):
         self.patch_size = patch_size or model.hparams.patch_size
         self.overlap = overlap
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.references_per_mix, self.dirichlet_alpha = mixing_settings(model.hparams, references_per_mix,
+                                                                         dirichlet_alpha, len(bank))
 
     def forward(self, image: torch.Tensor) -> dict[str, PrivateSegmentation]:
         """Segment a preprocessed image (1, D, H, W); returns one result per method."""
-        mixtures = mix_with_references(image, self.bank, self.k, self.lambda_range, self.generator)
+        mixtures = mix_with_references(image, self.bank, self.k, self.lambda_range, self.generator,
+                                       references_per_mix=self.references_per_mix,
+                                       dirichlet_alpha=self.dirichlet_alpha)
         self.model.eval()
         mixed_probs = segment_mixtures(self.model.segment_mixture, mixtures.mixtures, self.patch_size,
                                        self.overlap, device=self.device)

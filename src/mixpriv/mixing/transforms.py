@@ -8,6 +8,10 @@ The subject's ``image`` is replaced by the mixture; the reference's one-hot labe
 as ``reference_label`` and the weight and reference index as subject attributes. Both
 volumes must live on the same grid (e.g. registered to MNI space): a reference of another
 shape is centre-cropped or padded to the target's shape.
+
+K-way mixing (``references_per_mix`` R > 1) mixes the target with a composite of R distinct
+references (see :mod:`mixpriv.mixing.composite`): ``reference_label`` is then the weighted
+mixture of their one-hot labels, and the R indices and weights are recorded.
 """
 
 from __future__ import annotations
@@ -18,10 +22,20 @@ import torch
 import torchio as tio
 from torchio.transforms.augmentation.random_transform import RandomTransform
 
-from mixpriv.constants import DEFAULT_LAMBDA_RANGE, IMAGE, MIX_LAMBDA, MIX_REFERENCE_ID, REFERENCE_LABEL
+from mixpriv.constants import (
+    DEFAULT_DIRICHLET_ALPHA,
+    DEFAULT_LAMBDA_RANGE,
+    DEFAULT_REFERENCES_PER_MIX,
+    IMAGE,
+    MIX_LAMBDA,
+    MIX_REFERENCE_ID,
+    MIX_REFERENCE_WEIGHTS,
+    REFERENCE_LABEL,
+)
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.composite import check_composite, composite_reference, draw_reference_weights
 from mixpriv.mixing.functional import mix
-from mixpriv.validation import InputError, check_lambda, check_lambda_range
+from mixpriv.validation import InputError, check_lambda, check_lambda_range, check_references_per_mix
 
 
 def _fit_to_shape(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -46,45 +60,73 @@ class Mix(tio.Transform):
 
     Args:
         lam: mixing weight of the target, in (0, 1].
-        reference_index: which reference of the bank to mix with.
+        reference_index: which reference of the bank to mix with; or, for a K-way mix, a
+            list (or tuple) of R distinct indices whose weighted sum is the reference.
         bank: the client's reference bank. It is not recorded in the subject's history (it
             is a secret), so a transform rebuilt from the history needs the bank again.
+        reference_weights: with a list of indices, the references' weights (non-negative,
+            summing to 1); equal weights by default.
+
+    The subject gets ``mix_lambda``, ``mix_reference_id`` (``reference_index`` as given: an int,
+    or the list of R indices) and, for a K-way mix, ``mix_reference_weights`` (list of R floats).
 
     Example:
         >>> import torch, torchio as tio
-        >>> bank = ReferenceBank(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.long),
+        >>> bank = ReferenceBank(torch.zeros(2, 1, 4, 4, 4), torch.zeros(2, 4, 4, 4, dtype=torch.long),
         ...                      {"background": 0, "fg": 1})
         >>> subject = tio.Subject(image=tio.ScalarImage(tensor=torch.ones(1, 4, 4, 4)))
         >>> mixed = Mix(lam=0.8, reference_index=0, bank=bank)(subject)
         >>> round(float(mixed["image"].data.mean()), 4), mixed["mix_lambda"]
         (0.8, 0.8)
+        >>> kway = Mix(lam=0.8, reference_index=[1, 0], bank=bank, reference_weights=[0.75, 0.25])(subject)
+        >>> kway["mix_reference_id"], kway["mix_reference_weights"]
+        ([1, 0], [0.75, 0.25])
     """
 
-    def __init__(self, lam: float, reference_index: int, bank: ReferenceBank | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        lam: float,
+        reference_index: int | Sequence[int],
+        bank: ReferenceBank | None = None,
+        reference_weights: Sequence[float] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         check_lambda(lam)
-        if bank is not None and not 0 <= reference_index < len(bank):
-            raise InputError(f"reference index {reference_index} outside a bank of {len(bank)} references")
+        kway = isinstance(reference_index, Sequence)
+        if kway:
+            indices = list(reference_index)
+            weights = torch.ones(len(indices)) / len(indices) if reference_weights is None else reference_weights
+        elif reference_weights is not None:
+            raise InputError("reference_weights go with a list of reference indices (a K-way mix)")
+        else:
+            indices, weights = [reference_index], [1.0]
+        indices, weights = check_composite(indices, weights, len(bank) if bank is not None else None)
         self.bank = bank
         self.lam = float(lam)
-        self.reference_index = int(reference_index)
+        self.reference_index = indices if kway else indices[0]
+        self.reference_weights = weights.tolist() if kway else None
         # The bank itself is a secret: keep it out of the transform's recorded arguments.
-        self.args_names = ["lam", "reference_index"]
+        self.args_names = ["lam", "reference_index"] + (["reference_weights"] if kway else [])
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         if self.bank is None:
             raise InputError("Mix needs the reference bank (the client's key) to be applied")
         image = subject[IMAGE]
-        reference_image, reference_label = self.bank.get(self.reference_index)
+        kway = self.reference_weights is not None
+        indices, weights = (self.reference_index, self.reference_weights) if kway else ([self.reference_index], [1.0])
+        reference_image, reference_label = composite_reference(self.bank, indices, weights)
         reference_image = _fit_to_shape(reference_image, image.spatial_shape).to(image.data.dtype)
         reference_label = _fit_one_hot_to_shape(reference_label, image.spatial_shape)
         image.set_data(mix(image.data.float(), reference_image.float(), self.lam))
+        records = {MIX_LAMBDA: self.lam, MIX_REFERENCE_ID: self.reference_index}
+        if kway:
+            records[MIX_REFERENCE_WEIGHTS] = self.reference_weights
         # A new Subject, so that the patch samplers' crops keep the recorded attributes.
         mixed = tio.Subject({
             **subject,
             REFERENCE_LABEL: tio.ScalarImage(tensor=reference_label, affine=image.affine),
-            MIX_LAMBDA: self.lam,
-            MIX_REFERENCE_ID: self.reference_index,
+            **records,
         })
         mixed.applied_transforms = subject.applied_transforms
         return mixed
@@ -101,6 +143,10 @@ class RandomMix(RandomTransform):
         lambda_range: (low, high) bounds of the uniform weight, 0 < low <= high <= 1.
         exclude_same_id: skip references whose id equals the subject's ``case_id``
             attribute (never mix a scan with itself during training).
+        references_per_mix: R, the number of distinct references mixed with each subject
+            (K-way mixing); 1 is the paper's scheme, with the same draws as before K-way mixing.
+        dirichlet_alpha: concentration of the symmetric Dirichlet that splits ``1 - lambda``
+            over the R references (1: uniform over the simplex; unused when R = 1).
 
     Example:
         >>> import torch, torchio as tio
@@ -111,6 +157,9 @@ class RandomMix(RandomTransform):
         >>> lam = RandomMix(bank, (0.6, 0.9))(subject)["mix_lambda"]
         >>> 0.6 <= lam <= 0.9
         True
+        >>> mixed = RandomMix(bank, (0.6, 0.9), references_per_mix=2)(subject)
+        >>> len(set(mixed["mix_reference_id"])), round(sum(mixed["mix_reference_weights"]), 5)
+        (2, 1.0)
     """
 
     def __init__(
@@ -118,25 +167,38 @@ class RandomMix(RandomTransform):
         bank: ReferenceBank,
         lambda_range: Sequence[float] = DEFAULT_LAMBDA_RANGE,
         exclude_same_id: bool = True,
+        references_per_mix: int = DEFAULT_REFERENCES_PER_MIX,
+        dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.bank = bank
         self.lambda_range = check_lambda_range(lambda_range)
         self.exclude_same_id = exclude_same_id
-        self.args_names = ["lambda_range", "exclude_same_id"]
+        self.references_per_mix, self.dirichlet_alpha = check_references_per_mix(
+            references_per_mix, dirichlet_alpha, len(bank))
+        self.args_names = ["lambda_range", "exclude_same_id", "references_per_mix", "dirichlet_alpha"]
 
-    def get_params(self, case_id: str | None) -> tuple[float, int]:
-        """Draw (lambda, reference index) from torch's global generator (seedable)."""
+    def get_params(self, case_id: str | None) -> tuple[float, int | list[int], list[float] | None]:
+        """Draw lambda, the reference(s) and their weights from torch's global generator (seedable).
+
+        Returns ``(lambda, index, None)`` with one reference per mix, else ``(lambda, indices,
+        weights)``: R distinct indices and their Dirichlet weights.
+        """
         low, high = self.lambda_range
         lam = low + (high - low) * torch.rand(1).item()
         candidates = [i for i, ref_id in enumerate(self.bank.ids)
                       if not (self.exclude_same_id and case_id is not None and ref_id == case_id)]
-        if not candidates:
-            raise InputError("the reference bank has no reference other than the subject itself")
-        index = candidates[int(torch.randint(len(candidates), (1,)).item())]
-        return lam, index
+        if len(candidates) < self.references_per_mix:
+            found = f"only {len(candidates)} references" if candidates else "no reference"
+            raise InputError(f"the reference bank has {found} other than the subject itself "
+                             f"(references_per_mix = {self.references_per_mix})")
+        if self.references_per_mix == 1:
+            return lam, candidates[int(torch.randint(len(candidates), (1,)).item())], None
+        chosen = torch.randperm(len(candidates))[: self.references_per_mix].tolist()
+        weights = draw_reference_weights(self.references_per_mix, self.dirichlet_alpha)
+        return lam, [candidates[i] for i in chosen], weights.tolist()
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        lam, index = self.get_params(subject.get("case_id"))
-        return Mix(lam, index, self.bank, **self._get_base_args())(subject)
+        lam, index, weights = self.get_params(subject.get("case_id"))
+        return Mix(lam, index, self.bank, reference_weights=weights, **self._get_base_args())(subject)

@@ -2,7 +2,8 @@
 
 The client holds the secret key (a :class:`~mixpriv.mixing.ReferenceBank`) and the local
 Mixup-Privacy model, of which it uses only the unmixer. For each scan it draws K references
-and K weights λ, sends the K mixtures ``(K, D, H, W)`` to ``POST /v1/segment`` and unmixes the
+and K weights λ (K composites of R references and their weights for a model trained with
+K-way mixing), sends the K mixtures ``(K, D, H, W)`` to ``POST /v1/segment`` and unmixes the
 K probability maps it gets back (learned by default, naive on request), then averages them
 (test-time augmentation, whose variance is an uncertainty map).
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from mixpriv import __version__
-from mixpriv.inference.private import (UNMIX_METHODS, PrivateSegmentation, mix_with_references,
+from mixpriv.inference.private import (UNMIX_METHODS, PrivateSegmentation, mix_with_references, mixing_settings,
                                        unmix_volumes)
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.server.auth import read_token
@@ -98,6 +99,10 @@ class PrivateClient:
         wire_dtype: dtype of the mixtures sent (``float32``, or ``float16`` for half the bytes).
         timeout: seconds a request may take.
         transport: an ``httpx`` transport (tests, proxies).
+        references_per_mix: R, references in each mixture's composite (K-way mixing); defaults
+            to the model's (1 for models trained before K-way mixing).
+        dirichlet_alpha: concentration of the Dirichlet weights of the R references; defaults
+            to the model's.
 
     Example:
         >>> client = PrivateClient("http://127.0.0.1:8000", bank, model, token="s3cret")  # doctest: +SKIP
@@ -120,6 +125,8 @@ class PrivateClient:
         wire_dtype: str = "float32",
         timeout: float = 600.0,
         transport: httpx.BaseTransport | None = None,
+        references_per_mix: int | None = None,
+        dirichlet_alpha: float | None = None,
     ) -> None:
         if method not in UNMIX_METHODS:
             raise InputError(f"unknown unmixing method {method!r}; choose one of {UNMIX_METHODS}")
@@ -144,6 +151,8 @@ class PrivateClient:
         self.k = k
         self.method = method
         self.lambda_range = tuple(lambda_range or model.hparams.lambda_range)
+        self.references_per_mix, self.dirichlet_alpha = mixing_settings(model.hparams, references_per_mix,
+                                                                         dirichlet_alpha, len(key))
         self.patch_size = int(model.hparams.patch_size)
         self.overlap = overlap
         self.wire_dtype = wire_dtype
@@ -248,7 +257,8 @@ class PrivateClient:
         if server_range and tuple(server_range) != tuple(lambda_range):
             log.warning("mixing with λ in %s, not the range %s the server's model was trained on", lambda_range,
                         tuple(server_range))
-        mixed = mix_with_references(image.float(), self.key, self.k, lambda_range, self.generator)
+        mixed = mix_with_references(image.float(), self.key, self.k, lambda_range, self.generator,
+                                    references_per_mix=self.references_per_mix, dirichlet_alpha=self.dirichlet_alpha)
         mixed_probs = self.segment_mixtures(mixed.mixtures)
         unmixed = unmix_volumes(mixed_probs, mixed.reference_one_hot, mixed.lambdas, self.method, self.model.unmix,
                                 self.patch_size, self.overlap)

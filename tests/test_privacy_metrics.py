@@ -273,6 +273,17 @@ def test_encode_scans_is_reproducible_and_draws_distinct_references():
     assert 0.5 - 1e-5 <= levels[0] <= 3.5 + 1e-5 and 5.0 - 1e-5 <= levels[1] <= 35.0 + 1e-5
 
 
+def test_encode_scans_k_way_mixes_distinct_other_references():
+    bank = constant_bank([1.0, 10.0, 100.0, 1000.0], ["r0", "r1", "r2", "r3"])
+    scans = [torch.zeros(1, 8, 8, 8)] * 10
+    encoded = encode_scans(scans, bank, (0.7, 0.7), torch.Generator().manual_seed(0), case_ids=["r3"] * 10,
+                           references_per_mix=3)
+    # the composite of r0, r1, r2 (never r3) with Dirichlet weights: 0.3 * (w0 + 10 w1 + 100 w2), w summing to 1
+    values = [float(mixture[0, 0, 0, 0]) for mixture in encoded]
+    assert all(0.3 - 1e-4 < v < 30.0 + 1e-4 for v in values)
+    assert len({round(v, 4) for v in values}) == 10  # the weights are drawn per scan
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"case_ids": ["r0"]}, "no reference other than case 'r0'"),
     ({"case_ids": ["r0", "r1"]}, "2 case ids given for 1 scans"),

@@ -134,6 +134,8 @@ def encode_scans(
     references_per_scan: int = 1,
     *,
     case_ids: Sequence[str],
+    references_per_mix: int = 1,
+    dirichlet_alpha: float = 1.0,
 ) -> list[torch.Tensor]:
     """Encode each scan as the client would: mix it with randomly drawn references of the bank.
 
@@ -149,6 +151,8 @@ def encode_scans(
         generator: random generator for the references and the weights (reproducible encodings).
         references_per_scan: mixtures per scan (1 in the paper's protocol; K as the server sees with TTA).
         case_ids: each scan's case id, compared with ``bank.ids``.
+        references_per_mix: R, references in each mixture (K-way mixing with Dirichlet weights).
+        dirichlet_alpha: concentration of the R references' Dirichlet weights.
 
     Returns:
         The mixtures of each scan (references_per_scan, D, H, W), the only data the attacker sees.
@@ -174,9 +178,11 @@ def encode_scans(
         raise InputError(f"references_per_scan must be at least 1, got {references_per_scan}")
     encoded = []
     for image, case_id in zip(images, case_ids):
-        indices = _draw_other_references(bank, str(case_id), references_per_scan, generator)
+        drawn = _draw_other_references(bank, str(case_id), references_per_scan * references_per_mix, generator)
+        indices = [tuple(drawn[i:i + references_per_mix]) for i in range(0, len(drawn), references_per_mix)]
         mixtures = mix_with_references(image, bank, k=references_per_scan, lambda_range=lambda_range,
-                                       generator=generator, reference_indices=indices)
+                                       generator=generator, reference_indices=indices,
+                                       references_per_mix=references_per_mix, dirichlet_alpha=dirichlet_alpha)
         encoded.append(mixtures.mixtures[:, 0])
     return encoded
 

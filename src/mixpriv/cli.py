@@ -286,6 +286,32 @@ def _finetune(args) -> None:
     print(f"checkpoint: {run.checkpoint}")
 
 
+def _add_audit(sub) -> None:
+    from mixpriv.constants import AUDIT_PARTS
+
+    p = sub.add_parser("audit", help="privacy audit: re-identification, test-retest ICC, blind source separation, "
+                                     "privacy-utility sweep -> report.md, report.json, figures")
+    p.add_argument("--model", required=True, help="Mixup-Privacy model: name, folder or URL")
+    p.add_argument("--data", type=Path, default=None, help="nnU-Net v2 folder (default: the embedded cohort)")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--parts", nargs="+", choices=AUDIT_PARTS, default=list(AUDIT_PARTS), help="parts to run (default: all)")
+    p.add_argument("--key", type=Path, default=None, help="reference bank (default: the data's training split)")
+    p.add_argument("--split", default="test", help="split whose scans are attacked")
+    p.add_argument("--max-cases", type=int, default=None, help="at most this many scans")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_audit)
+
+
+def _audit(args) -> None:
+    from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.privacy.runner import AuditOptions, run_audit
+
+    options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases, seed=args.seed)
+    bank = ReferenceBank.load(args.key) if args.key else None
+    paths = run_audit(args.model, args.data, args.out, options, bank=bank)
+    print(f"report: {paths['markdown']}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: cohort -> published (or trained) models -> private segmentation "
                                     "-> Dice table")
@@ -309,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_build_cohort, _add_train, _add_finetune, _add_evaluate, _add_keygen, _add_predict,
-                _add_serve, _add_segment, _add_models, _add_publish, _add_demo):
+                _add_serve, _add_segment, _add_models, _add_publish, _add_audit, _add_demo):
         add(sub)
     return parser
 

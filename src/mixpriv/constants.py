@@ -34,3 +34,7 @@ DEFAULT_DIRICHLET_ALPHA = 1.0
 MIN_UNMIX_LAMBDA = 0.05
 
 ENV_HOME = "MIXPRIV_HOME"
+
+# Parts of the privacy audit (mixpriv audit --parts): re-identification, test-retest ICC,
+# blind source separation with its positive control, privacy-utility sweep.
+AUDIT_PARTS = ("reid", "icc", "bss", "sweep")

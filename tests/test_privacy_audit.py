@@ -1,0 +1,76 @@
+"""The privacy audit end to end on a tiny folder with two scans per test patient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import AFFINE, LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
+from mixpriv.cli import main
+from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.privacy.audit import MixingSetting
+from mixpriv.privacy.runner import AuditOptions, run_audit
+from mixpriv.validation import InputError
+
+TEST_PATIENTS = 4
+
+
+def write_patient_folder(root: Path, n_train: int = 4) -> Path:
+    """nnU-Net folder whose test split holds two scans (same anatomy, other noise) of each patient."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    cases = {}
+    for i in range(n_train):
+        image, label = phantom(100 + i)
+        nib.save(nib.Nifti1Image(image, AFFINE), str(root / "imagesTr" / f"train{i:02d}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(label, AFFINE), str(root / "labelsTr" / f"train{i:02d}.nii.gz"))
+    rng = np.random.default_rng(0)
+    for patient in range(TEST_PATIENTS):
+        image, label = phantom(patient)
+        for scan in range(2):
+            case_id = f"p{patient}s{scan}"
+            noisy = image + rng.normal(0, 0.02, image.shape).astype(np.float32)
+            nib.save(nib.Nifti1Image(noisy, AFFINE), str(root / "imagesTs" / f"{case_id}_0000.nii.gz"))
+            nib.save(nib.Nifti1Image(label, AFFINE), str(root / "labelsTs" / f"{case_id}.nii.gz"))
+            cases[case_id] = {"patient": f"patient{patient}"}
+    meta = {"channel_names": {"0": "T1"}, "labels": LABELS, "numTraining": n_train, "file_ending": ".nii.gz",
+            "mixpriv": {"cases": cases}}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture()
+def patient_folder(tmp_path: Path) -> Path:
+    return write_patient_folder(tmp_path / "Dataset002_Patients")
+
+
+@pytest.fixture()
+def tiny_model() -> MixupPrivacyModule:
+    return MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, patch_size=16, input_spacing=2.0).eval()
+
+
+def test_reidentification_and_test_retest_report(patient_folder, tiny_model, tmp_path):
+    options = AuditOptions(parts=("reid", "icc"), extra_settings=(MixingSetting((0.5, 0.6)),))
+    paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
+    report = json.loads(paths["json"].read_text())
+    results = report["reidentification"]["results"]
+    assert list(results) == ["No proxy", "λ∈[0.65, 0.95]", "λ∈[0.5, 0.6]"]
+    assert results["No proxy"]["map"] == 1.0  # two noisy copies of one anatomy are each other's nearest
+    assert results["No proxy"]["num_queries"] == 2 * TEST_PATIENTS
+    assert set(report["test_retest"]["icc"]) == {"CSF", "GM", "WM"}
+    assert len(report["test_retest"]["dice_first"]["GM"]) == 2 * TEST_PATIENTS
+    markdown = paths["markdown"].read_text()
+    assert "| No proxy | 1.000 | 1.000 | 1.000 |" in markdown and "ICC(A,1)" in markdown
+    for png in ("reidentification.png", "test_retest.png"):
+        assert (tmp_path / "audit" / png).stat().st_size > 5_000
+
+
+def test_audit_rejects_unknown_parts_and_baselines(patient_folder, tmp_path):
+    with pytest.raises(InputError, match="unknown audit part"):
+        AuditOptions(parts=("reid", "dice"))
+    assert main(["audit", "--model", "tissue-baseline-2mm", "--data", str(patient_folder),
+                 "--out", str(tmp_path / "a"), "--parts", "reid"]) == 2

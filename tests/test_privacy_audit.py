@@ -11,6 +11,7 @@ import pytest
 
 from conftest import AFFINE, LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
 from mixpriv.cli import main
+from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.privacy.audit import MixingSetting
 from mixpriv.privacy.runner import AuditOptions, run_audit
@@ -74,3 +75,22 @@ def test_audit_rejects_unknown_parts_and_baselines(patient_folder, tmp_path):
         AuditOptions(parts=("reid", "dice"))
     assert main(["audit", "--model", "tissue-baseline-2mm", "--data", str(patient_folder),
                  "--out", str(tmp_path / "a"), "--parts", "reid"]) == 2
+
+
+@pytest.mark.slow
+def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_model, tmp_path):
+    other = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, patch_size=16, input_spacing=2.0,
+                               lambda_range=(0.5, 0.8)).eval()
+    baseline = BaselineSegmenter(LABELS, TINY_SEGMENTER, patch_size=16, input_spacing=2.0).eval()
+    options = AuditOptions(parts=("sweep",), sweep_settings=(MixingSetting((0.35, 0.65)),), sweep_models=(other,),
+                           baseline=baseline, k=2, dice_cases=2)
+    paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
+    report = json.loads(paths["json"].read_text())
+    assert "reidentification" not in report  # the sweep alone: its re-identification runs, its section does not
+    rows = {row["setting"]: row for row in report["sweep"]["rows"]}
+    assert list(rows) == ["λ∈[0.65, 0.95]", "λ∈[0.5, 0.8]", "λ∈[0.35, 0.65]"]
+    assert rows["λ∈[0.5, 0.8]"]["dice"] is not None and rows["λ∈[0.35, 0.65]"]["dice"] is None
+    assert all(0.0 <= row["map"] <= 1.0 for row in rows.values())
+    assert report["sweep"]["baseline_dice"] is not None and report["sweep"]["dice_cases"] == 2
+    assert (tmp_path / "audit" / "privacy_utility.png").stat().st_size > 5_000
+    assert "Recommended" in paths["markdown"].read_text()

@@ -294,11 +294,17 @@ def _add_audit(sub) -> None:
     p.add_argument("--model", required=True, help="Mixup-Privacy model: name, folder or URL")
     p.add_argument("--data", type=Path, default=None, help="nnU-Net v2 folder (default: the embedded cohort)")
     p.add_argument("--out", type=Path, required=True, help="report folder")
-    p.add_argument("--parts", nargs="+", choices=AUDIT_PARTS, default=list(AUDIT_PARTS), help="parts to run (default: all)")
+    p.add_argument("--parts", nargs="+", choices=AUDIT_PARTS, default=list(AUDIT_PARTS),
+                   help="parts to run (default: all)")
     p.add_argument("--key", type=Path, default=None, help="reference bank (default: the data's training split)")
     p.add_argument("--split", default="test", help="split whose scans are attacked")
     p.add_argument("--max-cases", type=int, default=None, help="at most this many scans")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep-models", nargs="*", default=[],
+                   help="models trained for other mixing settings (names or folders), for the sweep's Dice")
+    p.add_argument("--baseline", default="tissue-baseline-2mm", help="non-private model the sweep compares with")
+    p.add_argument("--k", type=int, default=8, help="TTA references for the sweep's Dice")
+    p.add_argument("--dice-cases", type=int, default=8, help="test scans for the sweep's Dice (0: all)")
     p.set_defaults(func=_audit)
 
 
@@ -306,7 +312,9 @@ def _audit(args) -> None:
     from mixpriv.mixing.bank import ReferenceBank
     from mixpriv.privacy.runner import AuditOptions, run_audit
 
-    options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases, seed=args.seed)
+    options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases, seed=args.seed,
+                           sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
+                           dice_cases=args.dice_cases or None)
     bank = ReferenceBank.load(args.key) if args.key else None
     paths = run_audit(args.model, args.data, args.out, options, bank=bank)
     print(f"report: {paths['markdown']}")

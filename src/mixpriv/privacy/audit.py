@@ -1,4 +1,4 @@
-"""The privacy audit's parts: re-identification, test-retest reliability, blind source separation.
+"""The privacy audit's parts: re-identification, test-retest reliability, privacy-utility sweep.
 
 Each part runs alone on :class:`~mixpriv.privacy.scans.AuditScans` and returns a small result object
 that :mod:`mixpriv.privacy.report` writes out; :func:`mixpriv.privacy.runner.run_audit` chains them.
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from mixpriv.constants import DEFAULT_LAMBDA_RANGE
+from mixpriv.data.folder import DatasetFolder
 from mixpriv.evaluation.dice import dice_per_class, foreground_labels
+from mixpriv.evaluation.runner import evaluate_models
 from mixpriv.inference.private import PrivateSegmentation, mix_with_references, segment_mixtures, unmix_volumes
+from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.privacy.reidentification import ReidResult, encode_scans, retrieval_metrics
@@ -153,3 +157,89 @@ def audit_test_retest(
         audit.case_ids.append(scans.case_ids[i])
     audit.icc = test_retest(audit.first, audit.second)
     return audit
+
+
+@dataclass
+class SweepRow:
+    """Privacy and utility of one mixing setting.
+
+    Attributes:
+        setting: the mixing setting.
+        reid_map: re-identification mAP of scans encoded this way (lower = more private).
+        reid_f1: re-identification F1.
+        bss_msssim: mean MS-SSIM of the separation attack's recovered target (λ known), if run.
+        dice: Learned+TTA mean foreground Dice of a model trained for this setting, if one was given.
+        model: that model's name.
+    """
+
+    setting: MixingSetting
+    reid_map: float
+    reid_f1: float
+    bss_msssim: float | None = None
+    dice: float | None = None
+    model: str | None = None
+
+
+@dataclass
+class SweepAudit:
+    """The privacy-utility sweep and the setting it recommends.
+
+    Attributes:
+        rows: one per setting.
+        baseline_dice: the non-private baseline's mean foreground Dice on the same scans, if measured.
+        dice_cases: number of scans the Dice were measured on.
+        k: TTA references used for the Dice.
+    """
+
+    rows: list[SweepRow]
+    baseline_dice: float | None = None
+    dice_cases: int = 0
+    k: int = 8
+
+    def recommended(self, tolerance: float = 0.01) -> SweepRow | None:
+        """The most private setting (lowest re-identification mAP) whose Dice is within ``tolerance`` of
+        the baseline; ``None`` when no setting with a measured Dice qualifies.
+
+        Example:
+            >>> rows = [SweepRow(MixingSetting((0.65, 0.95)), 0.9, 0.9, dice=0.90),
+            ...         SweepRow(MixingSetting((0.5, 0.8)), 0.4, 0.4, dice=0.895),
+            ...         SweepRow(MixingSetting((0.35, 0.65)), 0.2, 0.2, dice=0.85)]
+            >>> SweepAudit(rows, baseline_dice=0.903).recommended().setting.name
+            'λ∈[0.5, 0.8]'
+        """
+        if self.baseline_dice is None:
+            return None
+        eligible = [row for row in self.rows if row.dice is not None and row.dice >= self.baseline_dice - tolerance]
+        return min(eligible, key=lambda row: row.reid_map, default=None)
+
+
+def learned_tta_dice(
+    models: Sequence[MixupPrivacyModule],
+    baseline: BaselineSegmenter | None,
+    folder: DatasetFolder,
+    bank: ReferenceBank,
+    out_dir: Path,
+    k: int = 8,
+    max_cases: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[float], float | None]:
+    """Learned+TTA mean foreground Dice of each model on the test split, and the baseline's.
+
+    Each model is evaluated with its own mixing setting (read from its hparams) on the same scans;
+    the full evaluation of each (table, figures) is written under ``out_dir/<index>-<model name>``.
+
+    Example:
+        >>> dice, baseline_dice = learned_tta_dice([model], baseline, folder, bank, Path("out"))  # doctest: +SKIP
+    """
+    dice = []
+    baseline_dice = None
+    for index, model in enumerate(models):
+        name = getattr(model, "model_card", {}).get("name", "model")
+        result = evaluate_models(baseline if index == 0 else None, model, folder, bank, out_dir / f"{index}-{name}",
+                                 k=k, seed=seed, max_cases=max_cases, progress=progress)
+        aggregate = result.table.aggregate()
+        dice.append(aggregate["Learned+TTA"]["mean"]["mean"])
+        if "Baseline" in aggregate:
+            baseline_dice = aggregate["Baseline"]["mean"]["mean"]
+    return dice, baseline_dice

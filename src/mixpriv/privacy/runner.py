@@ -14,17 +14,26 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from mixpriv.constants import AUDIT_PARTS, DEFAULT_LAMBDA_RANGE, TEST
 from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
 from mixpriv.data.folder import DatasetFolder
+from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.privacy.audit import MixingSetting, audit_reidentification, audit_test_retest
-from mixpriv.privacy.report import reidentification_section, test_retest_section, write_report
+from mixpriv.privacy.audit import (MixingSetting, ReidentificationAudit, SweepAudit, SweepRow,
+                                   audit_reidentification, audit_test_retest, learned_tta_dice)
+from mixpriv.privacy.report import reidentification_section, sweep_section, test_retest_section, write_report
 from mixpriv.privacy.scans import load_scans
 from mixpriv.validation import InputError
 
 log = logging.getLogger(__name__)
+
+#: The sweep's default settings: the target's weight range, one or three references per mixture.
+DEFAULT_SWEEP_SETTINGS = (MixingSetting((0.65, 0.95)), MixingSetting((0.5, 0.8)), MixingSetting((0.35, 0.65)),
+                          MixingSetting((0.65, 0.95), 3), MixingSetting((0.5, 0.8), 3))
+
 
 @dataclass
 class AuditOptions:
@@ -37,6 +46,12 @@ class AuditOptions:
         max_cases: at most this many scans (``None``: all).
         seed: seed of every random draw (references, λ, attack initialisations).
         extra_settings: mixing settings re-identified besides the model's own.
+        sweep_settings: the sweep's settings (besides those of ``sweep_models``).
+        sweep_models: models trained for other settings (name, folder, URL or loaded), whose
+            Learned+TTA Dice enters the sweep; the audited model is always the first.
+        baseline: the non-private model the sweep's Dice are compared with.
+        k: TTA references for the sweep's Dice.
+        dice_cases: at most this many test scans for the sweep's Dice (``None``: all).
     """
 
     parts: Sequence[str] = AUDIT_PARTS
@@ -44,6 +59,11 @@ class AuditOptions:
     max_cases: int | None = None
     seed: int = 0
     extra_settings: Sequence[MixingSetting] = field(default_factory=tuple)
+    sweep_settings: Sequence[MixingSetting] = DEFAULT_SWEEP_SETTINGS
+    sweep_models: Sequence = field(default_factory=tuple)
+    baseline: str | Path | BaselineSegmenter | None = "tissue-baseline-2mm"
+    k: int = 8
+    dice_cases: int | None = 8
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.parts) - set(AUDIT_PARTS))
@@ -75,13 +95,8 @@ def run_audit(
         bank: the references the client encodes with (default: the folder's training split).
         progress: show progress bars.
     """
-    from mixpriv.hub import from_pretrained
-
     options = options or AuditOptions()
-    if not isinstance(model, MixupPrivacyModule):
-        model = from_pretrained(model)
-    if not isinstance(model, MixupPrivacyModule):
-        raise InputError("the audit needs a Mixup-Privacy model (segmenter + unmixer), not a baseline")
+    model = _load(model, MixupPrivacyModule)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = DatasetFolder(resolve_data_dir(data_dir))
@@ -89,16 +104,63 @@ def run_audit(
     bank = bank if bank is not None else bank_from_cases(folder, "train", spacing, progress=progress)
     scans = load_scans(folder, spacing, options.split, options.max_cases, progress=progress)
     setting = model_setting(model)
+    sweep_models = [model, *(_load(source, MixupPrivacyModule) for source in options.sweep_models)]
+    sweep_settings = _unique([model_setting(m) for m in sweep_models] + list(options.sweep_settings))
     sections = {}
-    if "reid" in options.parts:
-        reid = audit_reidentification(scans, bank, [setting, *options.extra_settings], options.seed, progress)
-        sections["reidentification"] = reidentification_section(reid, out_dir)
+    if "reid" in options.parts or "sweep" in options.parts:
+        reid_settings = _unique([setting, *options.extra_settings,
+                                 *(sweep_settings if "sweep" in options.parts else [])])
+        reid = audit_reidentification(scans, bank, reid_settings, options.seed, progress)
+        if "reid" in options.parts:
+            sections["reidentification"] = reidentification_section(reid, out_dir)
     if "icc" in options.parts:
         retest = audit_test_retest(model, scans, bank, setting.lambda_range, options.seed, progress)
         sections["test_retest"] = test_retest_section(retest, out_dir)
-    metadata = {"model": getattr(model, "model_card", {}).get("name", str(model.__class__.__name__)),
+    if "sweep" in options.parts:
+        sections["sweep"] = sweep_section(_sweep(sweep_models, sweep_settings, reid, options, folder, bank, out_dir,
+                                                 progress), out_dir)
+    metadata = {"model": _name(model),
                 "data": str(folder.root), "split": options.split, "scans": len(scans),
                 "patients": len(set(scans.patient_ids)), "references in the key": len(bank),
                 "model's mixing": setting.name, "seed": options.seed, "parts": ", ".join(sections),
-                "options": {k: v for k, v in asdict(options).items() if k != "extra_settings"}}
+                "options": {k: v for k, v in asdict(options).items()
+                            if k in ("parts", "split", "max_cases", "k", "dice_cases")}}
     return write_report(sections, metadata, out_dir)
+
+
+def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSetting], reid: ReidentificationAudit,
+           options: AuditOptions, folder: DatasetFolder, bank: ReferenceBank, out_dir: Path,
+           progress: bool) -> SweepAudit:
+    """One sweep row per setting: its re-identification scores and, where a model was trained for it, its Dice."""
+    baseline = _load(options.baseline, BaselineSegmenter) if options.baseline is not None else None
+    dice, baseline_dice = learned_tta_dice(models, baseline, folder, bank, out_dir / "sweep", options.k,
+                                           options.dice_cases, options.seed, progress)
+    measured: dict[MixingSetting, tuple[float, str]] = {}
+    for model, value in zip(models, dice):
+        measured.setdefault(model_setting(model), (value, _name(model)))
+    rows = []
+    for setting in settings:
+        value, name = measured.get(setting, (None, None))
+        result = reid.results[setting.name]
+        rows.append(SweepRow(setting, result.mean_average_precision, result.f1, dice=value, model=name))
+    labelled = sum(case.label_path is not None for case in folder.cases(TEST))
+    return SweepAudit(rows, baseline_dice, min(options.dice_cases or labelled, labelled), options.k)
+
+
+def _load(source, kind: type):
+    """A loaded model of ``kind`` from a name, folder or URL (or the model itself)."""
+    from mixpriv.hub import from_pretrained
+
+    model = source if isinstance(source, torch.nn.Module) else from_pretrained(source)
+    if not isinstance(model, kind):
+        wanted = "a Mixup-Privacy model (segmenter + unmixer)" if kind is MixupPrivacyModule else "a baseline"
+        raise InputError(f"{source} is a {type(model).__name__}; the audit needs {wanted} here")
+    return model.eval()
+
+
+def _name(model: torch.nn.Module) -> str:
+    return getattr(model, "model_card", {}).get("name", type(model).__name__)
+
+
+def _unique(settings: Sequence[MixingSetting]) -> list[MixingSetting]:
+    return list(dict.fromkeys(settings))

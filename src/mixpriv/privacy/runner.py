@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: The sweep's default settings: the target's weight range, one or three references per mixture.
 DEFAULT_SWEEP_SETTINGS = (MixingSetting((0.65, 0.95)), MixingSetting((0.5, 0.8)), MixingSetting((0.35, 0.65)),
-                          MixingSetting((0.65, 0.95), 3), MixingSetting((0.5, 0.8), 3))
+                          MixingSetting((0.2, 0.5)), MixingSetting((0.5, 0.8), 3))
 
 
 @dataclass

@@ -460,7 +460,7 @@ def test_bank_repr_leaks_neither_ids_nor_voxels():
 def test_bank_load_rejects_garbage_and_foreign_files(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(os.urandom(256))
-    with pytest.raises(InputError, match="not a readable mixpriv reference bank"):
+    with pytest.raises(InputError, match="not readable as a mixpriv reference bank"):
         ReferenceBank.load(garbage)
 
     text = tmp_path / "notes.txt"

@@ -27,12 +27,27 @@ from pathlib import Path
 import torch
 
 from mixpriv.hub.cards import MODULE_CLASSES, check_card, read_card
-from mixpriv.hub.download import (DEFAULT_TIMEOUT, download_file, fetch_bytes, is_url, join_url, models_cache_dir,
-                                  offline_mode)
+from mixpriv.hub.download import (
+    DEFAULT_TIMEOUT,
+    download_file,
+    fetch_bytes,
+    is_url,
+    join_url,
+    models_cache_dir,
+    offline_mode,
+)
 from mixpriv.hub.errors import HubError, ModelCardError, OfflineError
 from mixpriv.hub.export import WEIGHTS_FORMAT
-from mixpriv.hub.integrity import BANK_FILE, METADATA_FILE, WEIGHTS_FILE, check_model_name, matches, verify_file
+from mixpriv.hub.integrity import (
+    BANK_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    check_model_name,
+    matches,
+    verify_file,
+)
 from mixpriv.hub.registry import ENV_REGISTRY, load_registry
+from mixpriv.safetensors_metadata import read_format_metadata
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +61,9 @@ def module_class(kind: str) -> type:
 
 
 def _read_weights(path: Path, kind: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # safetensors raises several types for a corrupt header
-        raise ModelCardError(f"{path} is not a readable safetensors file: {error}") from error
-    if metadata.get("format") != WEIGHTS_FORMAT:
-        raise ModelCardError(f"{path} is not mixpriv model weights (format {metadata.get('format')!r})")
+    metadata = read_format_metadata(path, WEIGHTS_FORMAT, "mixpriv model weights", ModelCardError)
     if metadata.get("kind") != kind:
         raise ModelCardError(f"{path} holds a {metadata.get('kind')!r} model but its card says {kind!r}")
     state = load_file(str(path))

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixpriv.validation import InputError, check_finite, check_label_values, check_spatial_dims
+from mixpriv.safetensors_metadata import read_format_metadata
+from mixpriv.validation import (
+    InputError,
+    check_finite,
+    check_label_values,
+    check_spatial_dims,
+)
 
 _FORMAT = "mixpriv-reference-bank"
 _FORMAT_VERSION = "1"
@@ -133,15 +139,7 @@ class ReferenceBank:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"reference bank {path} does not exist")
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except Exception as error:  # safetensors raises several types for a corrupt header
-            raise InputError(f"{path} is not a readable mixpriv reference bank: {error}") from error
-        if metadata.get("format") != _FORMAT:
-            raise InputError(f"{path} is not a mixpriv reference bank (format {metadata.get('format')!r})")
+        metadata = read_format_metadata(path, _FORMAT, "a mixpriv reference bank")
         tensors = load_file(str(path))
         missing = sorted({"images", "labels"} - set(tensors)) + sorted({"label_names", "ids"} - set(metadata))
         if missing:

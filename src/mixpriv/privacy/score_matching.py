@@ -36,6 +36,7 @@ from mixpriv.privacy.score_network import (
     build_score_network,
     geometric_sigmas,
 )
+from mixpriv.safetensors_metadata import read_format_metadata
 from mixpriv.validation import InputError, check_finite, check_spatial_dims
 
 WEIGHTS_FILE = "score_network.safetensors"
@@ -326,20 +327,13 @@ def load_score_network(folder: str | Path, device: str | torch.device = "cpu") -
         >>> torch.equal(loaded(x, 0.5), net(x, 0.5))
         True
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     card = read_score_network_card(folder)
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # safetensors raises several types for a corrupt header
-        raise InputError(f"{path} is not a readable safetensors file: {error}") from error
-    if metadata.get("format") != _FORMAT:
-        raise InputError(f"{path} is not mixpriv score network weights (format {metadata.get('format')!r})")
+    read_format_metadata(path, _FORMAT, "mixpriv score network weights")
     net = build_score_network(ScoreNetSpec.from_dict(card["spec"]))
     try:
         net.load_state_dict(load_file(str(path)), strict=True)

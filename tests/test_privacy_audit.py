@@ -8,11 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import AFFINE, LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
+
 from mixpriv.cli import main
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.privacy.attack import SeparationOptions
 from mixpriv.privacy.audit import MixingSetting
 from mixpriv.privacy.runner import AuditOptions, run_audit
 from mixpriv.validation import InputError
@@ -94,3 +95,16 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
     assert report["sweep"]["baseline_dice"] is not None and report["sweep"]["dice_cases"] == 2
     assert (tmp_path / "audit" / "privacy_utility.png").stat().st_size > 5_000
     assert "Recommended" in paths["markdown"].read_text()
+
+
+@pytest.mark.slow
+def test_separation_part_through_the_audit(patient_folder, tiny_model, tmp_path):
+    tiny = SeparationOptions(patch_size=16, num_patches=2, inits=2, score_steps=2, batch_size=2, num_levels=2,
+                             steps_per_level=2, lambda_candidates=(0.6, 0.8), lambda_steps_per_level=1,
+                             network={"channels": [4, 8], "embedding_dim": 8}, min_mean=0.01)
+    paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", AuditOptions(parts=("bss",), separation=tiny),
+                      progress=False)
+    attacks = json.loads(paths["json"].read_text())["separation"]["attacks"]
+    assert set(attacks) == {"λ known", "λ estimated", "control: brain + grating"}
+    assert all(0.0 <= attack["msssim_mean"] <= 1.0 for attack in attacks.values())
+    assert (tmp_path / "audit" / "bss" / "prior-brain").is_dir()

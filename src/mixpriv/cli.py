@@ -305,16 +305,24 @@ def _add_audit(sub) -> None:
     p.add_argument("--baseline", default="tissue-baseline-2mm", help="non-private model the sweep compares with")
     p.add_argument("--k", type=int, default=8, help="TTA references for the sweep's Dice")
     p.add_argument("--dice-cases", type=int, default=8, help="test scans for the sweep's Dice (0: all)")
+    p.add_argument("--bss-patches", type=int, default=8, help="patches attacked by source separation")
+    p.add_argument("--bss-inits", type=int, default=3, help="random initialisations of each separation")
+    p.add_argument("--bss-score-steps", type=int, default=2000, help="training steps of each score network")
+    p.add_argument("--bss-steps-per-level", type=int, default=100, help="Langevin steps per noise level")
     p.set_defaults(func=_audit)
 
 
 def _audit(args) -> None:
     from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.privacy.attack import SeparationOptions
     from mixpriv.privacy.runner import AuditOptions, run_audit
 
     options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases, seed=args.seed,
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
-                           dice_cases=args.dice_cases or None)
+                           dice_cases=args.dice_cases or None,
+                           separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,
+                                                        score_steps=args.bss_score_steps,
+                                                        steps_per_level=args.bss_steps_per_level))
     bank = ReferenceBank.load(args.key) if args.key else None
     paths = run_audit(args.model, args.data, args.out, options, bank=bank)
     print(f"report: {paths['markdown']}")

@@ -17,7 +17,12 @@ from mixpriv.constants import DEFAULT_LAMBDA_RANGE
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.evaluation.dice import dice_per_class, foreground_labels
 from mixpriv.evaluation.runner import evaluate_models
-from mixpriv.inference.private import PrivateSegmentation, mix_with_references, segment_mixtures, unmix_volumes
+from mixpriv.inference.private import (
+    PrivateSegmentation,
+    mix_with_references,
+    segment_mixtures,
+    unmix_volumes,
+)
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank

@@ -16,15 +16,29 @@ from pathlib import Path
 
 import torch
 
-from mixpriv.constants import AUDIT_PARTS, DEFAULT_LAMBDA_RANGE, TEST
+from mixpriv.constants import AUDIT_PARTS, DEFAULT_LAMBDA_RANGE, TEST, TRAIN
 from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.privacy.audit import (MixingSetting, ReidentificationAudit, SweepAudit, SweepRow,
-                                   audit_reidentification, audit_test_retest, learned_tta_dice)
-from mixpriv.privacy.report import reidentification_section, sweep_section, test_retest_section, write_report
+from mixpriv.privacy.attack import SeparationOptions, audit_separation
+from mixpriv.privacy.audit import (
+    MixingSetting,
+    ReidentificationAudit,
+    SweepAudit,
+    SweepRow,
+    audit_reidentification,
+    audit_test_retest,
+    learned_tta_dice,
+)
+from mixpriv.privacy.report import (
+    reidentification_section,
+    separation_section,
+    sweep_section,
+    reliability_section,
+    write_report,
+)
 from mixpriv.privacy.scans import load_scans
 from mixpriv.validation import InputError
 
@@ -52,6 +66,8 @@ class AuditOptions:
         baseline: the non-private model the sweep's Dice are compared with.
         k: TTA references for the sweep's Dice.
         dice_cases: at most this many test scans for the sweep's Dice (``None``: all).
+        separation: sizes of the blind source separation attack (patches, initialisations,
+            score-network training steps, Langevin levels and steps).
     """
 
     parts: Sequence[str] = AUDIT_PARTS
@@ -64,6 +80,7 @@ class AuditOptions:
     baseline: str | Path | BaselineSegmenter | None = "tissue-baseline-2mm"
     k: int = 8
     dice_cases: int | None = 8
+    separation: SeparationOptions = field(default_factory=SeparationOptions)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.parts) - set(AUDIT_PARTS))
@@ -115,7 +132,12 @@ def run_audit(
             sections["reidentification"] = reidentification_section(reid, out_dir)
     if "icc" in options.parts:
         retest = audit_test_retest(model, scans, bank, setting.lambda_range, options.seed, progress)
-        sections["test_retest"] = test_retest_section(retest, out_dir)
+        sections["test_retest"] = reliability_section(retest, out_dir)
+    if "bss" in options.parts:
+        attacker_images = load_scans(folder, spacing, TRAIN, progress=progress).images
+        separation = audit_separation(scans.images, list(bank.images), attacker_images, setting.lambda_range,
+                                      options.separation, out_dir / "bss", options.seed, progress)
+        sections["separation"] = separation_section(separation, out_dir)
     if "sweep" in options.parts:
         sections["sweep"] = sweep_section(_sweep(sweep_models, sweep_settings, reid, options, folder, bank, out_dir,
                                                  progress), out_dir)
@@ -124,7 +146,7 @@ def run_audit(
                 "patients": len(set(scans.patient_ids)), "references in the key": len(bank),
                 "model's mixing": setting.name, "seed": options.seed, "parts": ", ".join(sections),
                 "options": {k: v for k, v in asdict(options).items()
-                            if k in ("parts", "split", "max_cases", "k", "dice_cases")}}
+                            if k in ("parts", "split", "max_cases", "k", "dice_cases", "separation")}}
     return write_report(sections, metadata, out_dir)
 
 

@@ -1,0 +1,112 @@
+"""The BSS attack audit: priors (trained once, then reused), three attacks, the Fig. 4 section."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import phantom
+
+from mixpriv.privacy.attack import (
+    ATTACKS,
+    TRAINING_FILE,
+    SeparationOptions,
+    audit_separation,
+    train_score_prior,
+)
+from mixpriv.privacy.report import separation_section
+from mixpriv.privacy.score_matching import WEIGHTS_FILE
+from mixpriv.validation import InputError
+
+TINY = {"patch_size": 16, "num_patches": 2, "inits": 2, "score_steps": 3, "batch_size": 2, "num_levels": 2,
+        "steps_per_level": 2, "lambda_candidates": (0.6, 0.8), "lambda_steps_per_level": 1,
+        "network": {"channels": [4, 8], "embedding_dim": 8}}
+
+
+def _volumes(seeds) -> list[torch.Tensor]:
+    return [torch.from_numpy(phantom(seed)[0]).clamp(0, 1).unsqueeze(0) for seed in seeds]
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bss")
+    options = SeparationOptions(**TINY)
+    audit = audit_separation(_volumes([0, 1]), _volumes([2, 3]), _volumes([4, 5]), (0.65, 0.95), options, out,
+                             seed=0, progress=False)
+    return audit, out, options
+
+
+def test_audit_reports_finite_numbers_for_three_attacks(attacked):
+    audit, _, options = attacked
+    assert list(audit.attacks) == list(ATTACKS)
+    for result in audit.attacks.values():
+        assert result.scores.shape == (options.num_patches, options.inits)
+        assert result.recovered.shape == (options.num_patches, options.inits, 1, 16, 16, 16)
+        for value in (result.mean, result.std, result.best_init_mean, result.trivial_mean, result.trivial_std):
+            assert math.isfinite(value)
+        assert result.best_init_mean >= result.mean - 1e-6
+        assert bool(((result.lam >= 0.65) & (result.lam <= 0.95)).all())
+    estimated = audit.attacks["λ estimated"]
+    assert math.isfinite(estimated.lambda_error) and estimated.lambda_error_folded is not None
+    assert {round(v, 4) for v in estimated.lam_used.tolist()} <= {0.6, 0.8}
+    assert audit.attacks["λ known"].lambda_error is None
+    assert audit.msssim.levels == 3  # settings_for a 16³ patch
+    assert set(audit.training_seconds) == {"brain", "control"}
+
+
+def test_section_writes_figures_and_table(attacked, tmp_path):
+    audit, _, _ = attacked
+    data, lines = separation_section(audit, tmp_path)
+    text = "\n".join(lines)
+    for name in ATTACKS:
+        assert (tmp_path / data["attacks"][name]["figure"]).stat().st_size > 0
+        assert f"| {name} |" in text
+    assert "MS-SSIM mixture vs target (trivial)" in text and "Reading rule" in text
+    assert audit.msssim.describe() in text and "16³" in text and "2 noise levels × 2 steps" in text
+    assert data["attacks"]["λ known"]["lambda_error"] is None
+
+
+def test_second_call_reuses_saved_priors(attacked):
+    audit, out, options = attacked
+    weights = {name: (out / name / WEIGHTS_FILE).stat().st_mtime_ns for name in ("prior-brain", "prior-control")}
+    again = audit_separation(_volumes([0, 1]), _volumes([2, 3]), _volumes([4, 5]), (0.65, 0.95), options, out,
+                             seed=0, progress=False)
+    assert {name: (out / name / WEIGHTS_FILE).stat().st_mtime_ns for name in weights} == weights
+    assert again.training_seconds == {"brain": 0.0, "control": 0.0}
+    torch.testing.assert_close(again.attacks["λ known"].trivial, audit.attacks["λ known"].trivial)
+
+
+def test_prior_retrains_when_the_training_differs(tmp_path):
+    options = SeparationOptions(**TINY)
+    folder = train_score_prior(None, tmp_path, options, control=True, progress=False)
+    first = (folder / WEIGHTS_FILE).stat().st_mtime_ns
+    assert train_score_prior(None, tmp_path, options, control=True, progress=False) == folder
+    assert (folder / WEIGHTS_FILE).stat().st_mtime_ns == first
+    train_score_prior(None, tmp_path, SeparationOptions(**{**TINY, "score_steps": 4}), control=True, progress=False)
+    assert (folder / WEIGHTS_FILE).stat().st_mtime_ns != first
+    assert '"score_steps": 4' in (folder / TRAINING_FILE).read_text()
+
+
+@pytest.mark.parametrize("bad", [{"inits": 0}, {"patch_size": 2}, {"num_patches": -1}, {"score_steps": 0},
+                                 {"num_levels": 1}, {"sigma_min": 2.0}, {"delta": 1e-3}, {"delta": 0.0},
+                                 {"lambda_candidates": ()}, {"lambda_candidates": (0.5, 1.5)},
+                                 {"network": {"channels": []}}, {"steps_per_level": 0}])
+def test_bad_options_raise(bad):
+    with pytest.raises(InputError):
+        SeparationOptions(**{**TINY, **bad})
+
+
+def test_bad_inputs_raise(tmp_path):
+    options = SeparationOptions(**TINY)
+    good = _volumes([0])
+    with pytest.raises(InputError):
+        audit_separation(good, good, good, (0.0, 0.5), options, tmp_path, progress=False)
+    with pytest.raises(InputError):
+        audit_separation([], good, good, (0.65, 0.95), options, tmp_path, progress=False)
+    with pytest.raises(InputError):
+        audit_separation([2 * good[0]], good, good, (0.65, 0.95), options, tmp_path, progress=False)
+    with pytest.raises(InputError):
+        audit_separation(good, [torch.rand(1, 20, 20, 20)], good, (0.65, 0.95), options, tmp_path, progress=False)
+    with pytest.raises(InputError):
+        train_score_prior(good, tmp_path, options, control=True)

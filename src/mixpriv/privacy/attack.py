@@ -23,6 +23,7 @@ A shared prior cannot tell λ from 1 − λ (swap the two sources), so the λ gr
 Example:
     >>> audit = audit_separation(test_images, bank_images, train_images, (0.65, 0.95),
     ...                          SeparationOptions(), out_dir="audit/bss")  # doctest: +SKIP
+    >>> from mixpriv.privacy.report import separation_section
     >>> data, lines = separation_section(audit, Path("audit"))  # doctest: +SKIP
 """
 

@@ -172,7 +172,6 @@ class SweepRow:
         setting: the mixing setting.
         reid_map: re-identification mAP of scans encoded this way (lower = more private).
         reid_f1: re-identification F1.
-        bss_msssim: mean MS-SSIM of the separation attack's recovered target (λ known), if run.
         dice: Learned+TTA mean foreground Dice of a model trained for this setting, if one was given.
         model: that model's name.
     """
@@ -180,7 +179,6 @@ class SweepRow:
     setting: MixingSetting
     reid_map: float
     reid_f1: float
-    bss_msssim: float | None = None
     dice: float | None = None
     model: str | None = None
 

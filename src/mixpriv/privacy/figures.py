@@ -105,7 +105,7 @@ def plot_separation(target: torch.Tensor, reference: torch.Tensor, mixture: torc
 
 
 def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dice: float | None = None) -> Path:
-    """Sweep rows (``setting``, ``map``, ``dice``, ``bss_msssim``): re-identification mAP against Dice.
+    """Sweep rows (``setting``, ``map``, ``dice``): re-identification mAP against Dice.
 
     Rows without a Dice are drawn on the x axis only (their privacy was measured, their utility not).
 

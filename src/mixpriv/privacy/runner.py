@@ -34,9 +34,9 @@ from mixpriv.privacy.audit import (
 )
 from mixpriv.privacy.report import (
     reidentification_section,
+    reliability_section,
     separation_section,
     sweep_section,
-    reliability_section,
     write_report,
 )
 from mixpriv.privacy.scans import load_scans

@@ -68,15 +68,20 @@ def build_logger(config: Mapping, out_dir: Path, run_name: str) -> Logger | bool
 
 
 class ThroughputMeter(Callback):
-    """Measures training patches per second (excluding validation), also after ``warmup`` steps."""
+    """Measures training patches per second (excluding validation), also after ``warmup`` steps,
+    and the step training started from (non-zero when a run is resumed)."""
 
     def __init__(self, warmup: int = 5) -> None:
         self.warmup = warmup
+        self.start_step = 0
         self.patches = 0
         self.seconds = 0.0
         self.steady_patches = 0
         self.steady_seconds = 0.0
         self._start = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step = int(trainer.global_step)  # restored from the checkpoint by now
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
@@ -170,7 +175,6 @@ def train(
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     logger = build_logger(recipe.get("logger", {}), out_dir, recipe.get("name", "mixpriv"))
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger, callbacks=callbacks, **trainer_config)
-    start_step = int(torch.load(resume_from, map_location="cpu", weights_only=False)["global_step"]) if resume else 0
     stats_path = out_dir / "train_stats.json"
     earlier_segments = _earlier_segments(stats_path) if resume else []
     start = time.perf_counter()
@@ -185,7 +189,7 @@ def train(
     stats = {
         "recipe": recipe.get("name"),
         "steps": int(trainer.global_step),
-        "resumed_from_step": start_step,
+        "resumed_from_step": meter.start_step,
         "epochs": int(trainer.current_epoch),
         "train_seconds_total": round(elapsed, 1),
         "train_seconds_in_steps": round(meter.seconds, 1),

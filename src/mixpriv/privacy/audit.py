@@ -18,7 +18,6 @@ from mixpriv.data.folder import DatasetFolder
 from mixpriv.evaluation.dice import dice_per_class, foreground_labels
 from mixpriv.evaluation.runner import evaluate_models
 from mixpriv.inference.private import (
-    PrivateSegmentation,
     mix_with_references,
     segment_mixtures,
     unmix_volumes,
@@ -154,7 +153,7 @@ def audit_test_retest(
         mixed = segment_mixtures(model.segment_mixture, mixtures.mixtures, patch, device=model.device)
         unmixed = unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "learned", model.unmix,
                                 patch, device=model.device)
-        predictions = PrivateSegmentation(unmixed).per_reference.argmax(1)
+        predictions = unmixed.argmax(1)  # one label map per reference
         for dice_lists, prediction in zip((audit.first, audit.second), predictions):
             dice = dice_per_class(prediction, scans.labels[i], model.label_names)
             for name in labels:

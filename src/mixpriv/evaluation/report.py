@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,19 @@ def _to_json(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     raise TypeError(f"cannot write {type(obj).__name__} to summary.json: {obj!r}")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a GitHub Markdown table.
+
+    Example:
+        >>> print("\\n".join(markdown_table(["a", "b"], [["1", "2"]])))
+        | a | b |
+        |---|---|
+        | 1 | 2 |
+    """
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(row) + " |" for row in rows]]
 
 
 def _format_cell(stats: Mapping[str, float | int], digits: int) -> str:
@@ -205,12 +218,9 @@ class DiceTable:
         """
         aggregate = self.aggregate()
         lines = [f"## {title}", ""] if title else []
-        header = ["Method", *self.classes, "Avg"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for method, stats in aggregate.items():
-            cells = [_format_cell(stats[name], digits) for name in [*self.classes, MEAN_KEY]]
-            lines.append("| " + " | ".join([method.replace("|", "\\|"), *cells]) + " |")
+        rows = [[method.replace("|", "\\|"), *(_format_cell(stats[name], digits) for name in [*self.classes, MEAN_KEY])]
+                for method, stats in aggregate.items()]
+        lines.extend(markdown_table(["Method", *self.classes, "Avg"], rows))
         counts = {method: len(cases) for method, cases in self.per_case.items()}
         if len(set(counts.values())) == 1:
             n_text = f"{next(iter(counts.values()))} case(s)"

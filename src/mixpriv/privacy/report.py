@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
+from mixpriv.evaluation.report import markdown_table
 from mixpriv.privacy.attack import (
     CONTROL,
     LAMBDA_ESTIMATED,
@@ -30,19 +31,6 @@ from mixpriv.privacy.figures import (
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """A GitHub Markdown table.
-
-    Example:
-        >>> print("\\n".join(markdown_table(["a", "b"], [["1", "2"]])))
-        | a | b |
-        |---|---|
-        | 1 | 2 |
-    """
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(row) + " |" for row in rows]]
 
 
 def reidentification_section(audit: ReidentificationAudit, out_dir: Path) -> tuple[dict, list[str]]:

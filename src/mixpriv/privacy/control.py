@@ -22,8 +22,9 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
+from mixpriv.privacy.score_matching import worker_generator
 from mixpriv.validation import InputError
 
 
@@ -89,8 +90,7 @@ class ControlVolumeDataset(IterableDataset):
         self.seed = int(seed)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        worker = get_worker_info()
-        generator = torch.Generator().manual_seed(self.seed + (worker.id if worker is not None else 0))
+        generator = worker_generator(self.seed)
         while True:
             yield sample_control_volumes(self.batch_size, self.shape, generator)
 

@@ -107,6 +107,18 @@ def _check_unit_images(images: Sequence[torch.Tensor], patch: tuple[int, int, in
     return checked
 
 
+def worker_generator(seed: int) -> torch.Generator:
+    """A generator seeded ``seed + worker id`` in a DataLoader worker (``seed`` in the main process),
+    so parallel workers draw different samples and every run draws the same ones.
+
+    Example:
+        >>> worker_generator(3).initial_seed()
+        3
+    """
+    worker = get_worker_info()
+    return torch.Generator().manual_seed(seed + (worker.id if worker is not None else 0))
+
+
 class RandomPatchDataset(IterableDataset):
     """An endless stream of random crops (C, *patch) that contain tissue.
 
@@ -143,8 +155,7 @@ class RandomPatchDataset(IterableDataset):
         self.max_tries = int(max_tries)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        worker = get_worker_info()
-        generator = torch.Generator().manual_seed(self.seed + (worker.id if worker is not None else 0))
+        generator = worker_generator(self.seed)
         while True:
             yield self.sample(generator)
 

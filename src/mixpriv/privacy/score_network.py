@@ -208,10 +208,14 @@ class ScoreNetwork3d(nn.Module):
         )
         self.head_norm = ConditionalInstanceNormPlus3d(channels[0], dim)
         self.head = nn.Conv3d(channels[0], spec.in_channels, 3, padding=1)
+        # Channels-last 3D weights and activations: oneDNN's Conv3d runs about twice as fast on a CPU
+        # in this layout (forward of 16 patches of 32³ on 2 cores: 0.40 s -> 0.19 s).
+        self.to(memory_format=torch.channels_last_3d)
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         sigma = sigma_per_sample(sigma, x)
         embedding = self.embed(sigma)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         skips = []
         for level, block in enumerate(self.encoders):
             if level > 0:
@@ -222,7 +226,7 @@ class ScoreNetwork3d(nn.Module):
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1), embedding)
         out = self.head(F.silu(self.head_norm(x, embedding)))
-        return out / sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+        return (out / sigma.reshape((-1,) + (1,) * (x.ndim - 1))).contiguous()
 
 
 def build_score_network(spec: ScoreNetSpec | Mapping | None = None) -> ScoreNetwork3d:

@@ -12,7 +12,9 @@ from mixpriv.privacy.attack import (
     ATTACKS,
     TRAINING_FILE,
     SeparationOptions,
+    attack_setting,
     audit_separation,
+    draw_patches,
     train_score_prior,
 )
 from mixpriv.privacy.report import separation_section
@@ -88,7 +90,38 @@ def test_prior_retrains_when_the_training_differs(tmp_path):
     assert '"score_steps": 4' in (folder / TRAINING_FILE).read_text()
 
 
-@pytest.mark.parametrize("bad", [{"inits": 0}, {"patch_size": 2}, {"num_patches": -1}, {"score_steps": 0},
+def test_kway_patches_share_targets_and_mix_distinct_references():
+    scans = _volumes([0, 1])
+    levels = (0.2, 0.5, 0.8)
+    bank = [torch.full_like(scans[0], level) for level in levels]  # constant references: the crop is the level
+    single = draw_patches(scans, bank, 4, 16, torch.Generator().manual_seed(5), min_mean=0.05)
+    kway = draw_patches(scans, bank, 4, 16, torch.Generator().manual_seed(5), min_mean=0.05, references_per_mix=3)
+    torch.testing.assert_close(kway[0], single[0])  # one seed, the same targets whatever the references
+    for one, composite in zip(single[1], kway[1]):
+        assert min(abs(float(one.mean()) - level) for level in levels) < 1e-6
+        # all three distinct references, Dirichlet weights summing to 1: a convex combination of the levels
+        assert float(composite.std()) < 1e-6 and levels[0] < float(composite.mean()) < levels[-1]
+    with pytest.raises(InputError, match="3 needed"):
+        draw_patches(scans, bank[:2], 1, 16, torch.Generator().manual_seed(0), references_per_mix=3)
+
+
+def test_attack_setting_scores_one_setting_with_a_saved_prior(attacked):
+    audit, out, options = attacked
+    result = attack_setting(_volumes([0, 1]), _volumes([2, 3]), out / "prior-brain", (0.65, 0.95), 1, options,
+                            seed=0, progress=False)
+    assert result.scores.shape == (options.num_patches, options.sweep_inits)
+    # the same seed draws the same patches and λ as the audit's λ-known attack
+    torch.testing.assert_close(result.trivial, audit.attacks["λ known"].trivial)
+    torch.testing.assert_close(result.lam, audit.attacks["λ known"].lam)
+    kway = attack_setting(_volumes([0, 1]), _volumes([2, 3, 4]), out / "prior-brain", (0.2, 0.5), 3, options,
+                          seed=0, progress=False)
+    assert bool(((kway.lam >= 0.2) & (kway.lam <= 0.5)).all()) and math.isfinite(kway.mean)
+    with pytest.raises(InputError, match="noise levels"):
+        attack_setting(_volumes([0]), _volumes([2]), out / "prior-brain", (0.65, 0.95), 1,
+                       SeparationOptions(**{**TINY, "num_levels": 3}), progress=False)
+
+
+@pytest.mark.parametrize("bad", [{"inits": 0}, {"sweep_inits": 0}, {"patch_size": 2}, {"num_patches": -1}, {"score_steps": 0},
                                  {"num_levels": 1}, {"sigma_min": 2.0}, {"delta": 1e-3}, {"delta": 0.0},
                                  {"lambda_candidates": ()}, {"lambda_candidates": (0.5, 1.5)},
                                  {"network": {"channels": []}}, {"steps_per_level": 0}])

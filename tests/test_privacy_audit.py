@@ -19,6 +19,9 @@ from mixpriv.privacy.runner import AuditOptions, run_audit
 from mixpriv.validation import InputError
 
 TEST_PATIENTS = 4
+TINY_SEPARATION = SeparationOptions(patch_size=16, num_patches=2, inits=2, score_steps=2, batch_size=2, num_levels=2,
+                                    steps_per_level=2, lambda_candidates=(0.6, 0.8), lambda_steps_per_level=1,
+                                    network={"channels": [4, 8], "embedding_dim": 8}, min_mean=0.01)
 
 
 def write_patient_folder(root: Path, n_train: int = 4) -> Path:
@@ -84,7 +87,7 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
                                lambda_range=(0.5, 0.8)).eval()
     baseline = BaselineSegmenter(LABELS, TINY_SEGMENTER, patch_size=16, input_spacing=2.0).eval()
     options = AuditOptions(parts=("sweep",), sweep_settings=(MixingSetting((0.35, 0.65)),), sweep_models=(other,),
-                           baseline=baseline, k=2, dice_cases=2)
+                           baseline=baseline, k=2, dice_cases=2, separation=TINY_SEPARATION)
     paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
     report = json.loads(paths["json"].read_text())
     assert "reidentification" not in report  # the sweep alone: its re-identification runs, its section does not
@@ -92,6 +95,9 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
     assert list(rows) == ["λ∈[0.65, 0.95]", "λ∈[0.5, 0.8]", "λ∈[0.35, 0.65]"]
     assert rows["λ∈[0.5, 0.8]"]["dice"] is not None and rows["λ∈[0.35, 0.65]"]["dice"] is None
     assert all(0.0 <= row["map"] <= 1.0 for row in rows.values())
+    assert all(0.0 <= row["bss"] <= 1.0 and 0.0 <= row["bss_trivial"] <= 1.0 for row in rows.values())
+    # the mixture resembles its target less as the target's weight falls
+    assert rows["λ∈[0.35, 0.65]"]["bss_trivial"] < rows["λ∈[0.65, 0.95]"]["bss_trivial"]
     assert report["sweep"]["baseline_dice"] is not None and report["sweep"]["dice_cases"] == 2
     assert (tmp_path / "audit" / "privacy_utility.png").stat().st_size > 5_000
     assert "Recommended" in paths["markdown"].read_text()
@@ -99,11 +105,8 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
 
 @pytest.mark.slow
 def test_separation_part_through_the_audit(patient_folder, tiny_model, tmp_path):
-    tiny = SeparationOptions(patch_size=16, num_patches=2, inits=2, score_steps=2, batch_size=2, num_levels=2,
-                             steps_per_level=2, lambda_candidates=(0.6, 0.8), lambda_steps_per_level=1,
-                             network={"channels": [4, 8], "embedding_dim": 8}, min_mean=0.01)
-    paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", AuditOptions(parts=("bss",), separation=tiny),
-                      progress=False)
+    paths = run_audit(tiny_model, patient_folder, tmp_path / "audit",
+                      AuditOptions(parts=("bss",), separation=TINY_SEPARATION), progress=False)
     attacks = json.loads(paths["json"].read_text())["separation"]["attacks"]
     assert set(attacks) == {"λ known", "λ estimated", "control: brain + grating"}
     assert all(0.0 <= attack["msssim_mean"] <= 1.0 for attack in attacks.values())

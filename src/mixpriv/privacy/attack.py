@@ -42,6 +42,8 @@ import pytorch_lightning as pl
 import torch
 from tqdm.auto import tqdm
 
+from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA
+from mixpriv.mixing.composite import draw_reference_weights
 from mixpriv.privacy.control import control_loader, sample_control_volumes
 from mixpriv.privacy.score_matching import (
     CARD_FILE,
@@ -91,6 +93,8 @@ class SeparationOptions:
         patch_size: side of the cubic patches attacked and trained on.
         num_patches: patches attacked (one random test scan and reference each).
         inits: random initialisations of BASIS per patch.
+        sweep_inits: random initialisations per patch of the privacy-utility sweep's attack, one
+            per mixing setting (:func:`attack_setting`); 1 scores the attack as run once.
         score_steps: optimisation steps of each score network.
         batch_size: patches per score-matching batch.
         num_levels, sigma_max, sigma_min: the geometric noise levels (training and Langevin).
@@ -118,6 +122,7 @@ class SeparationOptions:
     patch_size: int = 32
     num_patches: int = 8
     inits: int = 3
+    sweep_inits: int = 1
     score_steps: int = 2000
     batch_size: int = 8
     num_levels: int = 10
@@ -132,7 +137,7 @@ class SeparationOptions:
     min_mean: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("num_patches", "inits", "score_steps", "batch_size", "steps_per_level",
+        for name in ("num_patches", "inits", "sweep_inits", "score_steps", "batch_size", "steps_per_level",
                      "lambda_steps_per_level"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -176,6 +181,12 @@ def _training_card(images: Sequence[torch.Tensor] | None, options: SeparationOpt
             "min_mean": options.min_mean, "seed": seed}
 
 
+def _same_sigmas(saved: list[float] | None, sigmas: list[float]) -> bool:
+    """Whether a saved network's noise levels are ``sigmas`` (``None``: unknown, never the same)."""
+    return saved is not None and len(saved) == len(sigmas) and all(
+        math.isclose(a, b, rel_tol=1e-5) for a, b in zip(saved, sigmas))
+
+
 def _saved_prior_matches(folder: Path, spec: dict, sigmas: list[float], training: dict) -> bool:
     """Whether ``folder`` holds a network with this spec and sigmas, trained this way."""
     if not ((folder / WEIGHTS_FILE).is_file() and (folder / CARD_FILE).is_file() and (folder / TRAINING_FILE).is_file()):
@@ -185,10 +196,8 @@ def _saved_prior_matches(folder: Path, spec: dict, sigmas: list[float], training
         saved = json.loads((folder / TRAINING_FILE).read_text())
     except (InputError, json.JSONDecodeError, OSError):
         return False
-    same_sigmas = card["sigmas"] is not None and len(card["sigmas"]) == len(sigmas) and all(
-        math.isclose(a, b, rel_tol=1e-5) for a, b in zip(card["sigmas"], sigmas))
     saved_training = {k: v for k, v in saved.items() if k != "training_seconds"}
-    return card["spec"] == spec and same_sigmas and saved_training == training
+    return card["spec"] == spec and _same_sigmas(card["sigmas"], sigmas) and saved_training == training
 
 
 def _precision() -> str:
@@ -390,13 +399,17 @@ def _crop(image: torch.Tensor, corner: Sequence[int], patch: int) -> torch.Tenso
 
 def draw_patches(
     scans: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], num_patches: int, patch: int,
-    generator: torch.Generator, min_mean: float = 0.05, max_tries: int = 1000,
+    generator: torch.Generator, min_mean: float = 0.05, references_per_mix: int = 1,
+    dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA, max_tries: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Brain-containing target patches and reference patches at the same location, (P, 1, p, p, p) each.
 
-    Each patch takes a random scan and a random reference of the same shape (the client mixes whole
-    volumes voxel by voxel, so a patch of the mixture is the mixture of the patches) and a random
-    corner where the target's mean intensity reaches ``min_mean``.
+    Each patch takes a random scan and a random corner where the target's mean intensity reaches
+    ``min_mean``; then ``references_per_mix`` distinct random references of the scan's shape,
+    cropped at that corner and summed with Dirichlet weights (the composite reference of K-way
+    mixing, :mod:`mixpriv.mixing.composite`; a single reference as it is). The client mixes whole
+    volumes voxel by voxel, so a patch of the mixture is the mixture of the patches. The targets
+    are drawn first: one seed gives the same targets whatever the number of references.
 
     Example:
         >>> targets, refs = draw_patches([torch.rand(1, 8, 8, 8)], [torch.rand(1, 8, 8, 8)], 2, 4,
@@ -404,25 +417,54 @@ def draw_patches(
         >>> targets.shape, refs.shape
         (torch.Size([2, 1, 4, 4, 4]), torch.Size([2, 1, 4, 4, 4]))
     """
-    targets, references = [], []
+    located = []
     for _ in range(num_patches):
         for _ in range(max_tries):
             scan = scans[int(torch.randint(len(scans), (1,), generator=generator))]
-            compatible = [r for r in bank if r.shape == scan.shape]
-            if not compatible:
-                raise InputError(f"no reference has the scan's shape {tuple(scan.shape)}: the client mixes "
-                                 "volumes of one shape")
-            reference = compatible[int(torch.randint(len(compatible), (1,), generator=generator))]
             corner = [int(torch.randint(s - patch + 1, (1,), generator=generator)) for s in scan.shape[1:]]
             target = _crop(scan, corner, patch)
             if float(target.mean()) >= min_mean:
-                targets.append(target.clone())
-                references.append(_crop(reference, corner, patch).clone())
+                located.append((scan.shape, corner, target.clone()))
                 break
         else:
             raise InputError(f"no {patch}³ patch with mean intensity >= {min_mean} in {max_tries} tries: "
                              "are the scans mostly background?")
-    return torch.stack(targets), torch.stack(references)
+    references = []
+    for shape, corner, _ in located:
+        compatible = [r for r in bank if r.shape == shape]
+        if len(compatible) < references_per_mix:
+            raise InputError(f"{len(compatible)} reference(s) of the scan's shape {tuple(shape)}, "
+                             f"{references_per_mix} needed: the client mixes volumes of one shape")
+        chosen = torch.randperm(len(compatible), generator=generator)[:references_per_mix].tolist()
+        weights = draw_reference_weights(references_per_mix, dirichlet_alpha, generator)
+        references.append(sum(w * _crop(compatible[i], corner, patch) for i, w in zip(chosen, weights.tolist())))
+    return torch.stack([target for *_, target in located]), torch.stack(references)
+
+
+def draw_mixtures(
+    scans: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], lambda_range: tuple[float, float],
+    options: SeparationOptions, seed: int, references_per_mix: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attacked patches: target, (composite) reference, λ ~ U(lambda_range) and their mixture.
+
+    The draw depends on ``seed`` only (not on the attack that follows), so every attack and mixing
+    setting with one seed sees the same target patches.
+
+    Example:
+        >>> target, reference, lam, mixture = draw_mixtures(
+        ...     [torch.rand(1, 8, 8, 8)], [torch.rand(1, 8, 8, 8)], (0.6, 0.8),
+        ...     SeparationOptions(patch_size=4, num_patches=2, min_mean=0.0), seed=0)
+        >>> torch.allclose(mixture, lam.reshape(-1, 1, 1, 1, 1) * target
+        ...                + (1 - lam.reshape(-1, 1, 1, 1, 1)) * reference)
+        True
+    """
+    low, high = lambda_range
+    generator = torch.Generator().manual_seed(seed)
+    target, reference = draw_patches(scans, bank, options.num_patches, options.patch_size, generator,
+                                     options.min_mean, references_per_mix)
+    lam = low + (high - low) * torch.rand(options.num_patches, generator=generator)
+    weight = lam.reshape(-1, 1, 1, 1, 1)
+    return target, reference, lam, weight * target + (1 - weight) * reference
 
 
 def _finite(volumes: torch.Tensor, name: str) -> torch.Tensor:
@@ -438,10 +480,9 @@ def _run_basis(
     name: str, target: torch.Tensor, reference: torch.Tensor, mixture: torch.Tensor, lam: torch.Tensor,
     lam_used: torch.Tensor, score_1: ScoreFn, score_2: ScoreFn, options: SeparationOptions,
     msssim: MSSSIMSettings, generator: torch.Generator, device: torch.device, match: bool, progress: bool,
-    estimated: bool = False,
+    inits: int, estimated: bool = False,
 ) -> AttackResult:
-    """BASIS with ``options.inits`` random starts per patch, matched and scored against the truth."""
-    inits = options.inits
+    """BASIS with ``inits`` random starts per patch, matched and scored against the truth."""
     repeat = lambda t: t.repeat_interleave(inits, dim=0)
     separation = basis_separate(repeat(mixture).to(device), score_1, score_2, repeat(lam_used).to(device),
                                 options.sigmas(), options.steps_per_level, options.delta, generator,
@@ -504,11 +545,7 @@ def audit_separation(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     msssim = settings_for((patch,) * 3)
 
-    generator = torch.Generator().manual_seed(seed)
-    target, reference = draw_patches(scans, bank, options.num_patches, patch, generator, options.min_mean)
-    lam = low + (high - low) * torch.rand(options.num_patches, generator=generator)
-    weight = lam.reshape(-1, 1, 1, 1, 1)
-    mixture = weight * target + (1 - weight) * reference
+    target, reference, lam, mixture = draw_mixtures(scans, bank, (low, high), options, seed)
 
     seconds = {}
     brain_dir = _timed_prior(train, out_dir / "prior-brain", options, False, progress, seed, seconds, "brain")
@@ -517,7 +554,7 @@ def audit_separation(
     steps = tqdm(total=3 if options.control else 2, desc="BSS attacks", disable=not progress)
     basis_generator = torch.Generator(device=device).manual_seed(seed + 1)
     attacks[LAMBDA_KNOWN] = _run_basis(LAMBDA_KNOWN, target, reference, mixture, lam, lam, brain, brain, options,
-                                       msssim, basis_generator, device, True, progress)
+                                       msssim, basis_generator, device, True, progress, options.inits)
     steps.update()
     estimate = estimate_lambda(mixture.to(device), brain, brain, options.sigmas(), options.lambda_candidates,
                                options.lambda_steps_per_level, options.delta, generator=basis_generator,
@@ -526,18 +563,73 @@ def audit_separation(
     log.info("λ estimated: true %s, estimate %s", [round(v, 3) for v in lam.tolist()],
              [round(v, 3) for v in lam_hat.tolist()])
     attacks[LAMBDA_ESTIMATED] = _run_basis(LAMBDA_ESTIMATED, target, reference, mixture, lam, lam_hat, brain, brain,
-                                           options, msssim, basis_generator, device, True, progress, estimated=True)
+                                           options, msssim, basis_generator, device, True, progress, options.inits,
+                                           estimated=True)
     steps.update()
     if options.control:
         control_dir = _timed_prior(None, out_dir / "prior-control", options, True, progress, seed, seconds, "control")
-        grating = sample_control_volumes(options.num_patches, (patch,) * 3, generator)
+        grating = sample_control_volumes(options.num_patches, (patch,) * 3, torch.Generator().manual_seed(seed + 2))
+        weight = lam.reshape(-1, 1, 1, 1, 1)
         control_mixture = weight * target + (1 - weight) * grating
         attacks[CONTROL] = _run_basis(CONTROL, target, grating, control_mixture, lam, lam, brain,
                                       _score_fn(control_dir, device), options, msssim, basis_generator, device,
-                                      False, progress)
+                                      False, progress, options.inits)
         steps.update()
     steps.close()
     return SeparationAudit(attacks, msssim, patch, options, (low, high), seconds)
+
+
+def attack_setting(
+    scans_images: Sequence[torch.Tensor],
+    bank_images: Sequence[torch.Tensor],
+    prior: str | Path,
+    lambda_range: tuple[float, float],
+    references_per_mix: int = 1,
+    options: SeparationOptions | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> AttackResult:
+    """The "λ known" attack on mixtures of one mixing setting, with a trained brain prior.
+
+    The privacy-utility sweep's separation score: the patches of :func:`audit_separation` with the
+    same ``seed`` (the same targets), mixed with ``references_per_mix`` references (one composite
+    second source for BASIS) at λ ~ U(lambda_range), separated with ``options.sweep_inits``
+    random starts each.
+
+    Args:
+        scans_images: the attacked test volumes (1, D, H, W) in [0, 1].
+        bank_images: the references (1, D, H, W) in [0, 1], shaped like the scans.
+        prior: folder of the brain score network (:func:`train_score_prior`).
+        lambda_range: the setting's (low, high) range of the target's weight.
+        references_per_mix: references per mixture (K-way mixing).
+        options: attack sizes (their noise levels must be the prior's).
+        seed: seed of the patches, λ and initialisations.
+        progress: show progress bars.
+
+    Raises:
+        InputError: malformed images, range or options, or a prior trained for other noise levels.
+
+    Example:
+        >>> result = attack_setting(scans, bank, "audit/bss/prior-brain", (0.35, 0.65))  # doctest: +SKIP
+        >>> result.mean > result.trivial_mean  # doctest: +SKIP
+        True
+    """
+    options = options or SeparationOptions()
+    low, high = check_lambda_range(lambda_range)
+    check_stability(options.delta, options.sigma_min, torch.tensor([low, high]))
+    prior = Path(prior)
+    card = read_score_network_card(prior)
+    sigmas = options.sigmas().tolist()
+    if not _same_sigmas(card["sigmas"], sigmas):
+        raise InputError(f"the prior in {prior} was trained for noise levels {card['sigmas']}, not the options' {sigmas}")
+    scans = _check_images(scans_images, "scans_images", options.patch_size)
+    bank = _check_images(bank_images, "bank_images", options.patch_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target, reference, lam, mixture = draw_mixtures(scans, bank, (low, high), options, seed, references_per_mix)
+    brain = _score_fn(prior, device)
+    return _run_basis(LAMBDA_KNOWN, target, reference, mixture, lam, lam, brain, brain, options,
+                      settings_for((options.patch_size,) * 3), torch.Generator(device=device).manual_seed(seed + 1),
+                      device, True, progress, options.sweep_inits)
 
 
 def _timed_prior(images: Sequence[torch.Tensor] | None, folder: Path, options: SeparationOptions, control: bool,

@@ -173,6 +173,8 @@ class SweepRow:
         reid_f1: re-identification F1.
         dice: Learned+TTA mean foreground Dice of a model trained for this setting, if one was given.
         model: that model's name.
+        bss: mean MS-SSIM of the target recovered by the "λ known" separation attack, if run.
+        bss_trivial: mean MS-SSIM of the mixture itself against the target on the same patches.
     """
 
     setting: MixingSetting
@@ -180,6 +182,8 @@ class SweepRow:
     reid_f1: float
     dice: float | None = None
     model: str | None = None
+    bss: float | None = None
+    bss_trivial: float | None = None
 
 
 @dataclass

@@ -105,31 +105,45 @@ def plot_separation(target: torch.Tensor, reference: torch.Tensor, mixture: torc
 
 
 def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dice: float | None = None) -> Path:
-    """Sweep rows (``setting``, ``map``, ``dice``): re-identification mAP against Dice.
+    """Sweep rows (``setting``, ``map``, ``dice``, optional ``bss``): each privacy score against Dice.
 
-    Rows without a Dice are drawn on the x axis only (their privacy was measured, their utility not).
+    Left: re-identification mAP; right (when any row has one): the separation attack's MS-SSIM.
+    Rows without a Dice are drawn as a dotted vertical line (their privacy was measured, their
+    utility not).
 
     Example:
         >>> import tempfile, os
-        >>> rows = [{"setting": "a", "map": 0.5, "dice": 0.9}, {"setting": "b", "map": 0.3, "dice": None}]
+        >>> rows = [{"setting": "a", "map": 0.5, "bss": 0.6, "dice": 0.9},
+        ...         {"setting": "b", "map": 0.3, "bss": 0.4, "dice": None}]
         >>> plot_privacy_utility(rows, os.path.join(tempfile.mkdtemp(), "sweep.png"), 0.91).name
         'sweep.png'
     """
-    figure = Figure(figsize=(6, 4.2))
-    ax = figure.subplots()
-    for row in rows:
-        dice = row.get("dice")
-        y = dice if dice is not None else np.nan
-        ax.scatter([row["map"]], [y], s=30)
-        ax.annotate(row["setting"], (row["map"], y if dice is not None else ax.get_ylim()[0]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-        if dice is None:
-            ax.axvline(row["map"], color="grey", lw=0.6, ls=":")
-    if baseline_dice is not None:
-        ax.axhline(baseline_dice, color="black", lw=0.8, ls="--", label="non-private baseline")
-        ax.axhline(baseline_dice - 0.01, color="grey", lw=0.8, ls=":", label="baseline - 0.01")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("re-identification mAP (lower = more private)")
-    ax.set_ylabel("Learned+TTA mean foreground Dice")
-    ax.set_title("Privacy-utility trade-off", fontsize=10)
+    panels = [("map", "re-identification mAP (lower = more private)")]
+    if any(row.get("bss") is not None for row in rows):
+        panels.append(("bss", "separation attack MS-SSIM, λ known (lower = more private)"))
+    figure = Figure(figsize=(6 * len(panels), 4.2))
+    for ax, (key, label) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
+        dice_values = [row["dice"] for row in rows if row.get("dice") is not None]
+        if dice_values or baseline_dice is not None:
+            low = min(dice_values + ([baseline_dice - 0.01] if baseline_dice is not None else []))
+            high = max(dice_values + ([baseline_dice] if baseline_dice is not None else []))
+            ax.set_ylim(low - 0.02, high + 0.01)
+        for row in rows:
+            x, dice = row.get(key), row.get("dice")
+            if x is None:
+                continue
+            if dice is None:
+                ax.axvline(x, color="grey", lw=0.6, ls=":")
+                ax.annotate(row["setting"], (x, ax.get_ylim()[0]), fontsize=7, rotation=90, xytext=(2, 4),
+                            textcoords="offset points")
+            else:
+                ax.scatter([x], [dice], s=30)
+                ax.annotate(row["setting"], (x, dice), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        if baseline_dice is not None:
+            ax.axhline(baseline_dice, color="black", lw=0.8, ls="--", label="non-private baseline")
+            ax.axhline(baseline_dice - 0.01, color="grey", lw=0.8, ls=":", label="baseline - 0.01")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("Learned+TTA mean foreground Dice")
+    figure.suptitle("Privacy-utility trade-off", fontsize=10)
     return _save(figure, path)

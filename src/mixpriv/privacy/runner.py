@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mixpriv.constants import AUDIT_PARTS, DEFAULT_LAMBDA_RANGE, TEST, TRAIN
 from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
@@ -22,7 +23,12 @@ from mixpriv.data.folder import DatasetFolder
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.privacy.attack import SeparationOptions, audit_separation
+from mixpriv.privacy.attack import (
+    SeparationOptions,
+    attack_setting,
+    audit_separation,
+    train_score_prior,
+)
 from mixpriv.privacy.audit import (
     MixingSetting,
     ReidentificationAudit,
@@ -55,7 +61,8 @@ class AuditOptions:
 
     Attributes:
         parts: any of ``reid`` (re-identification), ``icc`` (test-retest), ``bss`` (blind source
-            separation with its positive control), ``sweep`` (privacy-utility sweep).
+            separation with its positive control), ``sweep`` (privacy-utility sweep: re-identification,
+            separation attack and Dice per mixing setting).
         split: the split whose scans are attacked.
         max_cases: at most this many scans (``None``: all).
         seed: seed of every random draw (references, λ, attack initialisations).
@@ -133,14 +140,16 @@ def run_audit(
     if "icc" in options.parts:
         retest = audit_test_retest(model, scans, bank, setting.lambda_range, options.seed, progress)
         sections["test_retest"] = reliability_section(retest, out_dir)
-    if "bss" in options.parts:
+    if "bss" in options.parts or "sweep" in options.parts:
         attacker_images = load_scans(folder, spacing, TRAIN, progress=progress).images
+    if "bss" in options.parts:
         separation = audit_separation(scans.images, list(bank.images), attacker_images, setting.lambda_range,
                                       options.separation, out_dir / "bss", options.seed, progress)
         sections["separation"] = separation_section(separation, out_dir)
     if "sweep" in options.parts:
-        sections["sweep"] = sweep_section(_sweep(sweep_models, sweep_settings, reid, options, folder, bank, out_dir,
-                                                 progress), out_dir)
+        sweep = _sweep(sweep_models, sweep_settings, reid, options, folder, bank, out_dir, progress)
+        _separate_sweep(sweep, scans.images, bank, attacker_images, options, out_dir, progress)
+        sections["sweep"] = sweep_section(sweep, out_dir)
     metadata = {"model": _name(model),
                 "data": str(folder.root), "split": options.split, "scans": len(scans),
                 "patients": len(set(scans.patient_ids)), "references in the key": len(bank),
@@ -167,6 +176,18 @@ def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSettin
         rows.append(SweepRow(setting, result.mean_average_precision, result.f1, dice=value, model=name))
     labelled = sum(case.label_path is not None for case in folder.cases(TEST))
     return SweepAudit(rows, baseline_dice, min(options.dice_cases or labelled, labelled), options.k)
+
+
+def _separate_sweep(sweep: SweepAudit, images: Sequence[torch.Tensor], bank: ReferenceBank,
+                    attacker_images: Sequence[torch.Tensor], options: AuditOptions, out_dir: Path,
+                    progress: bool) -> None:
+    """Fill each sweep row's separation score: the "λ known" attack on that setting's mixtures."""
+    prior = train_score_prior(attacker_images, out_dir / "bss" / "prior-brain", options.separation,
+                              progress=progress, seed=options.seed)
+    for row in tqdm(sweep.rows, desc="sweep: separation per setting", disable=not progress):
+        result = attack_setting(images, list(bank.images), prior, row.setting.lambda_range,
+                                row.setting.references_per_mix, options.separation, options.seed, progress)
+        row.bss, row.bss_trivial = result.mean, result.trivial_mean
 
 
 def _load(source, kind: type):

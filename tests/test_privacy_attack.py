@@ -45,7 +45,9 @@ def test_audit_reports_finite_numbers_for_three_attacks(attacked):
     for result in audit.attacks.values():
         assert result.scores.shape == (options.num_patches, options.inits)
         assert result.recovered.shape == (options.num_patches, options.inits, 1, 16, 16, 16)
-        for value in (result.mean, result.std, result.best_init_mean, result.trivial_mean, result.trivial_std):
+        assert result.reference_scores.shape == result.scores.shape and result.reference_trivial.shape == (2,)
+        for value in (result.mean, result.std, result.best_init_mean, result.trivial_mean, result.trivial_std,
+                      result.reference_mean, result.reference_trivial_mean):
             assert math.isfinite(value)
         assert result.best_init_mean >= result.mean - 1e-6
         assert bool(((result.lam >= 0.65) & (result.lam <= 0.95)).all())
@@ -64,7 +66,7 @@ def test_section_writes_figures_and_table(attacked, tmp_path):
     for name in ATTACKS:
         assert (tmp_path / data["attacks"][name]["figure"]).stat().st_size > 0
         assert f"| {name} |" in text
-    assert "MS-SSIM mixture vs target (trivial)" in text and "Reading rule" in text
+    assert "MS-SSIM mixture vs target (trivial)" in text and "Reading rule" in text and "second source" in text
     assert audit.msssim.describe() in text and "16³" in text and "2 noise levels × 2 steps" in text
     assert data["attacks"]["λ known"]["lambda_error"] is None
 

@@ -292,6 +292,9 @@ class AttackResult:
         lam_used: (P,) the λ given to BASIS (the true one, or the estimate).
         target, reference, mixture: (P, 1, D, H, W) patches (for the control, ``reference`` is the grating).
         recovered: (P, I, 1, D, H, W) the recovered target per init.
+        reference_scores: (P, I) MS-SSIM of the recovered second source (the secret reference, or
+            the grating) against the true one: the separation works only if both sources come out.
+        reference_trivial: (P,) MS-SSIM of the mixture against the second source.
         estimated: whether ``lam_used`` was estimated.
     """
 
@@ -304,6 +307,8 @@ class AttackResult:
     reference: torch.Tensor
     mixture: torch.Tensor
     recovered: torch.Tensor
+    reference_scores: torch.Tensor
+    reference_trivial: torch.Tensor
     estimated: bool = False
 
     @property
@@ -330,6 +335,16 @@ class AttackResult:
     def trivial_std(self) -> float:
         """Standard deviation of MS-SSIM(mixture, target)."""
         return float(self.trivial.std(unbiased=False))
+
+    @property
+    def reference_mean(self) -> float:
+        """Mean MS-SSIM of the recovered second source over all patches and inits."""
+        return float(self.reference_scores.mean())
+
+    @property
+    def reference_trivial_mean(self) -> float:
+        """Mean MS-SSIM(mixture, second source)."""
+        return float(self.reference_trivial.mean())
 
     @property
     def lambda_error(self) -> float | None:
@@ -491,12 +506,14 @@ def _run_basis(
     recovered_2 = _finite(separation.source_2.float().cpu(), name)
     similarity = lambda a, b: ms_ssim_3d(a, b, msssim)
     if match:  # one prior for both sources: the evaluator pairs the outputs with the truth
-        recovered_1 = match_sources(recovered_1, recovered_2, repeat(target), repeat(reference), similarity).source_1
+        matched = match_sources(recovered_1, recovered_2, repeat(target), repeat(reference), similarity)
+        recovered_1, recovered_2 = matched.source_1, matched.source_2
     scores = similarity(recovered_1, repeat(target)).reshape(-1, inits)
-    trivial = similarity(mixture, target)
+    reference_scores = similarity(recovered_2, repeat(reference)).reshape(-1, inits)
     patches = target.shape[0]
-    return AttackResult(name, scores, trivial, lam, lam_used, target, reference, mixture,
-                        recovered_1.reshape(patches, inits, *target.shape[1:]), estimated)
+    return AttackResult(name, scores, similarity(mixture, target), lam, lam_used, target, reference, mixture,
+                        recovered_1.reshape(patches, inits, *target.shape[1:]), reference_scores,
+                        similarity(mixture, reference), estimated)
 
 
 def audit_separation(

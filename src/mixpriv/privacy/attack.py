@@ -16,6 +16,9 @@ Positive control ("control: brain + grating"): a brain patch mixed with a gratin
 for source 2. A working attack must recover the brain patch there; if it does not, a low score on
 brain + brain mixtures says nothing about privacy.
 
+The privacy-utility sweep scores each mixing setting (λ range, number of references) with the
+λ-known attack on the same target patches (:func:`attack_setting`).
+
 A shared prior cannot tell λ from 1 − λ (swap the two sources), so the λ grid of
 :class:`SeparationOptions` lies on one side of 0.5; the λ error is reported both as |λ̂ − λ| and
 "folded" as |λ̂ − max(λ, 1 − λ)|, which is what a symmetric attack can at best achieve.

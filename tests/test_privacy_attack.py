@@ -57,6 +57,9 @@ def test_audit_reports_finite_numbers_for_three_attacks(attacked):
     assert audit.attacks["λ known"].lambda_error is None
     assert audit.msssim.levels == 3  # settings_for a 16³ patch
     assert set(audit.training_seconds) == {"brain", "control"}
+    assert set(audit.denoising) == {"brain", "control"}
+    assert [row["sigma"] for row in audit.denoising["brain"]] == pytest.approx(options.sigmas().tolist())
+    assert all(math.isfinite(row["denoised_rmse"]) for row in audit.denoising["control"])
 
 
 def test_section_writes_figures_and_table(attacked, tmp_path):
@@ -69,6 +72,7 @@ def test_section_writes_figures_and_table(attacked, tmp_path):
     assert "MS-SSIM mixture vs target (trivial)" in text and "Reading rule" in text and "second source" in text
     assert audit.msssim.describe() in text and "16³" in text and "2 noise levels × 2 steps" in text
     assert data["attacks"]["λ known"]["lambda_error"] is None
+    assert "| σ | brain prior | control prior |" in text
 
 
 def test_second_call_reuses_saved_priors(attacked):

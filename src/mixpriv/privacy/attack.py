@@ -378,6 +378,7 @@ class SeparationAudit:
         options: the attack's sizes.
         lambda_range: the client's λ range the mixtures were drawn from.
         training_seconds: per prior (``"brain"``, ``"control"``), its training time (0 when reused).
+        denoising: per prior, its one-step denoising check on held-out volumes (:func:`denoising_check`).
     """
 
     attacks: dict[str, AttackResult]
@@ -386,6 +387,29 @@ class SeparationAudit:
     options: SeparationOptions
     lambda_range: tuple[float, float]
     training_seconds: dict[str, float] = field(default_factory=dict)
+    denoising: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+
+def denoising_check(score: ScoreFn, clean: torch.Tensor, sigmas: Sequence[float],
+                    generator: torch.Generator) -> list[dict[str, float]]:
+    """How well a prior denoises held-out volumes in one step, per noise level (is it trained enough?).
+
+    For each σ: RMSE of ``x + σ·ε`` against ``x`` and of Tweedie's estimate ``x̃ + σ²·s(x̃, σ)``
+    against ``x``. A useful prior brings the second well below the first at every level.
+
+    Example:
+        >>> exact = lambda x, sigma: -(x - 0.5) / sigma ** 2  # the score of a point mass at 0.5
+        >>> rows = denoising_check(exact, torch.full((2, 1, 4, 4, 4), 0.5), [0.1], torch.Generator().manual_seed(0))
+        >>> round(rows[0]["denoised_rmse"], 6)
+        0.0
+    """
+    rows = []
+    for sigma in sigmas:
+        noisy = clean + float(sigma) * torch.randn(clean.shape, generator=generator).to(clean)
+        denoised = noisy + float(sigma) ** 2 * score(noisy, float(sigma))
+        rmse = lambda x: float((x - clean).pow(2).mean().sqrt())
+        rows.append({"sigma": float(sigma), "noisy_rmse": rmse(noisy), "denoised_rmse": rmse(denoised)})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- attack
@@ -570,6 +594,8 @@ def audit_separation(
     seconds = {}
     brain_dir = _timed_prior(train, out_dir / "prior-brain", options, False, progress, seed, seconds, "brain")
     brain = _score_fn(brain_dir, device)
+    check_generator = torch.Generator().manual_seed(seed + 3)
+    denoising = {"brain": denoising_check(brain, target.to(device), options.sigmas().tolist(), check_generator)}
     attacks = {}
     steps = tqdm(total=3 if options.control else 2, desc="BSS attacks", disable=not progress)
     basis_generator = torch.Generator(device=device).manual_seed(seed + 1)
@@ -589,14 +615,16 @@ def audit_separation(
     if options.control:
         control_dir = _timed_prior(None, out_dir / "prior-control", options, True, progress, seed, seconds, "control")
         grating = sample_control_volumes(options.num_patches, (patch,) * 3, torch.Generator().manual_seed(seed + 2))
+        control_prior = _score_fn(control_dir, device)
+        denoising["control"] = denoising_check(control_prior, grating.to(device), options.sigmas().tolist(),
+                                               check_generator)
         weight = lam.reshape(-1, 1, 1, 1, 1)
         control_mixture = weight * target + (1 - weight) * grating
-        attacks[CONTROL] = _run_basis(CONTROL, target, grating, control_mixture, lam, lam, brain,
-                                      _score_fn(control_dir, device), options, msssim, basis_generator, device,
-                                      False, progress, options.inits)
+        attacks[CONTROL] = _run_basis(CONTROL, target, grating, control_mixture, lam, lam, brain, control_prior,
+                                      options, msssim, basis_generator, device, False, progress, options.inits)
         steps.update()
     steps.close()
-    return SeparationAudit(attacks, msssim, patch, options, (low, high), seconds)
+    return SeparationAudit(attacks, msssim, patch, options, (low, high), seconds, denoising)
 
 
 def attack_setting(

@@ -17,4 +17,5 @@ finetune() {  # name, overrides...
 finetune sweep-l50-80-r1 "model.lambda_range=[0.5, 0.8]"
 finetune sweep-l35-65-r1 "model.lambda_range=[0.35, 0.65]"
 finetune sweep-l65-95-r1
+finetune sweep-l20-50-r1 "model.lambda_range=[0.2, 0.5]"
 finetune sweep-l50-80-r3 "model.lambda_range=[0.5, 0.8]" "model.references_per_mix=3"

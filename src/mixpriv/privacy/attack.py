@@ -403,11 +403,11 @@ def denoising_check(score: ScoreFn, clean: torch.Tensor, sigmas: Sequence[float]
         >>> round(rows[0]["denoised_rmse"], 6)
         0.0
     """
+    rmse = lambda x: float((x - clean).pow(2).mean().sqrt())
     rows = []
     for sigma in sigmas:
         noisy = clean + float(sigma) * torch.randn(clean.shape, generator=generator).to(clean)
         denoised = noisy + float(sigma) ** 2 * score(noisy, float(sigma))
-        rmse = lambda x: float((x - clean).pow(2).mean().sqrt())
         rows.append({"sigma": float(sigma), "noisy_rmse": rmse(noisy), "denoised_rmse": rmse(denoised)})
     return rows
 

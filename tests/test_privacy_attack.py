@@ -50,7 +50,11 @@ def test_audit_reports_finite_numbers_for_three_attacks(attacked):
                       result.reference_mean, result.reference_trivial_mean):
             assert math.isfinite(value)
         assert result.best_init_mean >= result.mean - 1e-6
-        assert bool(((result.lam >= 0.65) & (result.lam <= 0.95)).all())
+    for name in ("λ known", "λ estimated"):
+        lam = audit.attacks[name].lam
+        assert bool(((lam >= 0.65) & (lam <= 0.95)).all())
+    control = audit.attacks["control: brain + grating"]  # equal weights by default
+    assert control.lam.tolist() == [0.5, 0.5] and control.lam_used.tolist() == [0.5, 0.5]
     estimated = audit.attacks["λ estimated"]
     assert math.isfinite(estimated.lambda_error) and estimated.lambda_error_folded is not None
     assert {round(v, 4) for v in estimated.lam_used.tolist()} <= {0.6, 0.8}
@@ -73,16 +77,18 @@ def test_section_writes_figures_and_table(attacked, tmp_path):
     assert audit.msssim.describe() in text and "16³" in text and "2 noise levels × 2 steps" in text
     assert data["attacks"]["λ known"]["lambda_error"] is None
     assert "| σ | brain prior | control prior |" in text
+    assert "grating (brain weight 0.5, grating weight 0.5)" in text
 
 
-def test_second_call_reuses_saved_priors(attacked):
+def test_second_call_reuses_saved_priors_and_control_can_mix_at_the_clients_lambda(attacked):
     audit, out, options = attacked
     weights = {name: (out / name / WEIGHTS_FILE).stat().st_mtime_ns for name in ("prior-brain", "prior-control")}
-    again = audit_separation(_volumes([0, 1]), _volumes([2, 3]), _volumes([4, 5]), (0.65, 0.95), options, out,
-                             seed=0, progress=False)
+    again = audit_separation(_volumes([0, 1]), _volumes([2, 3]), _volumes([4, 5]), (0.65, 0.95),
+                             SeparationOptions(**{**TINY, "control_lambda": None}), out, seed=0, progress=False)
     assert {name: (out / name / WEIGHTS_FILE).stat().st_mtime_ns for name in weights} == weights
     assert again.training_seconds == {"brain": 0.0, "control": 0.0}
     torch.testing.assert_close(again.attacks["λ known"].trivial, audit.attacks["λ known"].trivial)
+    torch.testing.assert_close(again.attacks["control: brain + grating"].lam, audit.attacks["λ known"].lam)
 
 
 def test_prior_retrains_when_the_training_differs(tmp_path):
@@ -130,7 +136,8 @@ def test_attack_setting_scores_one_setting_with_a_saved_prior(attacked):
 @pytest.mark.parametrize("bad", [{"inits": 0}, {"sweep_inits": 0}, {"patch_size": 2}, {"num_patches": -1}, {"score_steps": 0},
                                  {"num_levels": 1}, {"sigma_min": 2.0}, {"delta": 1e-3}, {"delta": 0.0},
                                  {"lambda_candidates": ()}, {"lambda_candidates": (0.5, 1.5)},
-                                 {"network": {"channels": []}}, {"steps_per_level": 0}])
+                                 {"network": {"channels": []}}, {"steps_per_level": 0}, {"control_lambda": 1.0},
+                                 {"control_lambda": 0.0}])
 def test_bad_options_raise(bad):
     with pytest.raises(InputError):
         SeparationOptions(**{**TINY, **bad})

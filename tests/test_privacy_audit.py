@@ -79,6 +79,9 @@ def test_audit_rejects_unknown_parts_and_baselines(patient_folder, tmp_path):
         AuditOptions(parts=("reid", "dice"))
     assert main(["audit", "--model", "tissue-baseline-2mm", "--data", str(patient_folder),
                  "--out", str(tmp_path / "a"), "--parts", "reid"]) == 2
+    assert main(["audit", "--model", "tissue-mixpriv-2mm", "--data", str(patient_folder),
+                 "--out", str(tmp_path / "b"), "--parts", "bss", "--bss-control-lambda", "1.5"]) == 2
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow

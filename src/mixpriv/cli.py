@@ -309,7 +309,15 @@ def _add_audit(sub) -> None:
     p.add_argument("--bss-inits", type=int, default=3, help="random initialisations of each separation")
     p.add_argument("--bss-score-steps", type=int, default=2000, help="training steps of each score network")
     p.add_argument("--bss-steps-per-level", type=int, default=100, help="Langevin steps per noise level")
+    p.add_argument("--bss-control-lambda", type=_control_lambda, default=0.5,
+                   help="brain weight in the positive control's brain + grating mixtures (default 0.5: equal "
+                        "weights); 'client' mixes with the attacked mixtures' λ draws")
     p.set_defaults(func=_audit)
+
+
+def _control_lambda(text: str) -> float | None:
+    """``--bss-control-lambda``: a weight, or ``client`` for the client's λ draws (None)."""
+    return None if text == "client" else float(text)
 
 
 def _audit(args) -> None:
@@ -322,7 +330,8 @@ def _audit(args) -> None:
                            dice_cases=args.dice_cases or None,
                            separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,
                                                         score_steps=args.bss_score_steps,
-                                                        steps_per_level=args.bss_steps_per_level))
+                                                        steps_per_level=args.bss_steps_per_level,
+                                                        control_lambda=args.bss_control_lambda))
     bank = ReferenceBank.load(args.key) if args.key else None
     paths = run_audit(args.model, args.data, args.out, options, bank=bank)
     print(f"report: {paths['markdown']}")

@@ -12,9 +12,13 @@ Reading rule: the attack *recovers* the target only where its MS-SSIM clearly ex
 baseline MS-SSIM(mixture, target): the mixture itself already resembles the target (λ ≥ 0.5).
 
 Positive control ("control: brain + grating"): a brain patch mixed with a grating volume
-(:mod:`mixpriv.privacy.control`), separated with the brain prior for source 1 and a grating prior
-for source 2. A working attack must recover the brain patch there; if it does not, a low score on
-brain + brain mixtures says nothing about privacy.
+(:mod:`mixpriv.privacy.control`), by default with equal weights (``control_lambda = 0.5``, both
+sources clearly present), separated with the brain prior for source 1 and a grating prior for
+source 2. A working attack must recover both sources there; if it does not, a low score on
+brain + brain mixtures says nothing about privacy. (``control_lambda=None`` mixes with the
+client's λ draws instead: there the grating has weight 1 − λ ≤ 0.35 and annealed Langevin
+dynamics settle on a wrong grating early, at noise levels that hide it, which the brain source
+then absorbs; the brain, the large-weight source, is still recovered.)
 
 The privacy-utility sweep scores each mixing setting (λ range, number of references) with the
 λ-known attack on the same target patches (:func:`attack_setting`).
@@ -107,6 +111,8 @@ class SeparationOptions:
             the same prior for both sources cannot tell λ from 1 − λ (swapping the sources).
         lambda_steps_per_level: Langevin steps per level of each short separation of the λ search.
         control: also run the positive control (brain + grating, needs a second prior).
+        control_lambda: weight of the brain patch in the control's mixtures (0.5: equal weights);
+            ``None`` uses the attacked mixtures' λ.
         network: score network spec (``None``: :class:`~mixpriv.privacy.score_network.ScoreNetSpec` defaults).
         min_mean: smallest mean intensity of a patch counted as brain-containing.
 
@@ -136,6 +142,7 @@ class SeparationOptions:
     lambda_candidates: tuple[float, ...] = field(default_factory=_default_candidates)
     lambda_steps_per_level: int = 20
     control: bool = True
+    control_lambda: float | None = 0.5
     network: dict | None = None
     min_mean: float = 0.05
 
@@ -155,6 +162,11 @@ class SeparationOptions:
             raise InputError(f"lambda_candidates must be a non-empty list of values in (0, 1], got {candidates}")
         self.lambda_candidates = candidates
         check_stability(self.delta, self.sigma_min, torch.tensor(candidates))
+        if self.control_lambda is not None:
+            if isinstance(self.control_lambda, bool) or not 0 < self.control_lambda < 1:
+                raise InputError(f"control_lambda must lie in (0, 1) or be None, got {self.control_lambda!r}")
+            self.control_lambda = float(self.control_lambda)
+            check_stability(self.delta, self.sigma_min, torch.tensor([self.control_lambda]))
         build_score_network(self.network)  # validates the spec
         if self.min_mean < 0:
             raise InputError(f"min_mean must be non-negative, got {self.min_mean}")
@@ -618,10 +630,12 @@ def audit_separation(
         control_prior = _score_fn(control_dir, device)
         denoising["control"] = denoising_check(control_prior, grating.to(device), options.sigmas().tolist(),
                                                check_generator)
-        weight = lam.reshape(-1, 1, 1, 1, 1)
+        control_lam = lam if options.control_lambda is None else torch.full_like(lam, options.control_lambda)
+        weight = control_lam.reshape(-1, 1, 1, 1, 1)
         control_mixture = weight * target + (1 - weight) * grating
-        attacks[CONTROL] = _run_basis(CONTROL, target, grating, control_mixture, lam, lam, brain, control_prior,
-                                      options, msssim, basis_generator, device, False, progress, options.inits)
+        attacks[CONTROL] = _run_basis(CONTROL, target, grating, control_mixture, control_lam, control_lam, brain,
+                                      control_prior, options, msssim, basis_generator, device, False, progress,
+                                      options.inits)
         steps.update()
     steps.close()
     return SeparationAudit(attacks, msssim, patch, options, (low, high), seconds, denoising)

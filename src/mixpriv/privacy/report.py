@@ -156,7 +156,8 @@ def separation_section(audit: SeparationAudit, out_dir: str | Path) -> tuple[dic
              "patches of the best initialisation, picked with the truth (an optimistic oracle). λ error: mean "
              "|λ̂ − λ| of the grid search over " + ", ".join(f"{c:g}" for c in options.lambda_candidates)
              + " (one side of 0.5: a shared prior cannot tell λ from 1 − λ). The control mixes a brain patch with a "
-             "grating and separates them with the brain prior and a grating prior (λ known). *Second source*: "
+             f"grating ({_control_weights(options.control_lambda)}) and separates them with the brain prior and a "
+             "grating prior (λ known). *Second source*: "
              "MS-SSIM of the other recovered source (the secret reference; the grating for the control) against "
              "the true one, next to MS-SSIM(mixture, second source): a separation that works recovers both.", "",
              *markdown_table(["Attack", "MS-SSIM recovered vs target (mean ± std)", "best init",
@@ -168,6 +169,12 @@ def separation_section(audit: SeparationAudit, out_dir: str | Path) -> tuple[dic
              *[f"![{name}]({data['attacks'][name]['figure']})" for name in audit.attacks], "",
              *_denoising_lines(audit.denoising)]
     return data, lines
+
+
+def _control_weights(control_lambda: float | None) -> str:
+    if control_lambda is None:
+        return "brain weight λ, the attacked mixtures' draws"
+    return f"brain weight {control_lambda:g}, grating weight {1 - control_lambda:g}"
 
 
 def _denoising_lines(denoising: Mapping[str, list[dict[str, float]]]) -> list[str]:

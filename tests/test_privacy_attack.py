@@ -88,6 +88,7 @@ def test_second_call_reuses_saved_priors_and_control_can_mix_at_the_clients_lamb
     assert {name: (out / name / WEIGHTS_FILE).stat().st_mtime_ns for name in weights} == weights
     assert again.training_seconds == {"brain": 0.0, "control": 0.0}
     torch.testing.assert_close(again.attacks["λ known"].trivial, audit.attacks["λ known"].trivial)
+    torch.testing.assert_close(again.attacks["λ known"].scores, audit.attacks["λ known"].scores)  # same seed
     torch.testing.assert_close(again.attacks["control: brain + grating"].lam, audit.attacks["λ known"].lam)
 
 
@@ -137,7 +138,8 @@ def test_attack_setting_scores_one_setting_with_a_saved_prior(attacked):
                                  {"num_levels": 1}, {"sigma_min": 2.0}, {"delta": 1e-3}, {"delta": 0.0},
                                  {"lambda_candidates": ()}, {"lambda_candidates": (0.5, 1.5)},
                                  {"network": {"channels": []}}, {"steps_per_level": 0}, {"control_lambda": 1.0},
-                                 {"control_lambda": 0.0}])
+                                 {"control_lambda": 0.0}, {"lambda_candidates": (0.3, 0.7)},
+                                 {"patch_size": 4, "network": {"channels": [4, 8, 16, 32]}}])
 def test_bad_options_raise(bad):
     with pytest.raises(InputError):
         SeparationOptions(**{**TINY, **bad})

@@ -15,6 +15,7 @@ from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.privacy.attack import SeparationOptions
 from mixpriv.privacy.audit import MixingSetting
+from mixpriv.privacy.report import write_report
 from mixpriv.privacy.runner import AuditOptions, run_audit
 from mixpriv.validation import InputError
 
@@ -74,13 +75,15 @@ def test_reidentification_and_test_retest_report(patient_folder, tiny_model, tmp
         assert (tmp_path / "audit" / png).stat().st_size > 5_000
 
 
-def test_audit_rejects_unknown_parts_and_baselines(patient_folder, tmp_path):
+def test_audit_rejects_unknown_parts_and_baselines(patient_folder, tmp_path, caplog):
     with pytest.raises(InputError, match="unknown audit part"):
         AuditOptions(parts=("reid", "dice"))
     assert main(["audit", "--model", "tissue-baseline-2mm", "--data", str(patient_folder),
                  "--out", str(tmp_path / "a"), "--parts", "reid"]) == 2
+    assert "the audit needs a Mixup-Privacy model" in caplog.text
     assert main(["audit", "--model", "tissue-mixpriv-2mm", "--data", str(patient_folder),
                  "--out", str(tmp_path / "b"), "--parts", "bss", "--bss-control-lambda", "1.5"]) == 2
+    assert "control_lambda must lie in (0, 1)" in caplog.text
     assert not (tmp_path / "b").exists()
 
 
@@ -114,3 +117,43 @@ def test_separation_part_through_the_audit(patient_folder, tiny_model, tmp_path)
     assert set(attacks) == {"λ known", "λ estimated", "control: brain + grating"}
     assert all(0.0 <= attack["msssim_mean"] <= 1.0 for attack in attacks.values())
     assert (tmp_path / "audit" / "bss" / "prior-brain").is_dir()
+
+
+def test_report_json_is_strict_json_with_nan_as_null(tmp_path):
+    sections = {"test_retest": ({"icc": float("nan"), "dice": [np.float32(0.5), np.float64("inf")]}, ["## ICC", ""])}
+    paths = write_report(sections, {"model": "m"}, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    report = json.loads(paths["json"].read_text(), parse_constant=refuse)
+    assert report["test_retest"] == {"icc": None, "dice": [0.5, None]}
+    assert paths["markdown"].read_text().startswith("# Privacy audit")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_test_retest_mixes_like_the_model_and_never_with_the_scan_itself(patient_folder, monkeypatch):
+    from mixpriv.data.datamodule import bank_from_cases
+    from mixpriv.data.folder import DatasetFolder
+    from mixpriv.privacy import audit as audit_module
+    from mixpriv.privacy.scans import load_scans
+
+    folder = DatasetFolder(patient_folder)
+    scans = load_scans(folder, 2.0, "test", max_cases=4, progress=False)
+    bank = bank_from_cases(folder, "test", 2.0, progress=False)  # the key holds the attacked scans themselves
+    model = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, patch_size=16, input_spacing=2.0,
+                               references_per_mix=3, dirichlet_alpha=2.0).eval()
+    calls = []
+    original = audit_module.mix_with_references
+
+    def recording(image, bank, k, *args, **kwargs):
+        mixtures = original(image, bank, k, *args, **kwargs)
+        calls.append((kwargs["references_per_mix"], kwargs["dirichlet_alpha"], mixtures.reference_indices))
+        return mixtures
+
+    monkeypatch.setattr(audit_module, "mix_with_references", recording)
+    retest = audit_module.audit_test_retest(model, scans, bank, progress=False)
+    assert len(calls) == 4 and all(r == 3 and alpha == 2.0 for r, alpha, _ in calls)
+    for case_id, (_, _, indices) in zip(retest.case_ids, calls):
+        used = [bank.ids[i] for entry in indices for i in entry]
+        assert len(indices) == 2 and len(used) == 6 and case_id not in used

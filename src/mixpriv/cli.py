@@ -1,4 +1,4 @@
-"""The ``mixpriv`` command line: build the cohort, train, evaluate, make a key, segment, demo."""
+"""The ``mixpriv`` command line: build the cohort, train, evaluate, make a key, segment, audit privacy, demo."""
 
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ def _add_audit(sub) -> None:
                    help="parts to run (default: all)")
     p.add_argument("--key", type=Path, default=None, help="reference bank (default: the data's training split)")
     p.add_argument("--split", default="test", help="split whose scans are attacked")
-    p.add_argument("--max-cases", type=int, default=None, help="at most this many scans")
+    p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep-models", nargs="*", default=[],
                    help="models trained for other mixing settings (names or folders), for the sweep's Dice")
@@ -325,7 +325,7 @@ def _audit(args) -> None:
     from mixpriv.privacy.attack import SeparationOptions
     from mixpriv.privacy.runner import AuditOptions, run_audit
 
-    options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases, seed=args.seed,
+    options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases or None, seed=args.seed,
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
                            dice_cases=args.dice_cases or None,
                            separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,

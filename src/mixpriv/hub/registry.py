@@ -29,12 +29,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixpriv.files import write_text_atomically
 from mixpriv.hub.cards import read_card
 from mixpriv.hub.download import (DEFAULT_TIMEOUT, fetch_bytes, is_url, join_url, mixpriv_home, offline_mode)
 from mixpriv.hub.errors import ChecksumError, ModelCardError, OfflineError, UnknownModelError
@@ -149,16 +149,7 @@ def _registry_cache_path(url: str) -> Path:
 
 
 def _write_json_atomically(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _read_remote(url: str, offline: bool, timeout: float):

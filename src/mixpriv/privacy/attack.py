@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA
+from mixpriv.files import write_text_atomically
 from mixpriv.mixing.composite import draw_reference_weights
 from mixpriv.privacy.control import control_loader, sample_control_volumes
 from mixpriv.privacy.score_matching import (
@@ -160,6 +161,9 @@ class SeparationOptions:
         candidates = tuple(float(c) for c in self.lambda_candidates)
         if not candidates or not all(0 < c <= 1 for c in candidates):
             raise InputError(f"lambda_candidates must be a non-empty list of values in (0, 1], got {candidates}")
+        if min(candidates) < 0.5 < max(candidates):
+            raise InputError(f"lambda_candidates must lie on one side of 0.5 (the shared prior cannot tell λ from "
+                             f"1 − λ), got {candidates}")
         self.lambda_candidates = candidates
         check_stability(self.delta, self.sigma_min, torch.tensor(candidates))
         if self.control_lambda is not None:
@@ -167,7 +171,10 @@ class SeparationOptions:
                 raise InputError(f"control_lambda must lie in (0, 1) or be None, got {self.control_lambda!r}")
             self.control_lambda = float(self.control_lambda)
             check_stability(self.delta, self.sigma_min, torch.tensor([self.control_lambda]))
-        build_score_network(self.network)  # validates the spec
+        depth = len(build_score_network(self.network).spec.channels)  # validates the spec
+        if self.patch_size < 2 ** (depth - 1):
+            raise InputError(f"patch_size {self.patch_size} is too small for a score network of {depth} levels "
+                             f"(it halves the patch {depth - 1} times): take at least {2 ** (depth - 1)}")
         if self.min_mean < 0:
             raise InputError(f"min_mean must be non-negative, got {self.min_mean}")
 
@@ -230,8 +237,8 @@ def train_score_prior(
     """Train a score network on brain patches (or on control gratings) and save it; reuse a matching one.
 
     A folder that already holds a network with the same spec and noise levels, trained the same way
-    (``prior_training.json``: data fingerprint, patch size, steps, batch size, seed), is reused without
-    training, so rerunning the audit does not retrain. Otherwise the network is trained with a
+    (``prior_training.json``: data fingerprint, patch size, steps, batch size, ``min_mean``, seed), is
+    reused without training, so rerunning the audit does not retrain. Otherwise the network is trained with a
     Lightning ``Trainer(max_steps=options.score_steps)`` (bf16-mixed on a GPU, 32-bit on a CPU) and
     saved (EMA weights) with :func:`~mixpriv.privacy.score_matching.save_score_network`.
 
@@ -256,6 +263,8 @@ def train_score_prior(
     if control != (images is None):
         raise InputError("give images for the brain prior (control=False), or None with control=True")
     folder = Path(out_dir)
+    if images is not None:  # fingerprint the images as trained on, whoever calls
+        images = _check_images(images, "images", options.patch_size)
     spec = build_score_network(options.network).spec.to_dict()
     sigmas = options.sigmas().tolist()
     training = _training_card(images, options, seed)
@@ -269,7 +278,8 @@ def train_score_prior(
     trainer = pl.Trainer(max_steps=options.score_steps, logger=False, enable_checkpointing=False,
                          accelerator="auto", devices=1, precision=_precision(), enable_progress_bar=progress,
                          enable_model_summary=False)
-    with torch.random.fork_rng(devices=[]):  # seeded weights and CPU noise, without touching the caller's RNG
+    devices = range(torch.cuda.device_count())
+    with torch.random.fork_rng(devices=devices):  # seeded weights and noise, without touching the caller's RNG
         torch.manual_seed(seed)
         module = ScoreMatchingModule(options.network, options.sigma_max, options.sigma_min, options.num_levels)
         start = time.perf_counter()
@@ -277,8 +287,10 @@ def train_score_prior(
         seconds = time.perf_counter() - start
     log.info("trained the %s prior (%d steps, batch %d, patch %d³, %s) in %.1f s", training["prior"],
              options.score_steps, options.batch_size, options.patch_size, _precision(), seconds)
+    (folder / TRAINING_FILE).unlink(missing_ok=True)  # written last: an interrupted save is never reused
     save_score_network(module.cpu(), folder, overwrite=True)
-    (folder / TRAINING_FILE).write_text(json.dumps({**training, "training_seconds": seconds}, indent=2) + "\n")
+    card = {**training, "training_seconds": seconds}
+    write_text_atomically(folder / TRAINING_FILE, json.dumps(card, indent=2) + "\n")
     return folder
 
 
@@ -386,20 +398,20 @@ class SeparationAudit:
     Attributes:
         attacks: per attack name (:data:`ATTACKS`, the control only if run), its result.
         msssim: the MS-SSIM setting of every score.
-        patch_size: side of the cubic patches.
         options: the attack's sizes.
         lambda_range: the client's λ range the mixtures were drawn from.
         training_seconds: per prior (``"brain"``, ``"control"``), its training time (0 when reused).
         denoising: per prior, its one-step denoising check on held-out volumes (:func:`denoising_check`).
+        references_per_mix: references per attacked mixture (K-way mixing).
     """
 
     attacks: dict[str, AttackResult]
     msssim: MSSSIMSettings
-    patch_size: int
     options: SeparationOptions
     lambda_range: tuple[float, float]
     training_seconds: dict[str, float] = field(default_factory=dict)
     denoising: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    references_per_mix: int = 1
 
 
 def denoising_check(score: ScoreFn, clean: torch.Tensor, sigmas: Sequence[float],
@@ -564,6 +576,7 @@ def audit_separation(
     out_dir: str | Path = "bss",
     seed: int = 0,
     progress: bool = True,
+    references_per_mix: int = 1,
 ) -> SeparationAudit:
     """Attack encoded scans by blind source separation: λ known, λ estimated, and the positive control.
 
@@ -581,6 +594,8 @@ def audit_separation(
         out_dir: folder of the priors.
         seed: seed of the patches, λ, gratings, training and initialisations.
         progress: show progress bars.
+        references_per_mix: references per mixture (K-way mixing: BASIS separates the target from
+            their weighted sum, one composite second source).
 
     Raises:
         InputError: malformed images, ``lambda_range`` or options (or a λ range making BASIS unstable).
@@ -601,7 +616,7 @@ def audit_separation(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     msssim = settings_for((patch,) * 3)
 
-    target, reference, lam, mixture = draw_mixtures(scans, bank, (low, high), options, seed)
+    target, reference, lam, mixture = draw_mixtures(scans, bank, (low, high), options, seed, references_per_mix)
 
     seconds = {}
     brain_dir = _timed_prior(train, out_dir / "prior-brain", options, False, progress, seed, seconds, "brain")
@@ -638,7 +653,7 @@ def audit_separation(
                                       options.inits)
         steps.update()
     steps.close()
-    return SeparationAudit(attacks, msssim, patch, options, (low, high), seconds, denoising)
+    return SeparationAudit(attacks, msssim, options, (low, high), seconds, denoising, references_per_mix)
 
 
 def attack_setting(

@@ -19,13 +19,19 @@ from mixpriv.evaluation.dice import dice_per_class, foreground_labels
 from mixpriv.evaluation.runner import evaluate_models
 from mixpriv.inference.private import (
     mix_with_references,
+    mixing_settings,
     segment_mixtures,
     unmix_volumes,
 )
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.privacy.reidentification import ReidResult, encode_scans, retrieval_metrics
+from mixpriv.privacy.reidentification import (
+    ReidResult,
+    draw_other_references,
+    encode_scans,
+    retrieval_metrics,
+)
 from mixpriv.privacy.reliability import ICCResult, test_retest
 from mixpriv.privacy.scans import AuditScans
 from mixpriv.privacy.similarity import MSSSIMSettings, settings_for, similarity_matrix
@@ -81,7 +87,8 @@ def audit_reidentification(
 ) -> ReidentificationAudit:
     """Retrieve each scan's patient from the most similar other scan, raw and encoded.
 
-    Every scan is encoded with one randomly drawn reference of ``bank`` (never the scan itself);
+    Every scan is encoded as each setting mixes (one randomly drawn reference of ``bank``, or R of
+    them with Dirichlet weights; never the scan itself);
     the attacker ranks the other encoded scans by 3D MS-SSIM.
 
     Example:
@@ -133,6 +140,9 @@ def audit_test_retest(
 ) -> TestRetestAudit:
     """Segment every labelled scan twice, each time with another reference, and measure agreement.
 
+    Each prediction mixes as the model was trained to (its λ range unless ``lambda_range`` is given,
+    its references per mixture and Dirichlet weights), never with the scan's own case.
+
     Example:
         >>> audit = audit_test_retest(model, scans, bank)  # doctest: +SKIP
         >>> audit.icc["GM"].icc  # doctest: +SKIP
@@ -148,8 +158,12 @@ def audit_test_retest(
     labelled = [i for i, label in enumerate(scans.labels) if label is not None]
     if len(labelled) < 3:
         raise InputError(f"test-retest needs at least 3 labelled scans, got {len(labelled)}")
+    references_per_mix, dirichlet_alpha = mixing_settings(model.hparams, bank_size=len(bank))
     for i in tqdm(labelled, desc="test-retest (two references per scan)", disable=not progress):
-        mixtures = mix_with_references(scans.images[i], bank, 2, lambda_range, generator)
+        drawn = draw_other_references(bank, scans.case_ids[i], 2 * references_per_mix, generator)
+        mixtures = mix_with_references(scans.images[i], bank, 2, lambda_range, generator,
+                                       reference_indices=[drawn[:references_per_mix], drawn[references_per_mix:]],
+                                       references_per_mix=references_per_mix, dirichlet_alpha=dirichlet_alpha)
         mixed = segment_mixtures(model.segment_mixture, mixtures.mixtures, patch, device=model.device)
         unmixed = unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "learned", model.unmix,
                                 patch, device=model.device)

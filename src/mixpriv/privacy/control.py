@@ -12,7 +12,7 @@ The control distribution: oriented 3D sinusoidal gratings in [0, 1],
 with ``p`` the voxel position scaled to [0, 1) along each axis, ``u`` a uniformly random
 unit direction, ``f`` uniform in ``frequency_range`` (cycles across the volume) and
 ``phi`` uniform in [0, 2 pi). The volumes are smooth, periodic and fill the whole patch,
-with no background: nothing like a brain patch, and a five-parameter family that a
+with no background: nothing like a brain patch, and a four-parameter family that a
 small score network learns quickly.
 """
 

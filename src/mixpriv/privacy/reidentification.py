@@ -178,7 +178,7 @@ def encode_scans(
         raise InputError(f"references_per_scan must be at least 1, got {references_per_scan}")
     encoded = []
     for image, case_id in zip(images, case_ids):
-        drawn = _draw_other_references(bank, str(case_id), references_per_scan * references_per_mix, generator)
+        drawn = draw_other_references(bank, str(case_id), references_per_scan * references_per_mix, generator)
         indices = [tuple(drawn[i:i + references_per_mix]) for i in range(0, len(drawn), references_per_mix)]
         mixtures = mix_with_references(image, bank, k=references_per_scan, lambda_range=lambda_range,
                                        generator=generator, reference_indices=indices,
@@ -246,8 +246,17 @@ def _query_result(scores: np.ndarray, ids: list[str], query: int) -> QueryResult
                        average_precision=float(precision_at_hits.mean()), num_relevant=int(relevant.sum()))
 
 
-def _draw_other_references(bank: ReferenceBank, case_id: str, k: int, generator: torch.Generator | None) -> list[int]:
-    """``k`` reference indices of the bank whose id is not ``case_id`` (distinct while the bank allows)."""
+def draw_other_references(bank: ReferenceBank, case_id: str, k: int, generator: torch.Generator | None) -> list[int]:
+    """``k`` reference indices of the bank whose id is not ``case_id`` (distinct while the bank allows).
+
+    The client never mixes a scan with itself, which a key holding the scan's own case would allow.
+
+    Example:
+        >>> bank = ReferenceBank(torch.rand(3, 1, 4, 4, 4), torch.zeros(3, 4, 4, 4, dtype=torch.long),
+        ...                      {"background": 0}, ids=["a", "b", "c"])
+        >>> sorted(draw_other_references(bank, "b", 2, torch.Generator().manual_seed(0)))
+        [0, 2]
+    """
     allowed = [index for index, reference_id in enumerate(bank.ids) if str(reference_id) != case_id]
     if not allowed:
         raise InputError(f"the reference bank holds no reference other than case {case_id!r} itself")

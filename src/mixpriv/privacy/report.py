@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mixpriv.evaluation.report import markdown_table
+from mixpriv.files import write_text_atomically
 from mixpriv.privacy.attack import (
     CONTROL,
     LAMBDA_ESTIMATED,
@@ -41,8 +42,9 @@ def reidentification_section(audit: ReidentificationAudit, out_dir: Path) -> tup
             for name, r in audit.results.items()}
     any_result = next(iter(audit.results.values()))
     lines = ["## Patient re-identification (paper Table 2)", "",
-             (f"Each scan is encoded with one random reference; the attacker retrieves the most similar other "
-             f"encoded scan by 3D MS-SSIM ({audit.msssim.describe()}). {any_result.num_queries} queries "
+             (f"Each scan is encoded with random references (one, or R for K-way settings); the attacker "
+             f"retrieves the most similar other encoded scan by 3D MS-SSIM ({audit.msssim.describe()}). "
+             f"{any_result.num_queries} queries "
              f"from {len(set(audit.patient_ids))} patients."), "",
              *markdown_table(["Encoding", "F1", "mAP", "top-1"],
                              [[name, _fmt(v["f1"]), _fmt(v["map"]), _fmt(v["top1_accuracy"])]
@@ -125,7 +127,8 @@ def separation_section(audit: SeparationAudit, out_dir: str | Path) -> tuple[dic
     """
     out_dir = Path(out_dir)
     options = audit.options
-    data: dict = {"msssim": audit.msssim.describe(), "patch_size": audit.patch_size,
+    data: dict = {"msssim": audit.msssim.describe(), "patch_size": options.patch_size,
+                  "references_per_mix": audit.references_per_mix,
                   "num_patches": options.num_patches, "inits": options.inits,
                   "lambda_range": list(audit.lambda_range), "num_levels": options.num_levels,
                   "steps_per_level": options.steps_per_level, "score_steps": options.score_steps,
@@ -147,8 +150,9 @@ def separation_section(audit: SeparationAudit, out_dir: str | Path) -> tuple[dic
                      _fmt(result.lambda_error)])
     low, high = audit.lambda_range
     lines = ["## Blind source separation attack (paper Fig. 4)", "",
-             f"BASIS separation of {options.num_patches} brain-containing {audit.patch_size}³ patches of mixtures "
-             f"λ·target + (1 − λ)·reference, λ ~ U({low:g}, {high:g}), {options.inits} random initialisations each; "
+             f"BASIS separation of {options.num_patches} brain-containing {options.patch_size}³ patches of mixtures "
+             f"λ·target + (1 − λ)·{_second_source(audit.references_per_mix)}, λ ~ U({low:g}, {high:g}), "
+             f"{options.inits} random initialisations each; "
              f"annealed Langevin dynamics over {options.num_levels} noise levels × {options.steps_per_level} steps "
              f"(σ {options.sigma_max:g} → {options.sigma_min:g}, δ = {options.delta:g}); each score network trained "
              f"for {options.score_steps} steps. Scores: {audit.msssim.describe()}. The first MS-SSIM column is the "
@@ -169,6 +173,12 @@ def separation_section(audit: SeparationAudit, out_dir: str | Path) -> tuple[dic
              *[f"![{name}]({data['attacks'][name]['figure']})" for name in audit.attacks], "",
              *_denoising_lines(audit.denoising)]
     return data, lines
+
+
+def _second_source(references_per_mix: int) -> str:
+    if references_per_mix == 1:
+        return "reference"
+    return f"reference (the Dirichlet-weighted sum of {references_per_mix} references, one source for BASIS)"
 
 
 def _control_weights(control_lambda: float | None) -> str:
@@ -202,11 +212,21 @@ def write_report(sections: Mapping[str, tuple[dict, list[str]]], metadata: Mappi
         ['json', 'markdown']
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     header = [f"# {title}", "", *[f"- **{key}:** {value}" for key, value in metadata.items()], ""]
-    markdown = out_dir / "report.md"
-    markdown.write_text("\n".join(header + [line for _, lines in sections.values() for line in lines]))
-    report = out_dir / "report.json"
-    report.write_text(json.dumps({"metadata": dict(metadata), **{name: data for name, (data, _) in sections.items()}},
-                                 indent=2, default=float))
-    return {"markdown": markdown, "json": report}
+    report = {"metadata": dict(metadata), **{name: data for name, (data, _) in sections.items()}}
+    return {"markdown": write_text_atomically(out_dir / "report.md", "\n".join(
+                header + [line for _, lines in sections.values() for line in lines])),
+            "json": write_text_atomically(out_dir / "report.json",
+                                          json.dumps(_json_ready(report), indent=2, allow_nan=False) + "\n")}
+
+
+def _json_ready(value):
+    """``value`` with numbers as plain floats and NaN or infinite ones as ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    number = float(value)
+    return number if math.isfinite(number) else None

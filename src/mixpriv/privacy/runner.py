@@ -118,6 +118,14 @@ def run_audit(
         options: parts and sizes (default: everything).
         bank: the references the client encodes with (default: the folder's training split).
         progress: show progress bars.
+
+    Returns:
+        The written files: ``{"markdown": out_dir/report.md, "json": out_dir/report.json}``
+        (the figures and the attacker's priors lie next to them).
+
+    Raises:
+        InputError: bad options or data (unknown part, too few scans or labels, a model that is not
+            a Mixup-Privacy model, ...).
     """
     options = options or AuditOptions()
     model = _load(model, MixupPrivacyModule)
@@ -125,7 +133,8 @@ def run_audit(
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = DatasetFolder(resolve_data_dir(data_dir))
     spacing = model.hparams.input_spacing
-    bank = bank if bank is not None else bank_from_cases(folder, "train", spacing, progress=progress)
+    key_is_train = bank is None
+    bank = bank if bank is not None else bank_from_cases(folder, TRAIN, spacing, progress=progress)
     scans = load_scans(folder, spacing, options.split, options.max_cases, progress=progress)
     setting = model_setting(model)
     sweep_models = [model, *(_load(source, MixupPrivacyModule) for source in options.sweep_models)]
@@ -144,7 +153,8 @@ def run_audit(
         attacker_images = load_scans(folder, spacing, TRAIN, progress=progress).images
     if "bss" in options.parts:
         separation = audit_separation(scans.images, list(bank.images), attacker_images, setting.lambda_range,
-                                      options.separation, out_dir / "bss", options.seed, progress)
+                                      options.separation, out_dir / "bss", options.seed, progress,
+                                      setting.references_per_mix)
         sections["separation"] = separation_section(separation, out_dir)
     if "sweep" in options.parts:
         sweep = _sweep(sweep_models, sweep_settings, reid, options, folder, bank, out_dir, progress)
@@ -154,6 +164,8 @@ def run_audit(
                 "data": str(folder.root), "split": options.split, "scans": len(scans),
                 "patients": len(set(scans.patient_ids)), "references in the key": len(bank),
                 "model's mixing": setting.name, "seed": options.seed, "parts": ", ".join(sections),
+                **({"attacker's brain prior": _attacker_data(attacker_images, key_is_train)}
+                   if "bss" in options.parts or "sweep" in options.parts else {}),
                 "options": {k: v for k, v in asdict(options).items()
                             if k in ("parts", "split", "max_cases", "k", "dice_cases", "separation")}}
     return write_report(sections, metadata, out_dir)
@@ -190,7 +202,16 @@ def _separate_sweep(sweep: SweepAudit, images: Sequence[torch.Tensor], bank: Ref
         row.bss, row.bss_trivial = result.mean, result.trivial_mean
 
 
-def _load(source, kind: type):
+def _attacker_data(images: Sequence[torch.Tensor], key_is_train: bool) -> str:
+    """Which volumes the attacker's prior learnt from, for the report."""
+    text = f"trained on the {TRAIN} split ({len(images)} scans)"
+    if key_is_train:
+        text += ("; the key is the same scans, so the attacker has seen every secret reference, which "
+                 "favours the attack (a conservative privacy measure)")
+    return text
+
+
+def _load(source: str | Path | torch.nn.Module, kind: type) -> torch.nn.Module:
     """A loaded model of ``kind`` from a name, folder or URL (or the model itself)."""
     from mixpriv.hub import from_pretrained
 

@@ -1,8 +1,8 @@
 """3D multi-scale structural similarity (MS-SSIM) for small volumes.
 
 pytorch-msssim's ``ms_ssim`` is built for 2D images: with its default 11-voxel window and 5 scales a
-volume needs more than 160 voxels per side, far more than our 48³ patches or the 88×104×88 whole
-volumes at 2 mm. Its size check is also hard-coded to 5 scales (``side > (win_size - 1) * 2**4``,
+volume needs more than 160 voxels per side, far more than our 48³ training patches, the 32³
+patches of the separation attack or the 88×104×88 whole volumes at 2 mm. Its size check is also hard-coded to 5 scales (``side > (win_size - 1) * 2**4``,
 whatever the number of weights), so fewer scales cannot be asked of it. This module therefore runs
 the multi-scale pyramid itself, level by level, with pytorch-msssim's single-scale kernel
 (``pytorch_msssim.ssim._ssim``: Gaussian window, K1 = 0.01, K2 = 0.03, valid convolution) and the
@@ -11,8 +11,8 @@ weighted geometric mean). With 5 scales the scores equal ``pytorch_msssim.ms_ssi
 
 The setting used here: a 3-voxel Gaussian window (sigma 1.5) and the standard 5 weights of Wang et
 al. (2003) whenever the volume allows them (every side at least 33 voxels: true of 48³ patches and
-whole volumes); smaller volumes get the largest number of scales that fits (see
-:func:`settings_for`). Scores computed with different settings are not comparable: report
+whole volumes); smaller volumes, such as the separation attack's 32³ patches (4 scales), get the
+largest number of scales that fits (see :func:`settings_for`). Scores computed with different settings are not comparable: report
 :meth:`MSSSIMSettings.describe` with every number.
 
 Intensities: MS-SSIM needs a known data range, and neither the pipeline's images (percentile

@@ -122,7 +122,10 @@ def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dic
     if any(row.get("bss") is not None for row in rows):
         panels.append(("bss", "separation attack MS-SSIM, λ known (lower = more private)"))
     figure = Figure(figsize=(6 * len(panels), 4.2))
-    for ax, (key, label) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
+    axes = np.atleast_1d(figure.subplots(1, len(panels), sharey=True))
+    axes[0].set_ylabel("Learned+TTA mean foreground Dice")
+    for ax, (key, label) in zip(axes, panels):
+        ax.margins(x=0.2)  # room for the labels of the outermost points
         dice_values = [row["dice"] for row in rows if row.get("dice") is not None]
         if dice_values or baseline_dice is not None:
             low = min(dice_values + ([baseline_dice - 0.01] if baseline_dice is not None else []))
@@ -144,6 +147,5 @@ def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dic
             ax.axhline(baseline_dice - 0.01, color="grey", lw=0.8, ls=":", label="baseline - 0.01")
             ax.legend(fontsize=8)
         ax.set_xlabel(label)
-        ax.set_ylabel("Learned+TTA mean foreground Dice")
     figure.suptitle("Privacy-utility trade-off", fontsize=10)
     return _save(figure, path)

@@ -25,8 +25,8 @@ from mixpriv.constants import (
 from mixpriv.inference.grid import sliding_window
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.composite import composite_reference, draw_reference_weights
-from mixpriv.mixing.functional import mix, naive_unmix, probabilities_from_unmixed
-from mixpriv.mixing.transforms import _fit_one_hot_to_shape, _fit_to_shape
+from mixpriv.mixing.functional import (fit_one_hot_to_shape, fit_to_shape, mix, naive_unmix,
+                                       probabilities_from_unmixed)
 from mixpriv.validation import (
     InputError,
     check_finite,
@@ -195,8 +195,8 @@ def mix_with_references(
     mixtures, references = [], []
     for entry, weights, lam in zip(indices, reference_weights, lambdas):
         reference_image, reference_label = composite_reference(bank, entry, weights)
-        reference_image = _fit_to_shape(reference_image, image.shape[1:])
-        references.append(_fit_one_hot_to_shape(reference_label, image.shape[1:]))
+        reference_image = fit_to_shape(reference_image, image.shape[1:])
+        references.append(fit_one_hot_to_shape(reference_label, image.shape[1:]))
         mixtures.append(mix(image.float(), reference_image, float(lam)))
     return Mixtures(torch.stack(mixtures), torch.stack(references), torch.as_tensor(lambdas).float(), indices,
                     reference_weights)

@@ -6,8 +6,11 @@ the channel and spatial axes of (N, C, D, H, W) inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+import torchio as tio
 
 from mixpriv.constants import MIN_UNMIX_LAMBDA
 from mixpriv.validation import InputError, check_lambda
@@ -79,3 +82,28 @@ def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
             raise InputError(f"label must have one channel to be one-hot encoded, got shape {tuple(label.shape)}")
         label = label[:, 0]
     return F.one_hot(label.long(), num_classes).movedim(-1, 1).float()
+
+
+def fit_to_shape(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Centre-crop or zero-pad a (C, D, H, W) tensor to the spatial ``shape`` (TorchIO's ``CropOrPad``).
+
+    The volume is returned as it is when it already has that shape. Integer label maps can be
+    fitted too: padded voxels get value 0, the background.
+
+    Example:
+        >>> fit_to_shape(torch.ones(1, 2, 4, 4), (4, 4, 2)).shape
+        torch.Size([1, 4, 4, 2])
+    """
+    if tuple(volume.shape[1:]) == tuple(shape):
+        return volume
+    return tio.CropOrPad(tuple(shape))(tio.ScalarImage(tensor=volume)).data
+
+
+def fit_one_hot_to_shape(one_hot: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """As :func:`fit_to_shape` for a one-hot (C, D, H, W) label: padded voxels are background (channel 0)."""
+    fitted = fit_to_shape(one_hot, shape)
+    if fitted is one_hot:
+        return fitted
+    fitted = fitted.clone()
+    fitted[0][fitted.sum(0) == 0] = 1
+    return fitted

@@ -34,25 +34,8 @@ from mixpriv.constants import (
 )
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.composite import check_composite, composite_reference, draw_reference_weights
-from mixpriv.mixing.functional import mix
+from mixpriv.mixing.functional import fit_one_hot_to_shape, fit_to_shape, mix
 from mixpriv.validation import InputError, check_lambda, check_lambda_range, check_references_per_mix
-
-
-def _fit_to_shape(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Centre-crop or zero-pad a (C, D, H, W) tensor to the spatial ``shape``."""
-    if tuple(volume.shape[1:]) == tuple(shape):
-        return volume
-    return tio.CropOrPad(tuple(shape))(tio.ScalarImage(tensor=volume)).data
-
-
-def _fit_one_hot_to_shape(one_hot: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """As :func:`_fit_to_shape` for a one-hot (C, D, H, W) label: padded voxels are background (channel 0)."""
-    fitted = _fit_to_shape(one_hot, shape)
-    if fitted is one_hot:
-        return fitted
-    fitted = fitted.clone()
-    fitted[0][fitted.sum(0) == 0] = 1
-    return fitted
 
 
 class Mix(tio.Transform):
@@ -116,8 +99,8 @@ class Mix(tio.Transform):
         kway = self.reference_weights is not None
         indices, weights = (self.reference_index, self.reference_weights) if kway else ([self.reference_index], [1.0])
         reference_image, reference_label = composite_reference(self.bank, indices, weights)
-        reference_image = _fit_to_shape(reference_image, image.spatial_shape).to(image.data.dtype)
-        reference_label = _fit_one_hot_to_shape(reference_label, image.spatial_shape)
+        reference_image = fit_to_shape(reference_image, image.spatial_shape).to(image.data.dtype)
+        reference_label = fit_one_hot_to_shape(reference_label, image.spatial_shape)
         image.set_data(mix(image.data.float(), reference_image.float(), self.lam))
         records = {MIX_LAMBDA: self.lam, MIX_REFERENCE_ID: self.reference_index}
         if kway:

@@ -31,7 +31,7 @@ from mixpriv.constants import (
 from mixpriv.lightning.base import SegmentationModuleBase
 from mixpriv.lightning.losses import ce_dice_loss
 from mixpriv.mixing.functional import mix, naive_unmix, one_hot, probabilities_from_unmixed
-from mixpriv.networks import AdaINUnmixer, SegmenterSpec, UnmixerSpec, build_segmenter
+from mixpriv.networks import SegmenterSpec, UnmixerSpec, build_segmenter, build_unmixer
 from mixpriv.validation import check_references_per_mix
 
 
@@ -80,7 +80,7 @@ class MixupPrivacyModule(SegmentationModuleBase):
         check_references_per_mix(references_per_mix, dirichlet_alpha)
         self.save_hyperparameters()
         self.segmenter = build_segmenter(SegmenterSpec.from_dict(segmenter), len(label_names))
-        self.unmixer = AdaINUnmixer(len(label_names), UnmixerSpec.from_dict(unmixer or {}))
+        self.unmixer = build_unmixer(len(label_names), UnmixerSpec.from_dict(unmixer or {}))
 
     def segment_mixture(self, mixture: torch.Tensor) -> torch.Tensor:
         """Server side: class probabilities (N, C, ...) of mixed images (N, 1, ...)."""

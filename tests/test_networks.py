@@ -1,0 +1,65 @@
+"""The unmixers: full-resolution AdaIN U-Net and the coarse-context variant with its folded per-voxel head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixpriv.networks import AdaINUnmixer, ContextAdaINUnmixer, UnmixerSpec, build_unmixer
+
+
+def _inputs(n: int = 3, c: int = 4, side: int = 16, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    mixed = torch.softmax(torch.randn(n, c, side, side, side, generator=generator, dtype=dtype), 1)
+    reference = F.one_hot(torch.randint(c, (n, side, side, side), generator=generator), c).movedim(-1, 1).to(dtype)
+    return mixed, reference, torch.tensor([0.66, 0.8, 0.93], dtype=dtype)[:n]
+
+
+@pytest.mark.parametrize("include_naive", [True, False])
+def test_folded_pointwise_head_equals_the_1x1_convolution_of_the_inputs(include_naive):
+    net = build_unmixer(4, {"channels": [4, 8], "context_scale": 4, "include_naive": include_naive}).double()
+    with torch.no_grad():
+        net.pointwise.weight.normal_()
+    mixed, reference, lam = _inputs(dtype=torch.float64)
+    explicit = F.conv3d(net._inputs(mixed, reference, lam), net.pointwise.weight)
+    torch.testing.assert_close(net._pointwise(mixed, reference, lam), explicit, rtol=1e-12, atol=1e-12)
+
+
+def test_context_unmixer_is_the_pointwise_head_plus_the_upsampled_coarse_unet():
+    net = build_unmixer(4, {"channels": [4, 8], "context_scale": 2}).double()
+    mixed, reference, lam = _inputs(dtype=torch.float64)
+    pooled = net._inputs(F.avg_pool3d(mixed, 2), F.avg_pool3d(reference, 2), lam)
+    coarse = net._unet(pooled, lam) + net.pointwise.bias.reshape(1, -1, 1, 1, 1)
+    expected = F.conv3d(net._inputs(mixed, reference, lam), net.pointwise.weight) + F.interpolate(
+        coarse, size=mixed.shape[2:], mode="trilinear", align_corners=False)
+    torch.testing.assert_close(net(mixed, reference, lam), expected)
+
+
+@pytest.mark.parametrize("spec", [{}, {"channels": [4, 8], "context_scale": 4}])
+def test_every_unmixer_parameter_gets_a_gradient(spec):
+    net = build_unmixer(4, spec)
+    mixed, reference, lam = _inputs()
+    net(mixed.requires_grad_(), reference, lam).logsumexp(1).sum().backward()
+    assert mixed.grad is not None and mixed.grad.abs().sum() > 0
+    missing = [name for name, p in net.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_build_unmixer_picks_the_network_of_the_spec_and_checks_it():
+    assert type(build_unmixer(4)) is AdaINUnmixer
+    assert type(build_unmixer(4, UnmixerSpec(context_scale=2))) is ContextAdaINUnmixer
+    assert build_unmixer(4, {"channels": [8, 16], "context_scale": 4}).size_divisor == 8
+    with pytest.raises(ValueError, match="context_scale"):
+        UnmixerSpec(context_scale=0)
+    with pytest.raises(ValueError, match="channels"):
+        UnmixerSpec(channels=())
+    with pytest.raises(ValueError, match="context_scale >= 2"):
+        ContextAdaINUnmixer(4, {"context_scale": 1})
+    assert UnmixerSpec.from_dict(UnmixerSpec(context_scale=4).to_dict()) == UnmixerSpec(context_scale=4)
+
+
+def test_a_scalar_lambda_is_shared_by_the_batch():
+    net = build_unmixer(4, {"channels": [4, 8], "context_scale": 2})
+    mixed, reference, _ = _inputs()
+    torch.testing.assert_close(net(mixed, reference, torch.tensor(0.8)), net(mixed, reference, torch.full((3,), 0.8)))

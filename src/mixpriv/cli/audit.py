@@ -1,0 +1,66 @@
+"""``mixpriv audit``: the privacy audit (re-identification, test-retest ICC, source separation, sweep)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_audit(sub: argparse._SubParsersAction) -> None:
+    """Declare ``mixpriv audit``: write ``report.md``, ``report.json`` and the figures of the audit.
+
+    Example:
+        >>> from mixpriv.cli import build_parser
+        >>> args = build_parser().parse_args(["audit", "--model", "m", "--out", "report",
+        ...                                   "--bss-control-lambda", "client"])
+        >>> args.split, args.k, args.bss_inits, args.bss_control_lambda
+        ('test', 8, 3, None)
+    """
+    from mixpriv.constants import AUDIT_PARTS
+
+    p = sub.add_parser("audit", help="privacy audit: re-identification, test-retest ICC, blind source separation, "
+                                     "privacy-utility sweep -> report.md, report.json, figures")
+    p.add_argument("--model", required=True, help="Mixup-Privacy model: name, folder or URL")
+    p.add_argument("--data", type=Path, default=None, help="nnU-Net v2 folder (default: the embedded cohort)")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--parts", nargs="+", choices=AUDIT_PARTS, default=list(AUDIT_PARTS),
+                   help="parts to run (default: all)")
+    p.add_argument("--key", type=Path, default=None, help="reference bank (default: the data's training split)")
+    p.add_argument("--split", default="test", help="split whose scans are attacked")
+    p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep-models", nargs="*", default=[],
+                   help="models trained for other mixing settings (names or folders), for the sweep's Dice")
+    p.add_argument("--baseline", default="tissue-baseline-2mm", help="non-private model the sweep compares with")
+    p.add_argument("--k", type=int, default=8, help="TTA references for the sweep's Dice")
+    p.add_argument("--dice-cases", type=int, default=8, help="test scans for the sweep's Dice (0: all)")
+    p.add_argument("--bss-patches", type=int, default=8, help="patches attacked by source separation")
+    p.add_argument("--bss-inits", type=int, default=3, help="random initialisations of each separation")
+    p.add_argument("--bss-score-steps", type=int, default=2000, help="training steps of each score network")
+    p.add_argument("--bss-steps-per-level", type=int, default=100, help="Langevin steps per noise level")
+    p.add_argument("--bss-control-lambda", type=_control_lambda, default=0.5,
+                   help="brain weight in the positive control's brain + grating mixtures (default 0.5: equal "
+                        "weights); 'client' mixes with the attacked mixtures' λ draws")
+    p.set_defaults(func=_audit)
+
+
+def _control_lambda(text: str) -> float | None:
+    """``--bss-control-lambda``: a weight, or ``client`` for the client's λ draws (None)."""
+    return None if text == "client" else float(text)
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.privacy.attack import SeparationOptions
+    from mixpriv.privacy.runner import AuditOptions, run_audit
+
+    options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases or None, seed=args.seed,
+                           sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
+                           dice_cases=args.dice_cases or None,
+                           separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,
+                                                        score_steps=args.bss_score_steps,
+                                                        steps_per_level=args.bss_steps_per_level,
+                                                        control_lambda=args.bss_control_lambda))
+    bank = ReferenceBank.load(args.key) if args.key else None
+    paths = run_audit(args.model, args.data, args.out, options, bank=bank)
+    print(f"report: {paths['markdown']}")

@@ -1,0 +1,61 @@
+"""``mixpriv build-cohort`` and ``mixpriv keygen``: the data commands (the synthetic cohort, a secret key)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_build_cohort(sub: argparse._SubParsersAction) -> None:
+    """Declare ``mixpriv build-cohort``: write the embedded synthetic brain cohort.
+
+    Example:
+        >>> from mixpriv.cli import build_parser
+        >>> args = build_parser().parse_args(["build-cohort", "--spacing", "1"])
+        >>> args.spacing, args.n_patients, args.scans_per_patient, args.out
+        (1.0, 60, 2, None)
+    """
+    p = sub.add_parser("build-cohort", help="build the embedded synthetic brain cohort (nnU-Net v2 layout)")
+    p.add_argument("--out", type=Path, default=None, help="folder (default: under $MIXPRIV_HOME or ~/.cache/mixpriv)")
+    p.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (2 by default, 1 for paper size)")
+    p.add_argument("--n-patients", type=int, default=60)
+    p.add_argument("--scans-per-patient", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_build_cohort)
+
+
+def _build_cohort(args: argparse.Namespace) -> None:
+    from mixpriv.data.cohort import build_cohort, default_cohort_dir
+
+    out = args.out or default_cohort_dir(args.spacing, args.seed, args.n_patients, args.scans_per_patient)
+    path = build_cohort(out, n_patients=args.n_patients, scans_per_patient=args.scans_per_patient,
+                        spacing=args.spacing, seed=args.seed)
+    print(path)
+
+
+def add_keygen(sub: argparse._SubParsersAction) -> None:
+    """Declare ``mixpriv keygen``: save a reference bank (the client's secret key) with mode 600.
+
+    Example:
+        >>> from mixpriv.cli import build_parser
+        >>> args = build_parser().parse_args(["keygen", "--out", "key.mpk", "--n", "4"])
+        >>> args.out.name, args.split, args.n, args.overwrite
+        ('key.mpk', 'train', 4, False)
+    """
+    p = sub.add_parser("keygen", help="create a secret key: a reference bank saved with owner-only permissions")
+    p.add_argument("--out", type=Path, required=True, help="key file to write (e.g. key.mpk)")
+    p.add_argument("--data", type=Path, default=None, help="labelled references (default: embedded cohort)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--n", type=int, default=None, help="number of references (default: all of the split)")
+    p.add_argument("--spacing", type=float, default=None, help="resample references to this spacing (mm)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_keygen)
+
+
+def _keygen(args: argparse.Namespace) -> None:
+    from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
+    from mixpriv.data.folder import DatasetFolder
+
+    bank = bank_from_cases(DatasetFolder(resolve_data_dir(args.data)), args.split, args.spacing, args.n)
+    path = bank.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {bank!r} to {path} (mode 600)")

@@ -1,4 +1,8 @@
-"""Figures of the privacy audit (PNG, headless, no global pyplot state)."""
+"""Figures of the privacy audit (PNG, headless, no global pyplot state).
+
+Written and sliced with the shared pieces of :mod:`mixpriv.plotting`; unlike the evaluation
+figures, these are cropped to their content (``bbox_inches="tight"``) and log nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,19 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from mixpriv.plotting import save_figure, take_slice
 from mixpriv.privacy.reliability import ICCResult
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    """Every audit figure: 110 dpi, cropped to its content."""
+    return save_figure(figure, path, dpi=110, bbox_inches="tight")
 
 
 def _middle_slice(volume: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The middle slice along the last axis of a (..., D, H, W) volume with singleton leading axes, as float32."""
     array = np.asarray(volume, dtype=np.float32).reshape(np.shape(volume)[-3:])
-    return np.rot90(array[:, :, array.shape[2] // 2])
+    return take_slice(array, 2, array.shape[2] // 2)
 
 
 def plot_similarity_matrices(similarities: Mapping[str, torch.Tensor], patient_ids: Sequence[str],

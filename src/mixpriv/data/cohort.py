@@ -236,7 +236,7 @@ def _write_cohort(folder: Path, params: dict, progress: bool, workers: int) -> N
     Patients are built in ``workers`` forked processes (each patient's randomness is its own,
     so the result does not depend on the number of workers).
     """
-    from mixpriv.evaluation.plots import plot_label_overlay  # matplotlib: import late
+    from mixpriv.plotting import plot_label_overlay  # matplotlib: import late
 
     spacing, seed = params["spacing_mm"], params["seed"]
     template = _load_template(spacing)

@@ -4,7 +4,8 @@ Starts a real server process (``python -m mixpriv.cli serve``) on a free port of
 measures, on the same machine:
 
 * latency of one private whole-volume segmentation (mix K references, segment, learned unmix,
-  average) through the server versus the same work in-process, median of ``--repeats`` runs
+  average) through the server versus the same work in-process (segment the K mixtures over the
+  grid, then unmix the stitched answer, as the remote client must), median of ``--repeats`` runs
   after one warm-up, and their ratio (the cost of the wire: encoding, HTTP, gzip, copies);
 * server throughput: ``POST /v1/segment`` requests per second (K mixtures each, prepared
   beforehand) with 1, 8 and 32 concurrent clients (threads, one HTTP connection each), and
@@ -41,9 +42,8 @@ import numpy as np
 import torch
 
 from mixpriv.constants import IMAGE
-from mixpriv.inference.private import mix_with_references
+from mixpriv.inference.pipeline import PrivatePipeline, segment_mixtures
 from mixpriv.inference.volume import load_scan
-from mixpriv.lightning.tta import TTAEnsembler
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.server.auth import ENV_TOKEN
 from mixpriv.server.client import PrivateClient
@@ -205,11 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(model_ref, args.workers, server_threads, max(16, args.k))
     try:
         server.wait_ready()
-        ensembler = TTAEnsembler(model, key, k=args.k, seed=0)
-        local = median_seconds(lambda: ensembler(image), args.repeats)
+        pipeline = PrivatePipeline.of_model(model, segment_volumes=lambda sent: segment_mixtures(
+            model.segment_mixture, sent, model.hparams.patch_size))
+        local = median_seconds(lambda: pipeline(image, key, args.k), args.repeats)
         client = PrivateClient(server.url, key, model, token=server.token, k=args.k, seed=0)
         remote = median_seconds(lambda: client.segment(image), args.repeats)
-        mixtures = mix_with_references(image, key, args.k).mixtures
+        mixtures = pipeline.mix(image, key, args.k).mixtures
         rows = []
         for concurrency in args.concurrency:
             log.info("throughput with %d concurrent client(s)", concurrency)

@@ -16,29 +16,29 @@ from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
 
 from mixpriv.constants import IMAGE
 from mixpriv.data.preprocessing import preprocessing
-from mixpriv.inference.grid import sliding_window
-from mixpriv.inference.private import (
-    PrivateSegmentation,
-    draw_lambdas,
-    mix_with_references,
-    segment_mixtures,
-    unmix_volumes,
-)
+from mixpriv.inference import pipeline as pipeline_module
+from mixpriv.inference.grid import PatchGrid, sliding_window
+from mixpriv.inference.mixtures import Mixtures, draw_lambdas, mix_with_references
+from mixpriv.inference.pipeline import PrivatePipeline, PrivateSegmentation, segment_mixtures
 from mixpriv.inference.volume import load_scan, save_like, segment_volume, to_original_grid
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.hub import from_pretrained
-from mixpriv.lightning import tta as tta_module
 from mixpriv.lightning.tta import TTAEnsembler
 from mixpriv.mixing import ReferenceBank, mix, naive_unmix, one_hot
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.validation import InputError
 
 NUM_CLASSES = len(LABELS)
 
 
-def n_grid_patches(shape, patch_size: int, overlap: int) -> int:
-    padded = [max(s, patch_size) for s in shape]
-    subject = tio.Subject(x=tio.ScalarImage(tensor=torch.zeros(1, *padded)))
-    return len(tio.GridSampler(subject, patch_size, overlap))
+def n_grid_patches(shape, patch_size: int, overlap: int | None) -> int:
+    return len(PatchGrid(shape, patch_size, overlap))
+
+
+def naive_of(mixed: torch.Tensor, mixtures: Mixtures) -> torch.Tensor:
+    """Naive unmixing (Eq. 4, projected) of given mixed probabilities, through the pipeline's remote path."""
+    pipeline = PrivatePipeline(mixtures.num_classes, segment_volumes=lambda _: mixed)
+    return pipeline.run(mixtures, ("naive",))["naive"].per_reference
 
 
 # ----------------------------------------------------------------------------- sliding window
@@ -100,6 +100,50 @@ def test_segment_volume_applies_the_segmenter_on_the_grid():
     torch.testing.assert_close(out, torch.cat([image, 1 - image]), atol=1e-5, rtol=0)
 
 
+def torchio_sliding_window(fn, volume: torch.Tensor, patch_size: int, overlap: int, mode: str) -> torch.Tensor:
+    """The grid inference mixpriv used before its own grid: TorchIO's GridSampler and GridAggregator."""
+    subject = tio.Subject(x=tio.ScalarImage(tensor=volume))
+    sampler = tio.GridSampler(subject, patch_size, overlap)
+    aggregator = tio.inference.GridAggregator(sampler, overlap_mode=mode)
+    for batch in torch.utils.data.DataLoader(sampler, batch_size=3):
+        aggregator.add_batch(fn(batch["x"][tio.DATA]), batch[tio.LOCATION])
+    return aggregator.get_output_tensor()
+
+
+@pytest.mark.parametrize("shape, patch_size, overlap", [((84, 48, 120), 48, 12), ((20, 32, 14), 8, 2)])
+@pytest.mark.parametrize("mode", ["hann", "average"])
+def test_sliding_window_equals_torchios_aggregator_on_the_same_patches(shape, patch_size, overlap, mode):
+    """Where both grids place the same patches, the stitched outputs agree to float rounding (1e-5)."""
+    grid = PatchGrid(shape, patch_size, overlap)
+    torchio_starts = {tuple(int(i) for i in location[:3]) for location in tio.GridSampler(
+        tio.Subject(x=tio.ScalarImage(tensor=torch.zeros(1, *shape))), patch_size, overlap).locations}
+    assert set(grid.starts) == torchio_starts
+    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(3, 1, 1, 1, 1, generator=torch.Generator().manual_seed(2))
+
+    def fn(patches):  # a non-local function of the patch, so that overlapping patches disagree
+        return torch.cat([patches.tanh() * w + patches.mean() for w in weights], 1)
+
+    ours = sliding_window(lambda b: fn(b["x"]), {"x": x}, patch_size, overlap, batch_size=3, overlap_mode=mode)
+    torch.testing.assert_close(ours, torchio_sliding_window(fn, x, patch_size, overlap, mode), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size, patch, overlap", [(88, 48, 6), (104, 48, 6), (88, 48, 12), (48, 48, 6), (49, 48, 0),
+                                                  (17, 8, 4), (200, 48, 24)])
+def test_grid_starts_cover_the_side_with_the_fewest_patches_and_at_least_the_overlap(size, patch, overlap):
+    from mixpriv.inference.grid import grid_starts
+
+    starts = grid_starts(size, patch, overlap)
+    assert starts[0] == 0 and starts[-1] == size - patch and starts == sorted(set(starts))
+    assert all(b - a <= patch - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap voxels
+    n = len(starts)
+    assert n == 1 or (n - 1) * patch - (n - 2) * overlap < size  # one patch fewer could not cover the side
+
+
+def test_default_grid_of_the_cohort_volume_has_twelve_patches():
+    assert len(PatchGrid((88, 104, 88), 48)) == 12 and n_grid_patches((88, 104, 88), 48, 12) == 27
+
+
 # ----------------------------------------------------------------------------- private pipeline
 
 
@@ -114,16 +158,17 @@ def test_mix_with_references_matches_the_bank():
     lambdas = torch.tensor([0.9, 0.7])
     mixtures = mix_with_references(image, bank, 2, reference_indices=[2, 0], lambdas=lambdas)
     assert mixtures.mixtures.shape == (2, 1, 20, 20, 20)
-    assert mixtures.reference_one_hot.shape == (2, NUM_CLASSES, 20, 20, 20)
+    assert mixtures.reference_probabilities().shape == (2, NUM_CLASSES, 20, 20, 20)
+    assert mixtures.reference_labels.shape == (2, 1, 20, 20, 20) and mixtures.reference_labels.dtype == torch.uint8
     assert mixtures.reference_indices == [(2,), (0,)]
     for k, (index, lam) in enumerate(zip([2, 0], lambdas)):
         reference_image, reference_one_hot = bank.get(index)
         torch.testing.assert_close(mixtures.mixtures[k], lam * image + (1 - lam) * reference_image)
-        torch.testing.assert_close(mixtures.reference_one_hot[k], reference_one_hot)
-    drawn = mix_with_references(image, bank, 3, (0.6, 0.8), torch.Generator().manual_seed(0))
+        torch.testing.assert_close(mixtures.reference_probabilities(k), reference_one_hot)
+    drawn = mix_with_references(image, bank, 3, MixingSettings((0.6, 0.8)), torch.Generator().manual_seed(0))
     assert sorted(drawn.reference_indices) == [(0,), (1,), (2,)]
     assert bool(((drawn.lambdas >= 0.6) & (drawn.lambdas <= 0.8)).all())
-    again = mix_with_references(image, bank, 3, (0.6, 0.8), torch.Generator().manual_seed(0))
+    again = mix_with_references(image, bank, 3, MixingSettings((0.6, 0.8)), torch.Generator().manual_seed(0))
     assert torch.equal(again.mixtures, drawn.mixtures) and again.reference_indices == drawn.reference_indices
 
 
@@ -132,14 +177,14 @@ def test_mix_with_references_single_reference_draws_are_pinned():
     bank = make_bank(4, shape=(20, 20, 20))
     image = torch.from_numpy(phantom(0, (20, 20, 20))[0])[None]
     generator = torch.Generator().manual_seed(5)
-    mixtures = mix_with_references(image, bank, 3, (0.6, 0.8), generator)
+    mixtures = mix_with_references(image, bank, 3, MixingSettings((0.6, 0.8)), generator)
     assert mixtures.reference_indices == [(3,), (1,), (0,)] and torch.equal(mixtures.reference_weights, torch.ones(3, 1))
     assert mixtures.lambdas.tolist() == [0.7639854550361633, 0.784020721912384, 0.6233290433883667]
     assert torch.rand(1, generator=generator).item() == 0.16439151763916016  # no extra draw
     for k, index in enumerate([3, 1, 0]):
         reference_image, reference_one_hot = bank.get(index)
         assert torch.equal(mixtures.mixtures[k], mix(image, reference_image, float(mixtures.lambdas[k])))
-        assert torch.equal(mixtures.reference_one_hot[k], reference_one_hot)
+        assert torch.equal(mixtures.reference_probabilities(k), reference_one_hot)
 
 
 def test_mix_with_references_rejects_bad_inputs():
@@ -154,14 +199,19 @@ def test_mix_with_references_rejects_bad_inputs():
         mix_with_references(torch.zeros(1, 20, 20, 20), bank, 0)
     with pytest.raises(InputError, match="lambda range"):
         draw_lambdas(3, (0.0, 0.5))
+    with pytest.raises(InputError, match="2 lambdas"):
+        mix_with_references(torch.zeros(1, 20, 20, 20), bank, 2, reference_indices=[0, 1], lambdas=torch.ones(3))
+    with pytest.raises(InputError, match="lambda must lie"):
+        mix_with_references(torch.zeros(1, 20, 20, 20), bank, 2, reference_indices=[0, 1], lambdas=torch.zeros(2))
 
 
 def test_mix_with_references_kway_is_the_weighted_sum_of_distinct_references():
     bank = make_bank(5, shape=(20, 20, 20))
     image = torch.from_numpy(phantom(0, (20, 20, 20))[0])[None]
-    mixtures = mix_with_references(image, bank, 4, (0.6, 0.8), torch.Generator().manual_seed(1), references_per_mix=3)
+    kway = MixingSettings((0.6, 0.8), references_per_mix=3)
+    mixtures = mix_with_references(image, bank, 4, kway, torch.Generator().manual_seed(1))
     assert mixtures.mixtures.shape == (4, 1, 20, 20, 20)
-    assert mixtures.reference_one_hot.shape == (4, NUM_CLASSES, 20, 20, 20)
+    assert mixtures.reference_probabilities().shape == (4, NUM_CLASSES, 20, 20, 20)
     assert mixtures.reference_weights.shape == (4, 3)
     assert len(mixtures.reference_indices) == 4 and all(len(set(refs)) == 3 for refs in mixtures.reference_indices)
     for k, (refs, weights, lam) in enumerate(zip(mixtures.reference_indices, mixtures.reference_weights,
@@ -170,13 +220,12 @@ def test_mix_with_references_kway_is_the_weighted_sum_of_distinct_references():
         images, labels = zip(*(bank.get(i) for i in refs))
         expected = lam * image + (1 - lam) * sum(w * r for w, r in zip(weights, images))
         torch.testing.assert_close(mixtures.mixtures[k], expected)
-        torch.testing.assert_close(mixtures.reference_one_hot[k], sum(w * y for w, y in zip(weights, labels)))
+        torch.testing.assert_close(mixtures.reference_probabilities(k), sum(w * y for w, y in zip(weights, labels)))
     # Given references and weights replay the mixtures exactly.
-    replay = mix_with_references(image, bank, 4, reference_indices=mixtures.reference_indices,
-                                 lambdas=mixtures.lambdas, references_per_mix=3,
-                                 reference_weights=mixtures.reference_weights)
+    replay = mix_with_references(image, bank, 4, kway, reference_indices=mixtures.reference_indices,
+                                 lambdas=mixtures.lambdas, reference_weights=mixtures.reference_weights)
     assert torch.equal(replay.mixtures, mixtures.mixtures)
-    again = mix_with_references(image, bank, 4, (0.6, 0.8), torch.Generator().manual_seed(1), references_per_mix=3)
+    again = mix_with_references(image, bank, 4, kway, torch.Generator().manual_seed(1))
     assert again.reference_indices == mixtures.reference_indices
     assert torch.equal(again.reference_weights, mixtures.reference_weights)
 
@@ -185,13 +234,14 @@ def test_kway_naive_unmixing_of_perfect_mixed_labels_recovers_the_target():
     bank = make_bank(4, shape=(12, 12, 12))
     target = one_hot(torch.randint(0, NUM_CLASSES, (1, 12, 12, 12), generator=torch.Generator().manual_seed(2)),
                      NUM_CLASSES)[0]
-    mixtures = mix_with_references(torch.rand(1, 12, 12, 12), bank, 3, (0.6, 0.9), torch.Generator().manual_seed(3),
-                                   references_per_mix=3)
+    mixtures = mix_with_references(torch.rand(1, 12, 12, 12), bank, 3, MixingSettings((0.6, 0.9), references_per_mix=3),
+                                   torch.Generator().manual_seed(3))
     lambdas = mixtures.lambdas.reshape(-1, 1, 1, 1, 1)
-    perfect = lambdas * target + (1 - lambdas) * mixtures.reference_one_hot  # what an exact server would return
-    unmixed = unmix_volumes(perfect, mixtures.reference_one_hot, mixtures.lambdas, method="naive")
+    reference = mixtures.reference_probabilities()
+    perfect = lambdas * target + (1 - lambdas) * reference  # what an exact server would return
+    unmixed = naive_of(perfect, mixtures)
     torch.testing.assert_close(unmixed, target.expand(3, -1, -1, -1, -1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(naive_unmix(perfect, mixtures.reference_one_hot, mixtures.lambdas),
+    torch.testing.assert_close(naive_unmix(perfect, reference, mixtures.lambdas),
                                target.expand(3, -1, -1, -1, -1), atol=1e-5, rtol=0)
 
 
@@ -199,19 +249,21 @@ def test_mix_with_references_rejects_bad_kway_settings():
     bank = make_bank(3)
     image = torch.zeros(1, 20, 20, 20)
     with pytest.raises(InputError, match="between 1 and 2"):
-        mix_with_references(image, bank, 2, references_per_mix=3)
+        mix_with_references(image, bank, 2, MixingSettings(references_per_mix=3))
     with pytest.raises(InputError, match="at least 1"):
-        mix_with_references(image, bank, 2, references_per_mix=0)
+        MixingSettings(references_per_mix=0)
     with pytest.raises(InputError, match="dirichlet_alpha"):
-        mix_with_references(image, bank, 2, references_per_mix=2, dirichlet_alpha=0)
+        MixingSettings(references_per_mix=2, dirichlet_alpha=0)
+    two = MixingSettings(references_per_mix=2)
     with pytest.raises(InputError, match="references_per_mix = 2 reference indices"):
-        mix_with_references(image, bank, 2, reference_indices=[(0, 1), (2,)], references_per_mix=2)
+        mix_with_references(image, bank, 2, two, reference_indices=[(0, 1), (2,)])
     with pytest.raises(InputError, match=r"shape \(2, 2\)"):
-        mix_with_references(image, bank, 2, reference_indices=[(0, 1), (1, 2)], references_per_mix=2,
-                            reference_weights=torch.ones(2, 1))
+        mix_with_references(image, bank, 2, two, reference_indices=[(0, 1), (1, 2)], reference_weights=torch.ones(2, 1))
+    with pytest.raises(InputError, match="distinct"):
+        mix_with_references(image, bank, 2, two, reference_indices=[(0, 0), (1, 2)])
 
 
-def test_segment_mixtures_runs_all_k_mixtures_in_one_call_per_grid_batch():
+def test_segment_mixtures_sends_batches_of_patches_of_all_k_mixtures():
     k, shape, patch, overlap, batch_size = 3, (19, 21, 17), 8, 4, 2
     mixtures = torch.rand(k, 1, *shape, generator=torch.Generator().manual_seed(0))
     calls = []
@@ -223,9 +275,9 @@ def test_segment_mixtures_runs_all_k_mixtures_in_one_call_per_grid_batch():
     out = segment_mixtures(segment, mixtures, patch, overlap, batch_size)
     assert out.shape == (k, 2, *shape)
     n = n_grid_patches(shape, patch, overlap)
-    assert len(calls) == math.ceil(n / batch_size)
+    assert len(calls) == math.ceil(n * k / batch_size)
     assert sum(c[0] for c in calls) == n * k
-    assert all(c[0] % k == 0 and c[1:] == (1, patch, patch, patch) for c in calls)
+    assert all(c[0] <= batch_size and c[1:] == (1, patch, patch, patch) for c in calls)
     # Each mixture's output lands in its own slot: no mixing-up of the K axis and the class axis.
     torch.testing.assert_close(out[:, 0], mixtures[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[:, 1], mixtures[:, 0] ** 2 + 1, atol=1e-5, rtol=0)
@@ -244,11 +296,13 @@ def test_naive_unmixing_with_a_perfect_server_recovers_the_target():
                          torch.stack([torch.full(shape, c) for c in reference_labels]), LABELS)
     lambdas = torch.tensor([0.9, 0.6, 0.75])
     mixtures = mix_with_references(target.float()[None], bank, k, reference_indices=[0, 1, 2], lambdas=lambdas)
+    served = []
 
     def perfect_server(x):
         out = []
-        for i, mixture in enumerate(x):
-            j = i % k
+        for mixture in x:
+            j = len(served) % k  # patches come position by position, the K mixtures of a position in order
+            served.append(j)
             decoded = mixture[0] / lambdas[j]
             assert torch.allclose(decoded, decoded.round(), atol=1e-4), "mixture order within the batch is wrong"
             y = one_hot(decoded.round().long()[None], NUM_CLASSES)[0]
@@ -259,11 +313,11 @@ def test_naive_unmixing_with_a_perfect_server_recovers_the_target():
 
     mixed = segment_mixtures(perfect_server, mixtures.mixtures, patch_size=8, overlap=4)
     expected_mixed = torch.stack([
-        lambdas[j] * one_hot(target[None], NUM_CLASSES)[0] + (1 - lambdas[j]) * mixtures.reference_one_hot[j]
+        lambdas[j] * one_hot(target[None], NUM_CLASSES)[0] + (1 - lambdas[j]) * mixtures.reference_probabilities(j)
         for j in range(k)
     ])
     torch.testing.assert_close(mixed, expected_mixed, atol=1e-5, rtol=0)
-    unmixed = unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, method="naive")
+    unmixed = naive_of(mixed, mixtures)
     assert unmixed.shape == (k, NUM_CLASSES, *shape)
     target_one_hot = one_hot(target[None], NUM_CLASSES)[0]
     for j in range(k):
@@ -273,12 +327,14 @@ def test_naive_unmixing_with_a_perfect_server_recovers_the_target():
     assert float(result.variance.max()) < 1e-6
 
 
-def test_unmix_volumes_learned_calls_the_unmixer_per_reference():
+def test_remote_learned_unmixing_calls_the_unmixer_with_each_mixtures_reference_and_lambda():
     k, c, shape = 2, NUM_CLASSES, (10, 9, 12)
     generator = torch.Generator().manual_seed(4)
     mixed = torch.softmax(torch.randn(k, c, *shape, generator=generator), 1)
-    reference = one_hot(torch.randint(0, c, (k, *shape), generator=generator), c)
+    labels = torch.randint(0, c, (k, 1, *shape), generator=generator).to(torch.uint8)
+    reference = one_hot(labels[:, 0], c)
     lambdas = torch.tensor([0.7, 0.9])
+    mixtures = Mixtures(torch.zeros(k, 1, *shape), labels, lambdas, [(0,), (1,)], torch.ones(k, 1), c)
     seen = []
 
     def unmixer(m, r, lam):
@@ -286,15 +342,18 @@ def test_unmix_volumes_learned_calls_the_unmixer_per_reference():
         assert m.shape[0] == r.shape[0] == lam.shape[0]
         return m * lam.reshape(-1, 1, 1, 1, 1) + r  # depends on lambda and on both inputs, per voxel
 
-    out = unmix_volumes(mixed, reference, lambdas, "learned", unmixer, patch_size=8, overlap=4)
+    pipeline = PrivatePipeline(c, segment_volumes=lambda _: mixed, unmix=unmixer, patch_size=8, overlap=4)
+    out = pipeline.run(mixtures)["learned"].per_reference
     assert out.shape == (k, c, *shape)
     expected = mixed * lambdas.reshape(-1, 1, 1, 1, 1) + reference
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     assert all(torch.equal(lam.reshape(-1, k), lambdas.expand(lam.numel() // k, k)) for lam in seen)
     with pytest.raises(InputError, match="needs an unmixer"):
-        unmix_volumes(mixed, reference, lambdas, "learned")
+        PrivatePipeline(c, segment_volumes=lambda _: mixed).run(mixtures)
     with pytest.raises(InputError, match="unknown unmixing method"):
-        unmix_volumes(mixed, reference, lambdas, "magic")
+        pipeline.run(mixtures, ("magic",))
+    with pytest.raises(InputError, match="one segmenter"):
+        PrivatePipeline(c)
 
 
 def test_private_segmentation_mean_variance_first():
@@ -339,9 +398,9 @@ def test_tta_ensembler_shapes_and_variance(tiny_model, k):
     finally:
         del tiny_model.segment_mixture
     assert set(results) == {"learned", "naive"}
-    # One server pass serves both unmixing methods, with all K mixtures of a patch batched.
-    n = n_grid_patches((18, 20, 22), 16, 8)
-    assert len(server_calls) == math.ceil(n / 2) and sum(server_calls) == n * k
+    # One server pass serves both unmixing methods, in batches of (at most) 2 patches of any mixture.
+    n = n_grid_patches((18, 20, 22), 16, None)
+    assert sum(server_calls) == n * k and max(server_calls) <= 2 and len(server_calls) <= math.ceil(n * k / 2) + 1
     for result in results.values():
         assert result.per_reference.shape == (k, NUM_CLASSES, 18, 20, 22)
         assert result.probabilities.shape == result.variance.shape == (NUM_CLASSES, 18, 20, 22)
@@ -356,6 +415,46 @@ def test_tta_ensembler_shapes_and_variance(tiny_model, k):
     torch.testing.assert_close(again["learned"].per_reference, results["learned"].per_reference)
 
 
+def two_pass_private_segmentation(model, mixtures: Mixtures, patch_size: int, overlap: int) -> torch.Tensor:
+    """mixpriv's pipeline before PrivatePipeline: TorchIO grid over the K mixtures, then a second grid to unmix."""
+    k, c = len(mixtures), model.num_classes
+
+    def segment(patches):
+        return model.segment_mixture(patches.reshape(-1, 1, *patches.shape[2:])).reshape(patches.shape[0], -1,
+                                                                                          *patches.shape[2:])
+
+    with torch.no_grad():
+        mixed = torchio_sliding_window(segment, mixtures.mixtures[:, 0], patch_size, overlap, "hann")
+        stacked = torch.cat([mixed, mixtures.reference_probabilities().reshape(k * c, *mixed.shape[1:])])
+
+        def unmix(patches):
+            b, spatial = patches.shape[0], patches.shape[2:]
+            m, r = patches[:, :k * c].reshape(b * k, c, *spatial), patches[:, k * c:].reshape(b * k, c, *spatial)
+            return model.unmix(m, r, mixtures.lambdas.repeat(b)).reshape(b, k * c, *spatial)
+
+        return torchio_sliding_window(unmix, stacked, patch_size, overlap, "hann").reshape(k, c, *mixed.shape[1:])
+
+
+def test_fused_pipeline_equals_the_two_pass_pipeline_where_patches_do_not_overlap(tiny_model):
+    """Without overlap, unmixing each patch's segmentation is unmixing the stitched one: equal to 1e-5.
+
+    (With overlap the fused pipeline unmixes the segmenter's own patch output, as in training,
+    while the two-pass one unmixed a blend of neighbouring patches: the benchmark
+    ``benchmarks/private_inference.py --compare`` measures that difference in Dice.)
+    """
+    bank = make_bank(3, shape=(32, 16, 32))
+    image = torch.from_numpy(phantom(2, (32, 16, 32))[0])[None]
+    pipeline = PrivatePipeline.of_model(tiny_model, overlap=0, batch_size=3)
+    mixtures = pipeline.mix(image, bank, 3, torch.Generator().manual_seed(0))
+    fused = pipeline.run(mixtures, ("learned", "naive"))
+    torch.testing.assert_close(fused["learned"].per_reference, two_pass_private_segmentation(tiny_model, mixtures, 16, 0),
+                               atol=1e-5, rtol=0)
+    remote = PrivatePipeline.of_model(tiny_model, overlap=0, segment_volumes=lambda m: segment_mixtures(
+        tiny_model.segment_mixture, m, 16, overlap=0)).run(mixtures, ("learned", "naive"))
+    for method in ("learned", "naive"):
+        torch.testing.assert_close(remote[method].per_reference, fused[method].per_reference, atol=1e-5, rtol=0)
+
+
 def test_tta_ensembler_rejects_bad_configuration(tiny_model):
     with pytest.raises(InputError, match="unknown unmixing method"):
         TTAEnsembler(tiny_model, make_bank(2), methods=("learned", "oracle"))
@@ -364,7 +463,7 @@ def test_tta_ensembler_rejects_bad_configuration(tiny_model):
     with pytest.raises(InputError, match="3 labels but the model predicts 4"):
         TTAEnsembler(tiny_model, three)
     ensembler = TTAEnsembler(tiny_model, make_bank(2), k=2)
-    assert ensembler.lambda_range == (0.6, 0.9) and ensembler.patch_size == 16
+    assert ensembler.mixing.lambda_range == (0.6, 0.9) and ensembler.patch_size == 16
 
 
 def test_tta_ensembler_mixes_kway_as_the_model_was_trained(monkeypatch):
@@ -374,23 +473,24 @@ def test_tta_ensembler_mixes_kway_as_the_model_was_trained(monkeypatch):
     bank = make_bank(3, shape=(16, 16, 16))
     image = torch.from_numpy(phantom(0, (16, 16, 16))[0])[None]
     drawn = []
-    original = tta_module.mix_with_references
+    original = pipeline_module.mix_with_references
 
     def recording(*args, **kwargs):
         drawn.append(original(*args, **kwargs))
         return drawn[-1]
 
-    monkeypatch.setattr(tta_module, "mix_with_references", recording)
+    monkeypatch.setattr(pipeline_module, "mix_with_references", recording)
     ensembler = TTAEnsembler(model, bank, k=2, methods=("learned", "naive"), seed=0)
-    assert (ensembler.references_per_mix, ensembler.dirichlet_alpha) == (2, 1.0)
+    assert (ensembler.mixing.references_per_mix, ensembler.mixing.dirichlet_alpha) == (2, 1.0)
     results = ensembler(image)
     assert [len(refs) for refs in drawn[0].reference_indices] == [2, 2]
     for result in results.values():
         assert result.per_reference.shape == (2, NUM_CLASSES, 16, 16, 16)
         torch.testing.assert_close(result.per_reference.sum(1), torch.ones(2, 16, 16, 16), atol=1e-4, rtol=0)
-    assert TTAEnsembler(model, bank, k=2, seed=0, references_per_mix=1).references_per_mix == 1
+    single = MixingSettings.of_model(model.hparams, references_per_mix=1)
+    assert TTAEnsembler(model, bank, k=2, seed=0, mixing=single).mixing.references_per_mix == 1
     with pytest.raises(InputError, match="between 1 and 2"):
-        TTAEnsembler(model, bank, references_per_mix=3)
+        TTAEnsembler(model, bank, mixing=MixingSettings.of_model(model.hparams, references_per_mix=3))
 
 
 def test_model_without_kway_hparams_loads_and_mixes_as_single_reference(tiny_model, tmp_path):
@@ -404,14 +504,13 @@ def test_model_without_kway_hparams_loads_and_mixes_as_single_reference(tiny_mod
     bank = make_bank(3, shape=(16, 16, 16))
     image = torch.from_numpy(phantom(1, (16, 16, 16))[0])[None]
     ensembler = TTAEnsembler(old, bank, k=2, methods=("naive",), seed=4)
-    assert ensembler.references_per_mix == 1
+    assert ensembler.mixing.references_per_mix == 1
     result = ensembler(image)["naive"]
     # The pre-K-way pipeline, spelled out: the same draws, mixtures and unmixing.
-    mixtures = mix_with_references(image, bank, 2, (0.6, 0.9), torch.Generator().manual_seed(4))
+    mixtures = mix_with_references(image, bank, 2, MixingSettings((0.6, 0.9)), torch.Generator().manual_seed(4))
     assert all(len(refs) == 1 for refs in mixtures.reference_indices)
     mixed = segment_mixtures(old.segment_mixture, mixtures.mixtures, 16)
-    expected = unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "naive")
-    assert torch.equal(result.per_reference, expected)
+    torch.testing.assert_close(result.per_reference, naive_of(mixed, mixtures), atol=1e-6, rtol=0)
 
 
 def test_published_model_card_without_kway_hparams_loads_as_single_reference():

@@ -14,7 +14,8 @@ from mixpriv.cli import main
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.privacy.attack import SeparationOptions
-from mixpriv.privacy.audit import MixingSetting
+from mixpriv.inference import pipeline as pipeline_module
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.report import write_report
 from mixpriv.privacy.runner import AuditOptions, run_audit
 from mixpriv.validation import InputError
@@ -60,7 +61,7 @@ def tiny_model() -> MixupPrivacyModule:
 
 
 def test_reidentification_and_test_retest_report(patient_folder, tiny_model, tmp_path):
-    options = AuditOptions(parts=("reid", "icc"), extra_settings=(MixingSetting((0.5, 0.6)),))
+    options = AuditOptions(parts=("reid", "icc"), extra_settings=(MixingSettings((0.5, 0.6)),))
     paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
     report = json.loads(paths["json"].read_text())
     results = report["reidentification"]["results"]
@@ -92,7 +93,7 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
     other = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, patch_size=16, input_spacing=2.0,
                                lambda_range=(0.5, 0.8)).eval()
     baseline = BaselineSegmenter(LABELS, TINY_SEGMENTER, patch_size=16, input_spacing=2.0).eval()
-    options = AuditOptions(parts=("sweep",), sweep_settings=(MixingSetting((0.35, 0.65)),), sweep_models=(other,),
+    options = AuditOptions(parts=("sweep",), sweep_settings=(MixingSettings((0.35, 0.65)),), sweep_models=(other,),
                            baseline=baseline, k=2, dice_cases=2, separation=TINY_SEPARATION)
     paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
     report = json.loads(paths["json"].read_text())
@@ -144,14 +145,14 @@ def test_test_retest_mixes_like_the_model_and_never_with_the_scan_itself(patient
     model = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, patch_size=16, input_spacing=2.0,
                                references_per_mix=3, dirichlet_alpha=2.0).eval()
     calls = []
-    original = audit_module.mix_with_references
+    original = pipeline_module.mix_with_references
 
-    def recording(image, bank, k, *args, **kwargs):
-        mixtures = original(image, bank, k, *args, **kwargs)
-        calls.append((kwargs["references_per_mix"], kwargs["dirichlet_alpha"], mixtures.reference_indices))
+    def recording(image, bank, k, mixing, *args, **kwargs):
+        mixtures = original(image, bank, k, mixing, *args, **kwargs)
+        calls.append((mixing.references_per_mix, mixing.dirichlet_alpha, mixtures.reference_indices))
         return mixtures
 
-    monkeypatch.setattr(audit_module, "mix_with_references", recording)
+    monkeypatch.setattr(pipeline_module, "mix_with_references", recording)
     retest = audit_module.audit_test_retest(model, scans, bank, progress=False)
     assert len(calls) == 4 and all(r == 3 and alpha == 2.0 for r, alpha, _ in calls)
     for case_id, (_, _, indices) in zip(retest.case_ids, calls):

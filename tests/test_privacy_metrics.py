@@ -15,6 +15,7 @@ from sklearn.metrics import average_precision_score
 
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.privacy import reliability
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.reidentification import encode_scans, reidentify, retrieval_metrics
 from mixpriv.privacy.reliability import ICCResult, icc_a1
 from mixpriv.privacy.similarity import (
@@ -252,11 +253,11 @@ def constant_bank(values, ids, shape=(8, 8, 8)) -> ReferenceBank:
 def test_encode_scans_never_mixes_a_scan_with_itself():
     bank = constant_bank([10.0, -10.0], ["case0", "case1"])  # the sign of a mixture tells the reference
     scans = [torch.zeros(1, 8, 8, 8)] * 20
-    encoded = encode_scans(scans, bank, (0.65, 0.95), torch.Generator().manual_seed(0), case_ids=["case0"] * 20)
+    encoded = encode_scans(scans, bank, MixingSettings((0.65, 0.95)), torch.Generator().manual_seed(0), case_ids=["case0"] * 20)
     for mixture in encoded:
         assert mixture.shape == (1, 8, 8, 8)
         assert bool((mixture <= -0.5 + 1e-5).all() & (mixture >= -3.5 - 1e-5).all())  # (1 - lambda) * -10
-    others = encode_scans(scans, bank, (0.65, 0.95), torch.Generator().manual_seed(0), case_ids=["new"] * 20)
+    others = encode_scans(scans, bank, MixingSettings((0.65, 0.95)), torch.Generator().manual_seed(0), case_ids=["new"] * 20)
     assert {float(torch.sign(m[0, 0, 0, 0])) for m in others} == {-1.0, 1.0}  # both references are drawn
 
 
@@ -276,8 +277,8 @@ def test_encode_scans_is_reproducible_and_draws_distinct_references():
 def test_encode_scans_k_way_mixes_distinct_other_references():
     bank = constant_bank([1.0, 10.0, 100.0, 1000.0], ["r0", "r1", "r2", "r3"])
     scans = [torch.zeros(1, 8, 8, 8)] * 10
-    encoded = encode_scans(scans, bank, (0.7, 0.7), torch.Generator().manual_seed(0), case_ids=["r3"] * 10,
-                           references_per_mix=3)
+    encoded = encode_scans(scans, bank, MixingSettings((0.7, 0.7), references_per_mix=3), torch.Generator().manual_seed(0),
+                           case_ids=["r3"] * 10)
     # the composite of r0, r1, r2 (never r3) with Dirichlet weights: 0.3 * (w0 + 10 w1 + 100 w2), w summing to 1
     values = [float(mixture[0, 0, 0, 0]) for mixture in encoded]
     assert all(0.3 - 1e-4 < v < 30.0 + 1e-4 for v in values)

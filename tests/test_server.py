@@ -31,7 +31,9 @@ from hypothesis import strategies as st
 from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
 from mixpriv.constants import IMAGE
 from mixpriv.hub import export_pretrained, from_pretrained
-from mixpriv.inference.private import mix_with_references, segment_mixtures
+from mixpriv.inference.mixtures import mix_with_references
+from mixpriv.inference.pipeline import PrivatePipeline, segment_mixtures
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.inference.volume import load_scan
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
@@ -170,7 +172,22 @@ def http(server, token):
 
 
 def in_process(model, key, image, k, seed, method="learned"):
-    return TTAEnsembler(model, key, k=k, methods=(method,), seed=seed)(image)[method]
+    """The same work without the server: segment the K mixtures over the grid, then unmix the stitched answer.
+
+    (In process, ``TTAEnsembler`` unmixes each patch as it is segmented instead; with overlapping
+    patches that differs from unmixing the stitched answer by more than float16 rounding.)
+    """
+    def local_server(mixtures):
+        return segment_mixtures(model.segment_mixture, mixtures, model.hparams.patch_size)
+
+    pipeline = PrivatePipeline.of_model(model, segment_volumes=local_server)
+    return pipeline(image, key, k, (method,), torch.Generator().manual_seed(seed))[method]
+
+
+def test_fused_in_process_segmentation_stays_close_to_the_server_path(model):
+    key, image = make_key(1), make_image(1)
+    fused = TTAEnsembler(model, key, k=4, seed=11)(image)["learned"]
+    assert_same_segmentation(fused, in_process(model, key, image, 4, 11), atol=0.05)
 
 
 def assert_same_segmentation(actual, expected, atol=5e-3) -> None:
@@ -213,11 +230,11 @@ def test_kway_client_mixes_as_its_model_was_trained(server, model, token):
     kway = MixupPrivacyModule(**{**model.hparams, "references_per_mix": 2})
     kway.load_state_dict(model.state_dict())
     with PrivateClient(server.url, key, kway.eval(), token=token[0], k=3, seed=5) as client:
-        assert (client.references_per_mix, client.dirichlet_alpha) == (2, 1.0)
+        assert (client.pipeline.mixing.references_per_mix, client.pipeline.mixing.dirichlet_alpha) == (2, 1.0)
         result = client.segment(image)
     assert_same_segmentation(result, in_process(kway, key, image, 3, 5))
     with pytest.raises(InputError, match="between 1 and 2"):
-        PrivateClient(server.url, key, kway, token=token[0], references_per_mix=3)
+        PrivateClient(server.url, key, kway, token=token[0], mixing=MixingSettings(references_per_mix=3))
 
 
 def test_the_server_hosts_only_the_segmenter(published, model, tmp_path, monkeypatch):
@@ -526,7 +543,7 @@ def test_only_mixtures_cross_the_wire(server, published, model, token, tmp_path)
     # What the client drew (same seed, same code path): the secrets that must not leak.
     subject, _ = load_scan(scan, 2.0)
     image = subject[IMAGE].data.float()
-    mixed = mix_with_references(image, key, 4, model.hparams.lambda_range, torch.Generator().manual_seed(7))
+    mixed = mix_with_references(image, key, 4, MixingSettings.of_model(model.hparams), torch.Generator().manual_seed(7))
     lambdas = mixed.lambdas.numpy()
     ids = [key.ids[i] for indices in mixed.reference_indices for i in indices]
 

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mixpriv.constants import DEFAULT_LAMBDA_RANGE, IMAGE, LABEL, TEST
+from mixpriv.constants import IMAGE, LABEL, TEST
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.data.preprocessing import preprocessing
 from mixpriv.evaluation.dice import dice_per_class, mean_foreground
 from mixpriv.evaluation.plots import plot_dice_vs_k, plot_private_segmentation, plot_variance_map
 from mixpriv.evaluation.report import DiceTable
-from mixpriv.inference.private import (PrivateSegmentation, mix_with_references, mixing_settings, segment_mixtures,
-                                       unmix_volumes)
+from mixpriv.inference.pipeline import PrivatePipeline, PrivateRun
 from mixpriv.inference.volume import save_like, segment_volume, to_original_grid
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
@@ -67,9 +66,8 @@ def evaluate_models(
         raise ValueError(f"{folder.root} has no labelled test case to evaluate")
     generator = torch.Generator().manual_seed(seed)
     spacing = private.hparams.input_spacing
-    patch = private.hparams.patch_size
-    lambda_range = tuple(private.hparams.get("lambda_range", DEFAULT_LAMBDA_RANGE))
-    references_per_mix, dirichlet_alpha = mixing_settings(private.hparams, bank_size=len(bank))
+    pipeline = PrivatePipeline.of_model(private)
+    mixing = pipeline.mixing.check_bank(len(bank))
     table = DiceTable(folder.labels)
     curves: dict[str, list[list[float]]] = {"Naive+TTA": [], "Learned+TTA": []}
     seconds: dict[str, list[float]] = {"baseline": [], "private_k1": [], f"private_k{k}": []}
@@ -84,16 +82,13 @@ def evaluate_models(
             seconds["baseline"].append(time.perf_counter() - start)
             table.add_prediction("Baseline", case.case_id, baseline_probs.argmax(0), label)
         start = time.perf_counter()
-        mixtures = mix_with_references(image, bank, k, lambda_range, generator, references_per_mix=references_per_mix,
-                                       dirichlet_alpha=dirichlet_alpha)
-        mixed_probs = segment_mixtures(private.segment_mixture, mixtures.mixtures, patch, device=private.device)
-        learned = PrivateSegmentation(unmix_volumes(mixed_probs, mixtures.reference_one_hot, mixtures.lambdas,
-                                                    "learned", private.unmix, patch, device=private.device))
+        run = pipeline(image, bank, k, ("learned", "naive"), generator)
         seconds[f"private_k{k}"].append(time.perf_counter() - start)
-        naive = PrivateSegmentation(unmix_volumes(mixed_probs, mixtures.reference_one_hot, mixtures.lambdas, "naive"))
+        learned, naive = run["learned"], run["naive"]
         if index == 0:
-            seconds["private_k1"].append(_time_private_k1(private, image, bank, lambda_range, references_per_mix,
-                                                          dirichlet_alpha, patch))
+            start = time.perf_counter()
+            pipeline(image, bank, 1)
+            seconds["private_k1"].append(time.perf_counter() - start)
         table.add_prediction("Naive", case.case_id, naive.first(1).labels, label)
         table.add_prediction("Naive+TTA", case.case_id, naive.labels, label)
         table.add_prediction("Learned", case.case_id, learned.first(1).labels, label)
@@ -102,40 +97,29 @@ def evaluate_models(
             curves[name].append([mean_foreground(dice_per_class(result.first(j).labels, label, folder.labels))
                                  for j in range(1, k + 1)])
         if index == 0:
-            outputs.update(_write_case_outputs(case, subject, bank, mixtures, mixed_probs, naive, learned,
-                                               folder.labels, out_dir))
+            outputs.update(_write_case_outputs(case, subject, bank, run, folder.labels, out_dir))
     dice_vs_k = {name: dict(zip(range(1, k + 1), np.nanmean(values, axis=0).tolist())) for name, values in curves.items()}
     stds = {name: dict(zip(range(1, k + 1), np.nanstd(values, axis=0).tolist())) for name, values in curves.items()}
     baseline_mean = table.aggregate().get("Baseline", {}).get("mean", {}).get("mean")
     outputs["dice_vs_k"] = plot_dice_vs_k(dice_vs_k, out_dir / "dice_vs_k.png", baseline=baseline_mean, stds=stds)
     mean_seconds = {name: float(np.mean(v)) for name, v in seconds.items() if v}
-    metadata = {"K": k, "lambda_range": list(lambda_range), "references_per_mix": references_per_mix,
-                "dirichlet_alpha": dirichlet_alpha, "seed": seed, "n_cases": len(cases),
+    metadata = {"K": k, **mixing.to_dict(), "seed": seed, "n_cases": len(cases),
                 "dataset": str(folder.root), "whole_volume_seconds": mean_seconds,
                 "device": str(private.device), "torch_threads": torch.get_num_threads()}
-    notes = {"K (TTA references)": str(k), "λ range": f"[{lambda_range[0]}, {lambda_range[1]}]",
+    notes = {"K (TTA references)": str(k), "λ range": f"[{mixing.lambda_range[0]}, {mixing.lambda_range[1]}]",
              "test cases": str(len(cases)), "Naive / Learned": "first reference only"}
-    if references_per_mix > 1:
-        notes["references per mixture (K-way)"] = f"{references_per_mix}, Dirichlet(α = {dirichlet_alpha}) weights"
+    if mixing.references_per_mix > 1:
+        notes["references per mixture (K-way)"] = (f"{mixing.references_per_mix}, Dirichlet(α = {mixing.dirichlet_alpha})"
+                                                    " weights")
     outputs.update(table.save(out_dir, metadata=metadata, title="Segmentation (Dice), test split", notes=notes))
     (out_dir / "dice_vs_k.json").write_text(json.dumps({"mean": dice_vs_k, "std": stds}, indent=2))
     return EvaluationResult(table, dice_vs_k, mean_seconds, outputs)
 
 
-def _time_private_k1(private: MixupPrivacyModule, image, bank, lambda_range, references_per_mix, dirichlet_alpha,
-                     patch) -> float:
-    start = time.perf_counter()
-    mixtures = mix_with_references(image, bank, 1, lambda_range, references_per_mix=references_per_mix,
-                                   dirichlet_alpha=dirichlet_alpha)
-    mixed = segment_mixtures(private.segment_mixture, mixtures.mixtures, patch, device=private.device)
-    unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "learned", private.unmix, patch,
-                  device=private.device)
-    return time.perf_counter() - start
-
-
-def _write_case_outputs(case, subject, bank, mixtures, mixed_probs, naive, learned,
-                        label_names: Mapping[str, int], out_dir: Path) -> dict[str, Path]:
+def _write_case_outputs(case, subject, bank: ReferenceBank, run: PrivateRun, label_names: Mapping[str, int],
+                        out_dir: Path) -> dict[str, Path]:
     """Figures and NIfTIs of one case (on the input's original grid and affine)."""
+    mixtures, naive, learned = run.mixtures, run["naive"], run["learned"]
     image = subject[IMAGE].data[0].numpy()
     label = subject[LABEL].data[0].numpy()
     # All K references go to the figure: it draws the first three and states that TTA used K. A
@@ -147,7 +131,7 @@ def _write_case_outputs(case, subject, bank, mixtures, mixed_probs, naive, learn
     outputs = {
         "figure": plot_private_segmentation(
             image, label, references, reference_labels, [m[0].numpy() for m in mixtures.mixtures],
-            [p.numpy() for p in mixed_probs], [p.numpy() for p in naive.per_reference],
+            [p.numpy() for p in run.mixed_probabilities], [p.numpy() for p in naive.per_reference],
             [p.numpy() for p in learned.per_reference], naive.labels.numpy(), learned.labels.numpy(),
             label_names, out_dir / "private_segmentation.png", title=f"test case {case.case_id}"),
         "variance_figure": plot_variance_map(image, learned.variance.numpy(), out_dir / "tta_variance.png",

@@ -1,22 +1,116 @@
-"""Whole-volume inference over an overlapping patch grid (``tio.GridSampler`` / ``GridAggregator``).
+"""Whole-volume inference over an overlapping patch grid, on preallocated accumulators.
 
-Like MONAI's inferers, the grid is kept apart from the model: ``fn`` is any callable from a
-dict of patch batches to an output batch, so a segmenter, an unmixer or a TTA ensemble plug in.
+As nnU-Net's predictor does, patches are sliced straight from the input tensors, the outputs are
+weighted by one spatial window and added into one preallocated accumulator on the device the
+model runs on, and the sum of the windows divides once at the end. As with MONAI's inferers the
+grid is kept apart from the model: ``fn`` is any callable from a dict of patch batches to an
+output batch, so a segmenter, an unmixer or the fused private pipeline plug in.
+
+The grid uses as few patches as cover each side with at least ``overlap`` voxels shared by
+neighbours, spread evenly (TorchIO's grid steps by ``patch - overlap`` and packs the slack
+into the last patch): on the 88 x 104 x 88 cohort with 48³ patches and the default overlap,
+2 x 3 x 2 = 12 patches instead of TorchIO's 27 at overlap 12.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchio as tio
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mixpriv.validation import InputError
 
 PatchFunction = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+OVERLAP_MODES = ("hann", "average")
+
+
+def default_overlap(patch_size: int) -> int:
+    """The least overlap of neighbouring patches: an eighth of a patch (6 voxels of a 48³ patch).
+
+    Every voxel is predicted by a patch that sees at least ``overlap / 2`` voxels of context
+    beyond it wherever a neighbour exists, and the Hann window gives a patch's border voxels
+    almost no weight where patches do overlap.
+    """
+    return patch_size // 8
+
+
+def grid_starts(size: int, patch_size: int, overlap: int) -> list[int]:
+    """Start indices of the fewest patches that cover ``size`` voxels sharing at least ``overlap``.
+
+    Example:
+        >>> grid_starts(88, 48, 6), grid_starts(104, 48, 6), grid_starts(30, 48, 6)
+        ([0, 40], [0, 28, 56], [0])
+    """
+    if not 0 <= overlap < patch_size:
+        raise InputError(f"the patch overlap must lie in [0, {patch_size}), got {overlap}")
+    if size <= patch_size:
+        return [0]
+    count = math.ceil((size - overlap) / (patch_size - overlap))
+    return [round(i * (size - patch_size) / (count - 1)) for i in range(count)]
+
+
+def patch_window(patch_size: int, mode: str = "hann", device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (p, p, p) weight of a patch's voxels: TorchIO's Hann window, or ones (``average``)."""
+    if mode not in OVERLAP_MODES:
+        raise InputError(f"unknown overlap mode {mode!r}; choose one of {OVERLAP_MODES}")
+    if mode == "average":
+        return torch.ones(patch_size, patch_size, patch_size, device=device)
+    line = torch.hann_window(patch_size + 2, periodic=False, device=device)[1:-1]
+    return line[:, None, None] * line[None, :, None] * line[None, None, :]
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """The patch positions over a volume of spatial ``shape`` (zero-padded to a patch where smaller).
+
+    Example:
+        >>> grid = PatchGrid((88, 104, 88), 48)
+        >>> len(grid), grid.starts[1]
+        (12, (0, 0, 40))
+    """
+
+    shape: tuple[int, int, int]
+    patch_size: int
+    overlap: int | None = None
+
+    @property
+    def padded_shape(self) -> tuple[int, int, int]:
+        return tuple(max(side, self.patch_size) for side in self.shape)
+
+    @property
+    def starts(self) -> list[tuple[int, int, int]]:
+        overlap = default_overlap(self.patch_size) if self.overlap is None else self.overlap
+        return list(itertools.product(*(grid_starts(side, self.patch_size, overlap) for side in self.padded_shape)))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def region(self, start: Sequence[int]) -> tuple[slice, slice, slice]:
+        return tuple(slice(s, s + self.patch_size) for s in start)
+
+    def pad(self, volume: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the last three axes to ``padded_shape`` (the volume itself when nothing is padded)."""
+        missing = [p - s for p, s in zip(self.padded_shape, volume.shape[-3:])]
+        if not any(missing):
+            return volume
+        return F.pad(volume, [p for side in reversed(missing) for p in (0, side)])
+
+    def crop(self, volume: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`pad` on the last three axes."""
+        d, h, w = self.shape
+        return volume[..., :d, :h, :w]
+
+    def window_sum(self, window: torch.Tensor) -> torch.Tensor:
+        """The sum of the patch windows over the grid (padded_shape), what the accumulators are divided by."""
+        total = torch.zeros(self.padded_shape, device=window.device)
+        for start in self.starts:
+            total[self.region(start)] += window
+        return total
 
 
 def sliding_window(
@@ -24,25 +118,27 @@ def sliding_window(
     volumes: Mapping[str, torch.Tensor],
     patch_size: int,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int = 2,
     device: torch.device | str = "cpu",
     progress: bool = False,
     overlap_mode: str = "hann",
 ) -> torch.Tensor:
-    """Apply ``fn`` patch-wise to ``volumes`` and stitch the outputs.
+    """Apply ``fn`` patch-wise to ``volumes`` and stitch the outputs with one spatial window.
 
     Args:
         fn: maps ``{name: (B, C_name, p, p, p)}`` to ``(B, C_out, p, p, p)``.
-        volumes: ``{name: (C_name, D, H, W)}`` tensors sharing their spatial shape.
+        volumes: ``{name: (C_name, D, H, W)}`` tensors sharing their spatial shape (any dtype:
+            patches keep it).
         patch_size: cubic patch side.
-        overlap: voxels shared by neighbouring patches (even); default a quarter of a patch.
-        batch_size: patches per call of ``fn``.
-        device: where ``fn`` runs; outputs are aggregated on the CPU.
+        overlap: least number of voxels shared by neighbouring patches; default
+            :func:`default_overlap`.
+        batch_size: patch positions per call of ``fn``.
+        device: where ``fn`` runs and the output accumulates.
         progress: show a progress bar over patch batches.
         overlap_mode: ``hann`` (smooth blending) or ``average``.
 
     Returns:
-        ``(C_out, D, H, W)`` float tensor.
+        ``(C_out, D, H, W)`` float32 tensor on ``device``.
 
     Example:
         >>> x = torch.rand(2, 20, 24, 18)
@@ -52,27 +148,30 @@ def sliding_window(
     """
     if not volumes:
         raise InputError("sliding_window needs at least one volume")
-    shapes = {name: tuple(v.shape[1:]) for name, v in volumes.items()}
     for name, volume in volumes.items():
         if volume.ndim != 4:
             raise InputError(f"volume {name!r} must be (C, D, H, W), got shape {tuple(volume.shape)}")
+    shapes = {name: tuple(v.shape[1:]) for name, v in volumes.items()}
     if len(set(shapes.values())) != 1:
         raise InputError(f"volumes must share their spatial shape, got {shapes}")
-    shape = next(iter(shapes.values()))
-    overlap = patch_size // 4 if overlap is None else overlap
-    overlap -= overlap % 2
-    # The grid needs every side to hold at least one patch: zero-pad small volumes.
-    padding = [max(0, patch_size - s) for s in shape]
-    pad_arg = [p for side in reversed(padding) for p in (0, side)]
-    subject = tio.Subject(
-        {name: tio.ScalarImage(tensor=F.pad(v.float(), pad_arg)) for name, v in volumes.items()}
-    )
-    sampler = tio.GridSampler(subject, patch_size, overlap)
-    aggregator = tio.inference.GridAggregator(sampler, overlap_mode=overlap_mode)
-    loader = DataLoader(sampler, batch_size=batch_size)
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc="patches", disable=not progress, leave=False):
-            inputs = {name: batch[name][tio.DATA].to(device) for name in volumes}
-            aggregator.add_batch(fn(inputs).float().cpu(), batch[tio.LOCATION])
-    output = aggregator.get_output_tensor()
-    return output[:, : shape[0], : shape[1], : shape[2]].contiguous()
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    grid = PatchGrid(next(iter(shapes.values())), patch_size, overlap)
+    padded = {name: grid.pad(volume) for name, volume in volumes.items()}
+    window = patch_window(patch_size, overlap_mode, device)
+    starts = grid.starts
+    output: torch.Tensor | None = None
+    with torch.no_grad():
+        batches = range(0, len(starts), batch_size)
+        for first in tqdm(batches, desc="patches", disable=not progress, leave=False):
+            chunk = starts[first:first + batch_size]
+            regions = [grid.region(start) for start in chunk]
+            inputs = {name: torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
+                      for name, volume in padded.items()}
+            outputs = fn(inputs).float()
+            if output is None:
+                output = torch.zeros(outputs.shape[1], *grid.padded_shape, device=device)
+            for region, patch in zip(regions, outputs):
+                output[(slice(None), *region)] += patch * window
+        output /= grid.window_sum(window)
+    return grid.crop(output).contiguous()

@@ -78,10 +78,13 @@ def segment_volume(
     image: torch.Tensor,
     patch_size: int,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int = 2,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Class probabilities (C, D, H, W) of a non-private segmenter on an image (1, D, H, W)."""
+    """Class probabilities (C, D, H, W) of a non-private segmenter on an image (1, D, H, W).
+
+    ``batch_size`` patches go through ``segment`` at once (2: the fastest per patch on a 2-core CPU).
+    """
     return sliding_window(lambda patches: segment(patches[IMAGE]), {IMAGE: image}, patch_size, overlap,
                           batch_size, device, progress)

@@ -106,3 +106,26 @@ def composite_reference(
     images, labels = zip(*(bank.get(i) for i in indices))
     per_reference = weights.reshape(-1, 1, 1, 1, 1)
     return (per_reference * torch.stack(images)).sum(0), (per_reference * torch.stack(labels)).sum(0)
+
+
+def label_mixture(labels: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class distributions of composite references: ``sum_j weights[:, j] * onehot(labels[:, j])``.
+
+    Args:
+        labels: (N, R, ...) integer label maps of the R references of each of N composites.
+        weights: (N, R) weights of the references (each row sums to 1).
+        num_classes: C.
+
+    Returns:
+        (N, C, ...) float32: one-hot where R = 1.
+
+    Example:
+        >>> labels = torch.tensor([[[0, 1]], [[1, 1]]], dtype=torch.uint8).reshape(1, 2, 2)
+        >>> label_mixture(labels, torch.tensor([[0.25, 0.75]]), 2)[0].tolist()
+        [[0.25, 0.0], [0.75, 1.0]]
+    """
+    one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 2).float()  # (N, R, C, ...)
+    if labels.shape[1] == 1:
+        return one_hot[:, 0]
+    weights = weights.to(one_hot.device, torch.float32).reshape(*weights.shape, *([1] * (one_hot.ndim - 2)))
+    return (weights * one_hot).sum(1)

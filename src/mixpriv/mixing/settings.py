@@ -28,6 +28,8 @@ class MixingSettings:
         MixingSettings(lambda_range=(0.65, 0.95), references_per_mix=1, dirichlet_alpha=1.0)
         >>> MixingSettings.of_model({"lambda_range": [0.5, 0.8], "references_per_mix": 3})
         MixingSettings(lambda_range=(0.5, 0.8), references_per_mix=3, dirichlet_alpha=1.0)
+        >>> MixingSettings((0.5, 0.8), references_per_mix=3).name
+        'λ∈[0.5, 0.8], 3 refs'
         >>> MixingSettings(lambda_range=(0.0, 0.5))
         Traceback (most recent call last):
         ...
@@ -56,6 +58,13 @@ class MixingSettings:
         if isinstance(values["lambda_range"], Sequence):
             values["lambda_range"] = tuple(values["lambda_range"])
         return cls(**values)
+
+    @property
+    def name(self) -> str:
+        """A short display name, e.g. ``λ∈[0.5, 0.8], 3 refs``."""
+        low, high = self.lambda_range
+        refs = f", {self.references_per_mix} refs" if self.references_per_mix > 1 else ""
+        return f"λ∈[{low:g}, {high:g}]{refs}"
 
     def with_(self, **changes) -> MixingSettings:
         """A copy with some settings changed (``None`` keeps the current value)."""

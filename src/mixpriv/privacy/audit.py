@@ -13,19 +13,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mixpriv.constants import DEFAULT_LAMBDA_RANGE
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.evaluation.dice import dice_per_class, foreground_labels
 from mixpriv.evaluation.runner import evaluate_models
-from mixpriv.inference.private import (
-    mix_with_references,
-    mixing_settings,
-    segment_mixtures,
-    unmix_volumes,
-)
+from mixpriv.inference.pipeline import PrivatePipeline
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.reidentification import (
     ReidResult,
     draw_other_references,
@@ -35,30 +30,9 @@ from mixpriv.privacy.reidentification import (
 from mixpriv.privacy.reliability import ICCResult, test_retest
 from mixpriv.privacy.scans import AuditScans
 from mixpriv.privacy.similarity import MSSSIMSettings, settings_for, similarity_matrix
-from mixpriv.validation import InputError, check_lambda_range
+from mixpriv.validation import InputError
 
 NO_PROXY = "No proxy"
-
-
-@dataclass(frozen=True)
-class MixingSetting:
-    """How the client encodes a scan: the target's weight range and the number of references.
-
-    Example:
-        >>> MixingSetting((0.65, 0.95)).name
-        'λ∈[0.65, 0.95]'
-        >>> MixingSetting((0.5, 0.8), references_per_mix=3).name
-        'λ∈[0.5, 0.8], 3 refs'
-    """
-
-    lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE
-    references_per_mix: int = 1
-
-    @property
-    def name(self) -> str:
-        low, high = self.lambda_range
-        refs = f", {self.references_per_mix} refs" if self.references_per_mix > 1 else ""
-        return f"λ∈[{low:g}, {high:g}]{refs}"
 
 
 @dataclass
@@ -81,7 +55,7 @@ class ReidentificationAudit:
 def audit_reidentification(
     scans: AuditScans,
     bank: ReferenceBank,
-    settings: Sequence[MixingSetting] = (MixingSetting(),),
+    settings: Sequence[MixingSettings] = (MixingSettings(),),
     seed: int = 0,
     progress: bool = True,
 ) -> ReidentificationAudit:
@@ -101,9 +75,7 @@ def audit_reidentification(
     encodings = {NO_PROXY: list(scans.images)}
     for setting in settings:
         generator = torch.Generator().manual_seed(seed)
-        encodings[setting.name] = encode_scans(scans.images, bank, setting.lambda_range, generator,
-                                               case_ids=scans.case_ids,
-                                               references_per_mix=setting.references_per_mix)
+        encodings[setting.name] = encode_scans(scans.images, bank, setting, generator, case_ids=scans.case_ids)
     for name, volumes in encodings.items():
         similarity = similarity_matrix([v.reshape(1, *v.shape[-3:]) for v in volumes], msssim, progress=progress)
         similarities[name] = similarity
@@ -134,14 +106,14 @@ def audit_test_retest(
     model: MixupPrivacyModule,
     scans: AuditScans,
     bank: ReferenceBank,
-    lambda_range: Sequence[float] | None = None,
+    mixing: MixingSettings | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> TestRetestAudit:
     """Segment every labelled scan twice, each time with another reference, and measure agreement.
 
-    Each prediction mixes as the model was trained to (its λ range unless ``lambda_range`` is given,
-    its references per mixture and Dirichlet weights), never with the scan's own case.
+    Each prediction mixes as ``mixing`` says (default: as the model was trained: its λ range,
+    references per mixture and Dirichlet weights), never with the scan's own case.
 
     Example:
         >>> audit = audit_test_retest(model, scans, bank)  # doctest: +SKIP
@@ -150,24 +122,18 @@ def audit_test_retest(
     """
     if len(bank) < 2:
         raise InputError("test-retest needs a bank with at least two references")
-    lambda_range = check_lambda_range(lambda_range or model.hparams.get("lambda_range", DEFAULT_LAMBDA_RANGE))
+    pipeline = PrivatePipeline.of_model(model, mixing=mixing)
+    r = pipeline.mixing.check_bank(len(bank)).references_per_mix
     labels = foreground_labels(model.label_names)
     generator = torch.Generator().manual_seed(seed)
-    patch = model.hparams.patch_size
     audit = TestRetestAudit({}, {name: [] for name in labels}, {name: [] for name in labels})
     labelled = [i for i, label in enumerate(scans.labels) if label is not None]
     if len(labelled) < 3:
         raise InputError(f"test-retest needs at least 3 labelled scans, got {len(labelled)}")
-    references_per_mix, dirichlet_alpha = mixing_settings(model.hparams, bank_size=len(bank))
     for i in tqdm(labelled, desc="test-retest (two references per scan)", disable=not progress):
-        drawn = draw_other_references(bank, scans.case_ids[i], 2 * references_per_mix, generator)
-        mixtures = mix_with_references(scans.images[i], bank, 2, lambda_range, generator,
-                                       reference_indices=[drawn[:references_per_mix], drawn[references_per_mix:]],
-                                       references_per_mix=references_per_mix, dirichlet_alpha=dirichlet_alpha)
-        mixed = segment_mixtures(model.segment_mixture, mixtures.mixtures, patch, device=model.device)
-        unmixed = unmix_volumes(mixed, mixtures.reference_one_hot, mixtures.lambdas, "learned", model.unmix,
-                                patch, device=model.device)
-        predictions = unmixed.argmax(1)  # one label map per reference
+        drawn = draw_other_references(bank, scans.case_ids[i], 2 * r, generator)
+        mixtures = pipeline.mix(scans.images[i], bank, 2, generator, reference_indices=[drawn[:r], drawn[r:]])
+        predictions = pipeline.run(mixtures)["learned"].per_reference.argmax(1).cpu()  # one label map per reference
         for dice_lists, prediction in zip((audit.first, audit.second), predictions):
             dice = dice_per_class(prediction, scans.labels[i], model.label_names)
             for name in labels:
@@ -191,7 +157,7 @@ class SweepRow:
         bss_trivial: mean MS-SSIM of the mixture itself against the target on the same patches.
     """
 
-    setting: MixingSetting
+    setting: MixingSettings
     reid_map: float
     reid_f1: float
     dice: float | None = None
@@ -221,9 +187,9 @@ class SweepAudit:
         the baseline; ``None`` when no setting with a measured Dice qualifies.
 
         Example:
-            >>> rows = [SweepRow(MixingSetting((0.65, 0.95)), 0.9, 0.9, dice=0.90),
-            ...         SweepRow(MixingSetting((0.5, 0.8)), 0.4, 0.4, dice=0.895),
-            ...         SweepRow(MixingSetting((0.35, 0.65)), 0.2, 0.2, dice=0.85)]
+            >>> rows = [SweepRow(MixingSettings((0.65, 0.95)), 0.9, 0.9, dice=0.90),
+            ...         SweepRow(MixingSettings((0.5, 0.8)), 0.4, 0.4, dice=0.895),
+            ...         SweepRow(MixingSettings((0.35, 0.65)), 0.2, 0.2, dice=0.85)]
             >>> SweepAudit(rows, baseline_dice=0.903).recommended().setting.name
             'λ∈[0.5, 0.8]'
         """

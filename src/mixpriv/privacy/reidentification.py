@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from mixpriv.constants import DEFAULT_LAMBDA_RANGE
-from mixpriv.inference.private import mix_with_references
+from mixpriv.inference.mixtures import mix_with_references
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.similarity import MSSSIMSettings, similarity_matrix
 from mixpriv.validation import InputError, check_finite
 
@@ -129,30 +129,27 @@ def retrieval_metrics(similarity: torch.Tensor, patient_ids: Sequence[str]) -> R
 def encode_scans(
     images: Sequence[torch.Tensor],
     bank: ReferenceBank,
-    lambda_range: Sequence[float] = DEFAULT_LAMBDA_RANGE,
+    mixing: MixingSettings = MixingSettings(),
     generator: torch.Generator | None = None,
     references_per_scan: int = 1,
     *,
     case_ids: Sequence[str],
-    references_per_mix: int = 1,
-    dirichlet_alpha: float = 1.0,
 ) -> list[torch.Tensor]:
     """Encode each scan as the client would: mix it with randomly drawn references of the bank.
 
     The references are drawn uniformly among the bank's references whose id differs from the scan's
     case id (a scan mixed with itself would not be encoded at all), distinct unless more are asked
-    than the bank holds; each weight is drawn uniformly in ``lambda_range``
-    (:func:`mixpriv.inference.private.mix_with_references`).
+    than the bank holds; each weight is drawn uniformly in ``mixing.lambda_range``, and each mixture
+    takes ``mixing.references_per_mix`` references with Dirichlet weights
+    (:func:`mixpriv.inference.mixtures.mix_with_references`).
 
     Args:
         images: preprocessed scans (1, D, H, W).
         bank: the client's reference bank.
-        lambda_range: (low, high) range of the scan's mixing weight.
+        mixing: how the client mixes (λ range, references per mixture, Dirichlet α).
         generator: random generator for the references and the weights (reproducible encodings).
         references_per_scan: mixtures per scan (1 in the paper's protocol; K as the server sees with TTA).
         case_ids: each scan's case id, compared with ``bank.ids``.
-        references_per_mix: R, references in each mixture (K-way mixing with Dirichlet weights).
-        dirichlet_alpha: concentration of the R references' Dirichlet weights.
 
     Returns:
         The mixtures of each scan (references_per_scan, D, H, W), the only data the attacker sees.
@@ -165,7 +162,7 @@ def encode_scans(
         >>> bank = ReferenceBank(torch.ones(2, 1, 4, 4, 4), torch.zeros(2, 4, 4, 4, dtype=torch.long),
         ...                      {"background": 0}, ids=["case0", "case1"])
         >>> scans = [torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4)]
-        >>> encoded = encode_scans(scans, bank, (0.7, 0.9), torch.Generator().manual_seed(0),
+        >>> encoded = encode_scans(scans, bank, MixingSettings((0.7, 0.9)), torch.Generator().manual_seed(0),
         ...                        case_ids=["case0", "case7"])
         >>> [tuple(mixture.shape) for mixture in encoded]
         [(1, 4, 4, 4), (1, 4, 4, 4)]
@@ -177,12 +174,11 @@ def encode_scans(
     if references_per_scan < 1:
         raise InputError(f"references_per_scan must be at least 1, got {references_per_scan}")
     encoded = []
+    r = mixing.references_per_mix
     for image, case_id in zip(images, case_ids):
-        drawn = draw_other_references(bank, str(case_id), references_per_scan * references_per_mix, generator)
-        indices = [tuple(drawn[i:i + references_per_mix]) for i in range(0, len(drawn), references_per_mix)]
-        mixtures = mix_with_references(image, bank, k=references_per_scan, lambda_range=lambda_range,
-                                       generator=generator, reference_indices=indices,
-                                       references_per_mix=references_per_mix, dirichlet_alpha=dirichlet_alpha)
+        drawn = draw_other_references(bank, str(case_id), references_per_scan * r, generator)
+        indices = [tuple(drawn[i:i + r]) for i in range(0, len(drawn), r)]
+        mixtures = mix_with_references(image, bank, references_per_scan, mixing, generator, reference_indices=indices)
         encoded.append(mixtures.mixtures[:, 0])
     return encoded
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mixpriv.constants import AUDIT_PARTS, DEFAULT_LAMBDA_RANGE, TEST, TRAIN
+from mixpriv.constants import AUDIT_PARTS, TEST, TRAIN
 from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.attack import (
     SeparationOptions,
     attack_setting,
@@ -30,7 +31,6 @@ from mixpriv.privacy.attack import (
     train_score_prior,
 )
 from mixpriv.privacy.audit import (
-    MixingSetting,
     ReidentificationAudit,
     SweepAudit,
     SweepRow,
@@ -51,8 +51,8 @@ from mixpriv.validation import InputError
 log = logging.getLogger(__name__)
 
 #: The sweep's default settings: the target's weight range, one or three references per mixture.
-DEFAULT_SWEEP_SETTINGS = (MixingSetting((0.65, 0.95)), MixingSetting((0.5, 0.8)), MixingSetting((0.35, 0.65)),
-                          MixingSetting((0.2, 0.5)), MixingSetting((0.5, 0.8), 3))
+DEFAULT_SWEEP_SETTINGS = (MixingSettings((0.65, 0.95)), MixingSettings((0.5, 0.8)), MixingSettings((0.35, 0.65)),
+                          MixingSettings((0.2, 0.5)), MixingSettings((0.5, 0.8), 3))
 
 
 @dataclass
@@ -81,8 +81,8 @@ class AuditOptions:
     split: str = TEST
     max_cases: int | None = None
     seed: int = 0
-    extra_settings: Sequence[MixingSetting] = field(default_factory=tuple)
-    sweep_settings: Sequence[MixingSetting] = DEFAULT_SWEEP_SETTINGS
+    extra_settings: Sequence[MixingSettings] = field(default_factory=tuple)
+    sweep_settings: Sequence[MixingSettings] = DEFAULT_SWEEP_SETTINGS
     sweep_models: Sequence = field(default_factory=tuple)
     baseline: str | Path | BaselineSegmenter | None = "tissue-baseline-2mm"
     k: int = 8
@@ -93,12 +93,6 @@ class AuditOptions:
         unknown = sorted(set(self.parts) - set(AUDIT_PARTS))
         if unknown:
             raise InputError(f"unknown audit part(s) {unknown}; choose from {list(AUDIT_PARTS)}")
-
-
-def model_setting(model: MixupPrivacyModule) -> MixingSetting:
-    """The mixing setting a model was trained for (and is used with)."""
-    low, high = model.hparams.get("lambda_range", DEFAULT_LAMBDA_RANGE)
-    return MixingSetting((float(low), float(high)), int(model.hparams.get("references_per_mix", 1)))
 
 
 def run_audit(
@@ -136,9 +130,9 @@ def run_audit(
     key_is_train = bank is None
     bank = bank if bank is not None else bank_from_cases(folder, TRAIN, spacing, progress=progress)
     scans = load_scans(folder, spacing, options.split, options.max_cases, progress=progress)
-    setting = model_setting(model)
+    setting = MixingSettings.of_model(model.hparams)
     sweep_models = [model, *(_load(source, MixupPrivacyModule) for source in options.sweep_models)]
-    sweep_settings = _unique([model_setting(m) for m in sweep_models] + list(options.sweep_settings))
+    sweep_settings = _unique([MixingSettings.of_model(m.hparams) for m in sweep_models] + list(options.sweep_settings))
     sections = {}
     if "reid" in options.parts or "sweep" in options.parts:
         reid_settings = _unique([setting, *options.extra_settings,
@@ -147,7 +141,7 @@ def run_audit(
         if "reid" in options.parts:
             sections["reidentification"] = reidentification_section(reid, out_dir)
     if "icc" in options.parts:
-        retest = audit_test_retest(model, scans, bank, setting.lambda_range, options.seed, progress)
+        retest = audit_test_retest(model, scans, bank, setting, options.seed, progress)
         sections["test_retest"] = reliability_section(retest, out_dir)
     if "bss" in options.parts or "sweep" in options.parts:
         attacker_images = load_scans(folder, spacing, TRAIN, progress=progress).images
@@ -171,16 +165,16 @@ def run_audit(
     return write_report(sections, metadata, out_dir)
 
 
-def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSetting], reid: ReidentificationAudit,
+def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSettings], reid: ReidentificationAudit,
            options: AuditOptions, folder: DatasetFolder, bank: ReferenceBank, out_dir: Path,
            progress: bool) -> SweepAudit:
     """One sweep row per setting: its re-identification scores and, where a model was trained for it, its Dice."""
     baseline = _load(options.baseline, BaselineSegmenter) if options.baseline is not None else None
     dice, baseline_dice = learned_tta_dice(models, baseline, folder, bank, out_dir / "sweep", options.k,
                                            options.dice_cases, options.seed, progress)
-    measured: dict[MixingSetting, tuple[float, str]] = {}
+    measured: dict[MixingSettings, tuple[float, str]] = {}
     for model, value in zip(models, dice):
-        measured.setdefault(model_setting(model), (value, _name(model)))
+        measured.setdefault(MixingSettings.of_model(model.hparams), (value, _name(model)))
     rows = []
     for setting in settings:
         value, name = measured.get(setting, (None, None))
@@ -226,5 +220,5 @@ def _name(model: torch.nn.Module) -> str:
     return getattr(model, "model_card", {}).get("name", type(model).__name__)
 
 
-def _unique(settings: Sequence[MixingSetting]) -> list[MixingSetting]:
+def _unique(settings: Sequence[MixingSettings]) -> list[MixingSettings]:
     return list(dict.fromkeys(settings))

@@ -42,7 +42,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from mixpriv import __version__
-from mixpriv.inference.private import segment_mixtures
+from mixpriv.inference.pipeline import segment_mixtures
 from mixpriv.server.auth import tokens_match
 from mixpriv.server.wire import (NPY_MEDIA_TYPE, REQUEST_DTYPES, RESPONSE_ENCODING, MixtureLimits, WireError,
                                  decode_mixtures, encode_probabilities)
@@ -177,8 +177,8 @@ class ServerConfig:
         timeout_s: most seconds a request may wait for and run its inference (then 504).
         workers: inferences run at once (threads of the bounded pool).
         max_pending: requests admitted at once (reading, queued or running); more get 503.
-        batch_size: patch positions per forward pass (each carries the K mixtures).
-        overlap: patch-grid overlap in voxels (default a quarter of a patch).
+        batch_size: patches (of any of the K mixtures) per forward pass.
+        overlap: least patch-grid overlap in voxels (default an eighth of a patch).
         compresslevel: gzip level of the responses (1: fast).
     """
 

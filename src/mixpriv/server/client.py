@@ -25,7 +25,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -36,9 +35,9 @@ import numpy as np
 import torch
 
 from mixpriv import __version__
-from mixpriv.inference.private import (UNMIX_METHODS, PrivateSegmentation, mix_with_references, mixing_settings,
-                                       unmix_volumes)
+from mixpriv.inference.pipeline import PrivatePipeline, PrivateSegmentation, check_methods
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.server.auth import read_token
 from mixpriv.server.wire import (NPY_MEDIA_TYPE, REQUEST_DTYPES, WireError, decode_probabilities, encode_mixtures,
                                  response_size_limit)
@@ -93,16 +92,13 @@ class PrivateClient:
         token: bearer token (default ``$MIXPRIV_SERVER_TOKEN``).
         k: references (mixtures) per scan.
         method: ``learned`` (the model's unmixer) or ``naive`` (Eq. 4).
-        lambda_range: range of λ (default the model's training range).
-        overlap: patch-grid overlap of the local unmixing.
+        mixing: how to mix (λ range, references per mixture, Dirichlet α); default the model's
+            training settings.
+        overlap: least patch-grid overlap of the local unmixing.
         seed: seed of the draws of references and λ (``None``: fresh randomness).
         wire_dtype: dtype of the mixtures sent (``float32``, or ``float16`` for half the bytes).
         timeout: seconds a request may take.
         transport: an ``httpx`` transport (tests, proxies).
-        references_per_mix: R, references in each mixture's composite (K-way mixing); defaults
-            to the model's (1 for models trained before K-way mixing).
-        dirichlet_alpha: concentration of the Dirichlet weights of the R references; defaults
-            to the model's.
 
     Example:
         >>> client = PrivateClient("http://127.0.0.1:8000", bank, model, token="s3cret")  # doctest: +SKIP
@@ -119,17 +115,14 @@ class PrivateClient:
         k: int = 8,
         method: str = "learned",
         *,
-        lambda_range: Sequence[float] | None = None,
+        mixing: MixingSettings | None = None,
         overlap: int | None = None,
         seed: int | None = None,
         wire_dtype: str = "float32",
         timeout: float = 600.0,
         transport: httpx.BaseTransport | None = None,
-        references_per_mix: int | None = None,
-        dirichlet_alpha: float | None = None,
     ) -> None:
-        if method not in UNMIX_METHODS:
-            raise InputError(f"unknown unmixing method {method!r}; choose one of {UNMIX_METHODS}")
+        (method,) = check_methods((method,))
         if wire_dtype not in REQUEST_DTYPES:
             raise InputError(f"wire dtype must be one of {REQUEST_DTYPES}, got {wire_dtype!r}")
         if k < 1:
@@ -150,11 +143,9 @@ class PrivateClient:
         self.model = model.eval()
         self.k = k
         self.method = method
-        self.lambda_range = tuple(lambda_range or model.hparams.lambda_range)
-        self.references_per_mix, self.dirichlet_alpha = mixing_settings(model.hparams, references_per_mix,
-                                                                         dirichlet_alpha, len(key))
-        self.patch_size = int(model.hparams.patch_size)
-        self.overlap = overlap
+        self.pipeline = PrivatePipeline.of_model(
+            model, segment_volumes=self.segment_mixtures,
+            mixing=(mixing or MixingSettings.of_model(model.hparams)).check_bank(len(key)), overlap=overlap)
         self.wire_dtype = wire_dtype
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         token = token if token is not None else read_token()
@@ -252,17 +243,12 @@ class PrivateClient:
         Returns the unmixed per-reference probabilities with their average and variance.
         """
         info = self.server_info()
-        lambda_range = self.lambda_range
+        lambda_range = self.pipeline.mixing.lambda_range
         server_range = (info.get("mixing") or {}).get("lambda_range")
         if server_range and tuple(server_range) != tuple(lambda_range):
             log.warning("mixing with λ in %s, not the range %s the server's model was trained on", lambda_range,
                         tuple(server_range))
-        mixed = mix_with_references(image.float(), self.key, self.k, lambda_range, self.generator,
-                                    references_per_mix=self.references_per_mix, dirichlet_alpha=self.dirichlet_alpha)
-        mixed_probs = self.segment_mixtures(mixed.mixtures)
-        unmixed = unmix_volumes(mixed_probs, mixed.reference_one_hot, mixed.lambdas, self.method, self.model.unmix,
-                                self.patch_size, self.overlap)
-        return PrivateSegmentation(unmixed)
+        return self.pipeline(image.float(), self.key, self.k, (self.method,), self.generator)[self.method]
 
     def segment_file(
         self,

@@ -32,6 +32,8 @@ from mixpriv.mixing import (
     one_hot,
     probabilities_from_unmixed,
 )
+from mixpriv.mixing.settings import MixingSettings
+from mixpriv.mixing.transforms import one_hot_uint8
 from mixpriv.validation import InputError
 
 SMALL = (10, 12, 8)
@@ -162,7 +164,9 @@ def test_mix_transform_matches_formula_and_records():
     mixed = Mix(lam=0.8, reference_index=2, bank=bank)(subject)
     reference_image, reference_one_hot = bank.get(2)
     torch.testing.assert_close(mixed[IMAGE].data, 0.8 * original + 0.2 * reference_image)
-    torch.testing.assert_close(mixed[REFERENCE_LABEL].data, reference_one_hot)
+    # One reference: its one-hot label, as uint8 (no float copy of the volume), in a label map.
+    assert mixed[REFERENCE_LABEL].data.dtype == torch.uint8 and isinstance(mixed[REFERENCE_LABEL], tio.LabelMap)
+    assert torch.equal(mixed[REFERENCE_LABEL].data.float(), reference_one_hot)
     assert torch.equal(mixed[LABEL].data, subject[LABEL].data)  # the target label is untouched
     assert mixed[MIX_LAMBDA] == pytest.approx(0.8)
     assert mixed[MIX_REFERENCE_ID] == 2
@@ -212,7 +216,7 @@ def test_random_mix_single_reference_draws_are_pinned():
     assert torch.rand(1).item() == 0.47161436080932617  # no extra draw from the global generator
     image, one_hot_label = bank.get(2)
     assert torch.equal(mixed[IMAGE].data, mix(subject[IMAGE].data.float(), image, mixed[MIX_LAMBDA]))
-    assert torch.equal(mixed[REFERENCE_LABEL].data, one_hot_label)
+    assert torch.equal(mixed[REFERENCE_LABEL].data.float(), one_hot_label)
     assert MIX_REFERENCE_WEIGHTS not in mixed  # the single-reference subject carries what it always did
     # Spelling out R = 1 changes nothing, whatever alpha (unused with one reference).
     torch.manual_seed(3)
@@ -376,10 +380,61 @@ def test_mix_crops_and_pads_a_reference_of_another_shape():
     expected_image = torch.zeros(1, 10, 14, 12)
     expected_image[:, :, 1:13, :] = reference_image[:, 1:11, :, :]
     torch.testing.assert_close(mixed[IMAGE].data, 0.7 * subject[IMAGE].data + 0.3 * expected_image)
-    torch.testing.assert_close(mixed[REFERENCE_LABEL].data[:, :, 1:13, :], reference_one_hot[:, 1:11])
+    torch.testing.assert_close(mixed[REFERENCE_LABEL].data[:, :, 1:13, :].float(), reference_one_hot[:, 1:11])
     # The padded reference is background there, and the reference label stays a valid one-hot map.
-    torch.testing.assert_close(mixed[REFERENCE_LABEL].data.sum(0), torch.ones(10, 14, 12))
+    assert torch.equal(mixed[REFERENCE_LABEL].data.sum(0), torch.ones(10, 14, 12, dtype=torch.long))
     assert bool((mixed[REFERENCE_LABEL].data[0, :, [0, 13], :] == 1).all())
+
+
+def test_one_hot_uint8_matches_the_float_one_hot():
+    labels = random_labels(1, seed=5)[0].to(torch.uint8)
+    encoded = one_hot_uint8(labels, NUM_CLASSES)
+    assert encoded.dtype == torch.uint8 and encoded.shape == (NUM_CLASSES, *SMALL)
+    assert torch.equal(encoded.float(), one_hot(labels[None].long(), NUM_CLASSES)[0])
+
+
+def test_kway_reference_label_is_a_float_scalar_image():
+    mixed = _draw_kway(0, make_bank(4), make_subject())
+    assert mixed[REFERENCE_LABEL].data.dtype == torch.float32 and isinstance(mixed[REFERENCE_LABEL], tio.ScalarImage)
+
+
+@pytest.mark.parametrize("references_per_mix", [1, 3])
+def test_random_mix_takes_mixing_settings_with_the_same_draws(references_per_mix):
+    bank = make_bank(5)
+    subject = make_subject()
+    settings = MixingSettings((0.6, 0.9), references_per_mix=references_per_mix, dirichlet_alpha=0.5)
+    torch.manual_seed(3)
+    from_settings = RandomMix(bank, mixing=settings)(subject)
+    after_settings = torch.rand(1).item()
+    torch.manual_seed(3)
+    from_keywords = RandomMix(bank, (0.6, 0.9), references_per_mix=references_per_mix, dirichlet_alpha=0.5)(subject)
+    assert torch.rand(1).item() == after_settings  # as many draws from the global generator
+    assert from_settings[MIX_LAMBDA] == from_keywords[MIX_LAMBDA]
+    assert from_settings[MIX_REFERENCE_ID] == from_keywords[MIX_REFERENCE_ID]
+    assert torch.equal(from_settings[IMAGE].data, from_keywords[IMAGE].data)
+    assert torch.equal(from_settings[REFERENCE_LABEL].data, from_keywords[REFERENCE_LABEL].data)
+
+
+def test_random_mix_keywords_override_its_mixing_settings_and_the_bank_is_checked():
+    bank = make_bank(4)
+    transform = RandomMix(bank, (0.7, 0.8), mixing=MixingSettings((0.6, 0.9), references_per_mix=2))
+    assert transform.mixing == MixingSettings((0.7, 0.8), references_per_mix=2)
+    assert (transform.lambda_range, transform.references_per_mix, transform.dirichlet_alpha) == ((0.7, 0.8), 2, 1.0)
+    assert RandomMix(bank).mixing == MixingSettings()  # the single-reference scheme by default
+    with pytest.raises(InputError, match="between 1 and 3 for a bank of 4"):
+        RandomMix(bank, mixing=MixingSettings(references_per_mix=4))
+
+
+def test_random_mix_copies_its_input_once():
+    """Mix inside RandomMix works on RandomMix's copy: the caller's subject stays as it was."""
+    bank = make_bank(3)
+    subject = make_subject()
+    original = subject[IMAGE].data.clone()
+    torch.manual_seed(0)
+    mixed = RandomMix(bank, (0.6, 0.9))(subject)
+    assert torch.equal(subject[IMAGE].data, original) and REFERENCE_LABEL not in subject
+    assert not torch.equal(mixed[IMAGE].data, original)
+    assert mixed[IMAGE].data.data_ptr() != subject[IMAGE].data.data_ptr()
 
 
 def test_random_mix_records_survive_patch_sampling():

@@ -5,13 +5,14 @@ parameters (the weight lambda and a reference of the bank) and delegates to the
 deterministic ``Mix``, which records them on the subject so a result reproduces.
 
 The subject's ``image`` is replaced by the mixture; the reference's one-hot label is added
-as ``reference_label`` and the weight and reference index as subject attributes. Both
-volumes must live on the same grid (e.g. registered to MNI space): a reference of another
-shape is centre-cropped or padded to the target's shape.
+as ``reference_label`` (a ``uint8`` label map of C channels: a quarter of the float one-hot's
+memory for the queue to hold and the sampler to crop) and the weight and reference index as
+subject attributes. Both volumes must live on the same grid (e.g. registered to MNI space): a
+reference of another shape is centre-cropped or padded to the target's shape.
 
 K-way mixing (``references_per_mix`` R > 1) mixes the target with a composite of R distinct
 references (see :mod:`mixpriv.mixing.composite`): ``reference_label`` is then the weighted
-mixture of their one-hot labels, and the R indices and weights are recorded.
+mixture of their one-hot labels (float32), and the R indices and weights are recorded.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ import torchio as tio
 from torchio.transforms.augmentation.random_transform import RandomTransform
 
 from mixpriv.constants import (
-    DEFAULT_DIRICHLET_ALPHA,
-    DEFAULT_LAMBDA_RANGE,
-    DEFAULT_REFERENCES_PER_MIX,
     IMAGE,
     MIX_LAMBDA,
     MIX_REFERENCE_ID,
@@ -35,7 +33,8 @@ from mixpriv.constants import (
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.composite import check_composite, composite_reference, draw_reference_weights
 from mixpriv.mixing.functional import fit_one_hot_to_shape, fit_to_shape, mix
-from mixpriv.validation import InputError, check_lambda, check_lambda_range, check_references_per_mix
+from mixpriv.mixing.settings import MixingSettings
+from mixpriv.validation import InputError, check_lambda
 
 
 class Mix(tio.Transform):
@@ -52,6 +51,8 @@ class Mix(tio.Transform):
 
     The subject gets ``mix_lambda``, ``mix_reference_id`` (``reference_index`` as given: an int,
     or the list of R indices) and, for a K-way mix, ``mix_reference_weights`` (list of R floats).
+    Its ``reference_label`` is the reference's one-hot label as a ``uint8`` label map, or for a
+    K-way mix the weighted mixture of the R one-hot labels (float32) as a scalar image.
 
     Example:
         >>> import torch, torchio as tio
@@ -61,6 +62,8 @@ class Mix(tio.Transform):
         >>> mixed = Mix(lam=0.8, reference_index=0, bank=bank)(subject)
         >>> round(float(mixed["image"].data.mean()), 4), mixed["mix_lambda"]
         (0.8, 0.8)
+        >>> mixed["reference_label"].data.dtype, tuple(mixed["reference_label"].shape)
+        (torch.uint8, (2, 4, 4, 4))
         >>> kway = Mix(lam=0.8, reference_index=[1, 0], bank=bank, reference_weights=[0.75, 0.25])(subject)
         >>> kway["mix_reference_id"], kway["mix_reference_weights"]
         ([1, 0], [0.75, 0.25])
@@ -97,18 +100,24 @@ class Mix(tio.Transform):
             raise InputError("Mix needs the reference bank (the client's key) to be applied")
         image = subject[IMAGE]
         kway = self.reference_weights is not None
-        indices, weights = (self.reference_index, self.reference_weights) if kway else ([self.reference_index], [1.0])
-        reference_image, reference_label = composite_reference(self.bank, indices, weights)
-        reference_image = fit_to_shape(reference_image, image.spatial_shape).to(image.data.dtype)
+        if kway:
+            reference_image, reference_label = composite_reference(self.bank, self.reference_index,
+                                                                   self.reference_weights)
+            image_class = tio.ScalarImage  # a per-voxel distribution: interpolated linearly if resampled
+        else:  # one reference: its one-hot label needs no float copy of the volume
+            reference_image = self.bank.images[self.reference_index]
+            reference_label = one_hot_uint8(self.bank.labels[self.reference_index], self.bank.num_classes)
+            image_class = tio.LabelMap
+        reference_image = fit_to_shape(reference_image, image.spatial_shape)
         reference_label = fit_one_hot_to_shape(reference_label, image.spatial_shape)
-        image.set_data(mix(image.data.float(), reference_image.float(), self.lam))
+        image.set_data(mix(image.data.float(), reference_image, self.lam))
         records = {MIX_LAMBDA: self.lam, MIX_REFERENCE_ID: self.reference_index}
         if kway:
             records[MIX_REFERENCE_WEIGHTS] = self.reference_weights
         # A new Subject, so that the patch samplers' crops keep the recorded attributes.
         mixed = tio.Subject({
             **subject,
-            REFERENCE_LABEL: tio.ScalarImage(tensor=reference_label, affine=image.affine),
+            REFERENCE_LABEL: image_class(tensor=reference_label, affine=image.affine),
             **records,
         })
         mixed.applied_transforms = subject.applied_transforms
@@ -118,18 +127,32 @@ class Mix(tio.Transform):
         return False
 
 
+def one_hot_uint8(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """One-hot ``uint8`` (C, D, H, W) of an integer label map (D, H, W), without an int64 or float copy.
+
+    Example:
+        >>> one_hot_uint8(torch.tensor([[[0, 2]]]), 3)[:, 0, 0].tolist()
+        [[1, 0], [0, 0], [0, 1]]
+    """
+    classes = torch.arange(num_classes, dtype=label.dtype).reshape(-1, *([1] * label.ndim))
+    return (label.unsqueeze(0) == classes).view(torch.uint8)
+
+
 class RandomMix(RandomTransform):
     """Draw lambda ~ U(low, high) and a reference of ``bank``, then apply :class:`Mix`.
 
     Args:
         bank: the client's reference bank.
-        lambda_range: (low, high) bounds of the uniform weight, 0 < low <= high <= 1.
+        lambda_range: (low, high) bounds of the uniform weight, 0 < low <= high <= 1
+            (default: that of ``mixing``).
         exclude_same_id: skip references whose id equals the subject's ``case_id``
             attribute (never mix a scan with itself during training).
         references_per_mix: R, the number of distinct references mixed with each subject
             (K-way mixing); 1 is the paper's scheme, with the same draws as before K-way mixing.
         dirichlet_alpha: concentration of the symmetric Dirichlet that splits ``1 - lambda``
             over the R references (1: uniform over the simplex; unused when R = 1).
+        mixing: the three settings above as one :class:`~mixpriv.mixing.settings.MixingSettings`
+            (default: the single-reference scheme); the separate arguments, where given, override it.
 
     Example:
         >>> import torch, torchio as tio
@@ -143,24 +166,39 @@ class RandomMix(RandomTransform):
         >>> mixed = RandomMix(bank, (0.6, 0.9), references_per_mix=2)(subject)
         >>> len(set(mixed["mix_reference_id"])), round(sum(mixed["mix_reference_weights"]), 5)
         (2, 1.0)
+        >>> RandomMix(bank, mixing=MixingSettings((0.6, 0.9), references_per_mix=2)).mixing
+        MixingSettings(lambda_range=(0.6, 0.9), references_per_mix=2, dirichlet_alpha=1.0)
     """
 
     def __init__(
         self,
         bank: ReferenceBank,
-        lambda_range: Sequence[float] = DEFAULT_LAMBDA_RANGE,
+        lambda_range: Sequence[float] | None = None,
         exclude_same_id: bool = True,
-        references_per_mix: int = DEFAULT_REFERENCES_PER_MIX,
-        dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
+        references_per_mix: int | None = None,
+        dirichlet_alpha: float | None = None,
+        mixing: MixingSettings | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.bank = bank
-        self.lambda_range = check_lambda_range(lambda_range)
+        mixing = (mixing or MixingSettings()).with_(lambda_range=lambda_range, references_per_mix=references_per_mix,
+                                                    dirichlet_alpha=dirichlet_alpha)
+        self.mixing = mixing.check_bank(len(bank))
         self.exclude_same_id = exclude_same_id
-        self.references_per_mix, self.dirichlet_alpha = check_references_per_mix(
-            references_per_mix, dirichlet_alpha, len(bank))
         self.args_names = ["lambda_range", "exclude_same_id", "references_per_mix", "dirichlet_alpha"]
+
+    @property
+    def lambda_range(self) -> tuple[float, float]:
+        return self.mixing.lambda_range
+
+    @property
+    def references_per_mix(self) -> int:
+        return self.mixing.references_per_mix
+
+    @property
+    def dirichlet_alpha(self) -> float:
+        return self.mixing.dirichlet_alpha
 
     def get_params(self, case_id: str | None) -> tuple[float, int | list[int], list[float] | None]:
         """Draw lambda, the reference(s) and their weights from torch's global generator (seedable).
@@ -184,4 +222,6 @@ class RandomMix(RandomTransform):
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         lam, index, weights = self.get_params(subject.get("case_id"))
-        return Mix(lam, index, self.bank, reference_weights=weights, **self._get_base_args())(subject)
+        # This transform copied the subject already (unless told not to): Mix need not copy it again.
+        base_args = {**self._get_base_args(), "copy": False}
+        return Mix(lam, index, self.bank, reference_weights=weights, **base_args)(subject)

@@ -10,11 +10,13 @@ import torch
 from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from mixpriv.constants import MIX_REFERENCE_ID, MIX_REFERENCE_WEIGHTS, REFERENCE_LABEL
+from mixpriv.constants import MIX_LAMBDA, MIX_REFERENCE_ID, MIX_REFERENCE_WEIGHTS, REFERENCE_LABEL
 from mixpriv.data.datamodule import MixprivDataModule
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.losses import ce_dice_loss, hard_dice_per_class, soft_dice_per_class
 from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.mixing import RandomMix
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.recipe import load_recipe
 from mixpriv.training import build_from_recipe
 from mixpriv.validation import InputError
@@ -157,6 +159,22 @@ def test_hparams_hold_specs_not_modules():
 
 
 # ----------------------------------------------------------------------------- K-way mixing
+
+
+def test_datamodule_mixes_with_its_mixing_settings(tiny_folder):
+    """The data module hands its λ range, R and α to RandomMix as one MixingSettings; one reference's label is uint8."""
+    data = datamodule(tiny_folder, mixing=True, dirichlet_alpha=0.5)
+    data.setup("fit")
+    assert data.mixing_settings == MixingSettings(LAMBDA_RANGE, 1, 0.5)
+    assert [t.mixing for t in data._transform().transforms if isinstance(t, RandomMix)] == [data.mixing_settings]
+    batch = next(iter(data.train_dataloader()))
+    reference = batch[REFERENCE_LABEL]["data"]
+    assert reference.dtype == torch.uint8 and torch.equal(reference.sum(1), torch.ones_like(reference[:, 0]))
+    lam = torch.as_tensor(batch[MIX_LAMBDA])
+    assert bool(((lam >= LAMBDA_RANGE[0]) & (lam <= LAMBDA_RANGE[1])).all())
+    kway = datamodule(tiny_folder, mixing=True, references_per_mix=2)
+    kway.setup("fit")
+    assert kway.mixing_settings.references_per_mix == 2
 
 
 def test_kway_train_step_end_to_end(tiny_folder, tmp_path):

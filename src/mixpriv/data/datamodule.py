@@ -32,6 +32,7 @@ from mixpriv.constants import (
 from mixpriv.data.folder import DatasetFolder, validate_case
 from mixpriv.data.preprocessing import preprocessing
 from mixpriv.mixing import RandomMix, ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.validation import check_lambda_range, check_references_per_mix
 
 log = logging.getLogger(__name__)
@@ -130,13 +131,19 @@ class MixprivDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return self.folder.num_classes
 
+    @property
+    def mixing_settings(self) -> MixingSettings:
+        """The λ range, references per mixture and Dirichlet α the training volumes are mixed with."""
+        return MixingSettings(tuple(self.hparams.lambda_range), self.hparams.references_per_mix,
+                              self.hparams.dirichlet_alpha)
+
     def _transform(self) -> tio.Compose:
+        """Preprocessing, then mixing; the outer steps do not copy again what the dataset and
+        the preprocessing already copied (``tio.SubjectsDataset`` hands each load a fresh subject)."""
         transforms = [preprocessing(self.hparams.spacing)]
         if self.hparams.mixing:
-            transforms.append(RandomMix(self.bank, self.hparams.lambda_range,
-                                        references_per_mix=self.hparams.references_per_mix,
-                                        dirichlet_alpha=self.hparams.dirichlet_alpha))
-        return tio.Compose(transforms)
+            transforms.append(RandomMix(self.bank, mixing=self.mixing_settings, copy=False))
+        return tio.Compose(transforms, copy=False)
 
     def _sampler(self) -> tio.LabelSampler:
         probabilities = self.hparams.label_probabilities

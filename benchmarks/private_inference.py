@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from server_load import Server, default_setup
 
 from mixpriv.constants import IMAGE, LABEL, TEST
 from mixpriv.data.cohort import build_cohort
@@ -42,31 +43,41 @@ from mixpriv.hub import from_pretrained
 from mixpriv.inference.pipeline import PrivatePipeline, segment_mixtures
 from mixpriv.inference.volume import segment_volume
 from mixpriv.server.client import PrivateClient
-from server_load import Server, default_setup
 
 
-def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def synchronize(device: torch.device | None) -> None:
+    """Wait for queued GPU work, so that a timer sees it."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int,
+                        device: torch.device | None = None) -> dict[str, float]:
     """Median seconds of each function, run in turn ``repeats`` times after one warm-up each."""
     for fn in runs.values():
         fn()
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 class TimedUnmixer:
-    """Wraps an unmixer and adds up the seconds spent in its calls."""
+    """Wraps an unmixer and adds up the seconds spent in its calls (synchronised on a GPU)."""
 
-    def __init__(self, unmix) -> None:
-        self.unmix, self.seconds = unmix, 0.0
+    def __init__(self, unmix, device: torch.device) -> None:
+        self.unmix, self.device, self.seconds = unmix, device, 0.0
 
     def __call__(self, *args):
+        synchronize(self.device)
         start = time.perf_counter()
         out = self.unmix(*args)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - start
         return out
 
@@ -125,16 +136,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="patches per forward pass (all pipelines)")
     parser.add_argument("--no-server", action="store_true", help="skip the client-server measurement")
     parser.add_argument("--compare", type=int, default=0, metavar="N", help="also compare Dice on N test scans")
+    parser.add_argument("--device", default="cpu", help="where the networks run (cpu, cuda)")
     parser.add_argument("--json", type=Path, default=None, help="write the measured numbers here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    baseline, private = from_pretrained(args.baseline).eval(), from_pretrained(args.private).eval()
+    device = torch.device(args.device)
+    baseline = from_pretrained(args.baseline).eval().to(device)
+    private = from_pretrained(args.private).eval().to(device)
     folder = DatasetFolder(build_cohort(progress=False))
-    scan, key = default_setup(None, None, private)
+    _, key = default_setup(None, None, private)
     image = preprocessing(private.hparams.input_spacing)(folder.cases(TEST)[0].to_subject())[IMAGE].data.float()
     patch = private.hparams.patch_size
 
-    timed = TimedUnmixer(private.unmix)
+    timed = TimedUnmixer(private.unmix, device)
     pipeline = PrivatePipeline.of_model(private, batch_size=args.batch_size)
     pipeline.unmix = timed
     generator = torch.Generator().manual_seed(0)
@@ -144,16 +158,17 @@ def main() -> None:
         timed.seconds = 0.0
         start = time.perf_counter()
         pipeline(image, key, 8, ("learned",), generator)
+        synchronize(device)
         k8_calls.append(timed.seconds / (time.perf_counter() - start))
 
     seconds = interleaved_medians({
         "baseline_s": lambda: segment_volume(lambda x: torch.softmax(baseline(x).float(), 1), image, patch,
-                                             batch_size=args.batch_size),
+                                             batch_size=args.batch_size, device=device),
         "private_k1_s": lambda: pipeline(image, key, 1, ("learned",), generator),
         "private_k8_s": private_k8,
-    }, args.repeats)
+    }, args.repeats, device)
     results = {**seconds, "unmix_share_k8": statistics.median(k8_calls[1:])}
-    if not args.no_server:
+    if not args.no_server and device.type == "cpu":  # the server process runs on the CPU
         local, remote = server_ratio(args.private, private, key, image, 8, args.repeats, args.batch_size)
         results.update(server_k8_local_s=local, server_k8_remote_s=remote, server_k8_ratio=remote / local)
     base = results["baseline_s"]
@@ -177,7 +192,7 @@ def main() -> None:
         for row in compare_pipelines(private, baseline, folder, key, args.compare, 8):
             print("| " + " | ".join(row) + " |")
     if args.json:
-        results.update(model=args.private, baseline=args.baseline, shape=list(image.shape[1:]),
+        results.update(model=args.private, baseline=args.baseline, shape=list(image.shape[1:]), device=str(device),
                        torch_threads=torch.get_num_threads(), repeats=args.repeats, batch_size=args.batch_size)
         write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from timing import median_seconds
 
 from mixpriv.constants import IMAGE
 from mixpriv.inference.pipeline import PrivatePipeline, segment_mixtures
@@ -47,7 +48,6 @@ from mixpriv.inference.volume import load_scan
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.server.auth import ENV_TOKEN
 from mixpriv.server.client import PrivateClient
-from timing import median_seconds
 
 log = logging.getLogger("mixpriv.benchmarks.server_load")
 

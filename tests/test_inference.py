@@ -16,13 +16,22 @@ from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
 
 from mixpriv.constants import IMAGE
 from mixpriv.data.preprocessing import preprocessing
+from mixpriv.hub import from_pretrained
 from mixpriv.inference import pipeline as pipeline_module
 from mixpriv.inference.grid import PatchGrid, sliding_window
 from mixpriv.inference.mixtures import Mixtures, draw_lambdas, mix_with_references
-from mixpriv.inference.pipeline import PrivatePipeline, PrivateSegmentation, segment_mixtures
-from mixpriv.inference.volume import load_scan, save_like, segment_volume, to_original_grid
+from mixpriv.inference.pipeline import (
+    PrivatePipeline,
+    PrivateSegmentation,
+    segment_mixtures,
+)
+from mixpriv.inference.volume import (
+    load_scan,
+    save_like,
+    segment_volume,
+    to_original_grid,
+)
 from mixpriv.lightning.mixup import MixupPrivacyModule
-from mixpriv.hub import from_pretrained
 from mixpriv.lightning.tta import TTAEnsembler
 from mixpriv.mixing import ReferenceBank, mix, naive_unmix, one_hot
 from mixpriv.mixing.settings import MixingSettings

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixpriv.networks import AdaINUnmixer, ContextAdaINUnmixer, UnmixerSpec, build_unmixer
+from mixpriv.networks import (
+    AdaINUnmixer,
+    ContextAdaINUnmixer,
+    UnmixerSpec,
+    build_unmixer,
+)
 
 
 def _inputs(n: int = 3, c: int = 4, side: int = 16, dtype=torch.float32):

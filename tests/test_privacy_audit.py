@@ -11,11 +11,11 @@ import pytest
 from conftest import AFFINE, LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
 
 from mixpriv.cli import main
+from mixpriv.inference import pipeline as pipeline_module
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
-from mixpriv.privacy.attack import SeparationOptions
-from mixpriv.inference import pipeline as pipeline_module
 from mixpriv.mixing.settings import MixingSettings
+from mixpriv.privacy.attack import SeparationOptions
 from mixpriv.privacy.report import write_report
 from mixpriv.privacy.runner import AuditOptions, run_audit
 from mixpriv.validation import InputError

@@ -14,8 +14,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.privacy import reliability
 from mixpriv.mixing.settings import MixingSettings
+from mixpriv.privacy import reliability
 from mixpriv.privacy.reidentification import encode_scans, reidentify, retrieval_metrics
 from mixpriv.privacy.reliability import ICCResult, icc_a1
 from mixpriv.privacy.similarity import (

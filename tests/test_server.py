@@ -25,20 +25,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER, phantom
 from mixpriv.constants import IMAGE
 from mixpriv.hub import export_pretrained, from_pretrained
 from mixpriv.inference.mixtures import mix_with_references
 from mixpriv.inference.pipeline import PrivatePipeline, segment_mixtures
-from mixpriv.mixing.settings import MixingSettings
 from mixpriv.inference.volume import load_scan
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.lightning.tta import TTAEnsembler
 from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
 from mixpriv.networks import AdaINUnmixer
 from mixpriv.server.app import HostedSegmenter, ServerConfig, create_app
 from mixpriv.server.client import PrivateClient, ServerError

@@ -23,7 +23,11 @@ from mixpriv.constants import IMAGE, LABEL, TEST
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.data.preprocessing import preprocessing
 from mixpriv.evaluation.dice import dice_per_class, mean_foreground
-from mixpriv.evaluation.plots import plot_dice_vs_k, plot_private_segmentation, plot_variance_map
+from mixpriv.evaluation.plots import (
+    plot_dice_vs_k,
+    plot_private_segmentation,
+    plot_variance_map,
+)
 from mixpriv.evaluation.report import DiceTable
 from mixpriv.inference.pipeline import PrivatePipeline, PrivateRun
 from mixpriv.inference.volume import save_like, segment_volume, to_original_grid

@@ -15,11 +15,21 @@ from dataclasses import dataclass
 
 import torch
 
+from mixpriv.constants import DEFAULT_LAMBDA_RANGE
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.mixing.composite import check_composite, draw_reference_weights, label_mixture
+from mixpriv.mixing.composite import (
+    check_composite,
+    draw_reference_weights,
+    label_mixture,
+)
 from mixpriv.mixing.functional import fit_to_shape
-from mixpriv.mixing.settings import MixingSettings
-from mixpriv.validation import InputError, check_finite, check_lambda, check_lambda_range
+from mixpriv.mixing.settings import DEFAULT_MIXING, MixingSettings
+from mixpriv.validation import (
+    InputError,
+    check_finite,
+    check_lambda,
+    check_lambda_range,
+)
 
 
 @dataclass
@@ -61,7 +71,7 @@ class Mixtures:
         return label_mixture(self.reference_labels, self.reference_weights, self.num_classes)
 
 
-def draw_lambdas(k: int, lambda_range: Sequence[float] = MixingSettings().lambda_range,
+def draw_lambdas(k: int, lambda_range: Sequence[float] = DEFAULT_LAMBDA_RANGE,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw K mixing weights uniformly in ``lambda_range``.
 
@@ -86,7 +96,7 @@ def mix_with_references(
     image: torch.Tensor,
     bank: ReferenceBank,
     k: int,
-    mixing: MixingSettings = MixingSettings(),
+    mixing: MixingSettings = DEFAULT_MIXING,
     generator: torch.Generator | None = None,
     *,
     reference_indices: Sequence[int | Sequence[int]] | None = None,

@@ -26,7 +26,7 @@ from mixpriv.inference.mixtures import Mixtures, mix_with_references
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.composite import label_mixture
 from mixpriv.mixing.functional import naive_unmix, probabilities_from_unmixed
-from mixpriv.mixing.settings import MixingSettings
+from mixpriv.mixing.settings import DEFAULT_MIXING, MixingSettings
 from mixpriv.validation import InputError
 
 UNMIX_METHODS = ("learned", "naive")
@@ -144,7 +144,7 @@ class PrivatePipeline:
         segment_patches: PatchSegmenter | None = None,
         segment_volumes: VolumeSegmenter | None = None,
         unmix: Unmixer | None = None,
-        mixing: MixingSettings = MixingSettings(),
+        mixing: MixingSettings = DEFAULT_MIXING,
         patch_size: int = 48,
         overlap: int | None = None,
         batch_size: int = 2,

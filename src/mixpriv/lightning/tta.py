@@ -8,7 +8,11 @@ import pytorch_lightning as pl
 import torch
 
 from mixpriv.constants import IMAGE
-from mixpriv.inference.pipeline import PrivatePipeline, PrivateSegmentation, check_methods
+from mixpriv.inference.pipeline import (
+    PrivatePipeline,
+    PrivateSegmentation,
+    check_methods,
+)
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings

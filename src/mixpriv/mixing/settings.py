@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA, DEFAULT_LAMBDA_RANGE, DEFAULT_REFERENCES_PER_MIX
+from mixpriv.constants import (
+    DEFAULT_DIRICHLET_ALPHA,
+    DEFAULT_LAMBDA_RANGE,
+    DEFAULT_REFERENCES_PER_MIX,
+)
 from mixpriv.validation import check_lambda_range, check_references_per_mix
 
 
@@ -79,3 +83,7 @@ class MixingSettings:
         """JSON-ready values, under the names the models' ``hparams`` use."""
         return {"lambda_range": list(self.lambda_range), "references_per_mix": self.references_per_mix,
                 "dirichlet_alpha": self.dirichlet_alpha}
+
+
+#: The paper's scheme with mixpriv's default λ range: one reference, λ ~ U(0.65, 0.95).
+DEFAULT_MIXING = MixingSettings()

@@ -24,7 +24,7 @@ from sklearn.metrics import f1_score
 
 from mixpriv.inference.mixtures import mix_with_references
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.mixing.settings import MixingSettings
+from mixpriv.mixing.settings import DEFAULT_MIXING, MixingSettings
 from mixpriv.privacy.similarity import MSSSIMSettings, similarity_matrix
 from mixpriv.validation import InputError, check_finite
 
@@ -129,7 +129,7 @@ def retrieval_metrics(similarity: torch.Tensor, patient_ids: Sequence[str]) -> R
 def encode_scans(
     images: Sequence[torch.Tensor],
     bank: ReferenceBank,
-    mixing: MixingSettings = MixingSettings(),
+    mixing: MixingSettings = DEFAULT_MIXING,
     generator: torch.Generator | None = None,
     references_per_scan: int = 1,
     *,

@@ -44,8 +44,15 @@ from fastapi.responses import JSONResponse, Response
 from mixpriv import __version__
 from mixpriv.inference.pipeline import segment_mixtures
 from mixpriv.server.auth import tokens_match
-from mixpriv.server.wire import (NPY_MEDIA_TYPE, REQUEST_DTYPES, RESPONSE_ENCODING, MixtureLimits, WireError,
-                                 decode_mixtures, encode_probabilities)
+from mixpriv.server.wire import (
+    NPY_MEDIA_TYPE,
+    REQUEST_DTYPES,
+    RESPONSE_ENCODING,
+    MixtureLimits,
+    WireError,
+    decode_mixtures,
+    encode_probabilities,
+)
 
 log = logging.getLogger("mixpriv.server")
 

@@ -35,12 +35,22 @@ import numpy as np
 import torch
 
 from mixpriv import __version__
-from mixpriv.inference.pipeline import PrivatePipeline, PrivateSegmentation, check_methods
+from mixpriv.inference.pipeline import (
+    PrivatePipeline,
+    PrivateSegmentation,
+    check_methods,
+)
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.server.auth import read_token
-from mixpriv.server.wire import (NPY_MEDIA_TYPE, REQUEST_DTYPES, WireError, decode_probabilities, encode_mixtures,
-                                 response_size_limit)
+from mixpriv.server.wire import (
+    NPY_MEDIA_TYPE,
+    REQUEST_DTYPES,
+    WireError,
+    decode_probabilities,
+    encode_mixtures,
+    response_size_limit,
+)
 from mixpriv.validation import InputError
 
 log = logging.getLogger("mixpriv.server.client")

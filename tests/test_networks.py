@@ -68,3 +68,16 @@ def test_a_scalar_lambda_is_shared_by_the_batch():
     net = build_unmixer(4, {"channels": [4, 8], "context_scale": 2})
     mixed, reference, _ = _inputs()
     torch.testing.assert_close(net(mixed, reference, torch.tensor(0.8)), net(mixed, reference, torch.full((3,), 0.8)))
+
+
+def test_context_unmixer_starts_as_the_sharpened_naive_unmixing():
+    from mixpriv.mixing.functional import naive_unmix
+    from mixpriv.networks.unmixer import NAIVE_GAIN
+
+    net = build_unmixer(4, {"channels": [4, 8], "context_scale": 2})
+    mixed, reference, lam = _inputs()
+    logits = net(mixed, reference, lam)
+    torch.testing.assert_close(logits, NAIVE_GAIN * naive_unmix(mixed, reference, lam))
+    # Training moves it: the coarse U-Net's head gets a gradient from the first step.
+    logits.logsumexp(1).sum().backward()
+    assert net.head.weight.grad.abs().sum() > 0

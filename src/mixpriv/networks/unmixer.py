@@ -153,6 +153,10 @@ class AdaINUnmixer(nn.Module):
         return self._unet(self._inputs(mixed_probs, reference_one_hot, lam), lam)
 
 
+#: Initial gain of the naive channel in the context unmixer's per-voxel head (see ``_start_as_naive``).
+NAIVE_GAIN = 5.0
+
+
 class ContextAdaINUnmixer(AdaINUnmixer):
     """The unmixer with its U-Net at a coarser resolution: ``U = A(lam)·y_m + B(lam)·y_r + up(unet(pool(...)))``.
 
@@ -176,6 +180,23 @@ class ContextAdaINUnmixer(AdaINUnmixer):
         if self.spec.context_scale < 2:
             raise ValueError(f"ContextAdaINUnmixer needs context_scale >= 2, got {self.spec.context_scale}")
         self.pointwise = nn.Conv3d(self.in_channels, num_classes, 1)
+        self._start_as_naive()
+
+    def _start_as_naive(self) -> None:
+        """Initialise the network to the naive unmixing (Eq. 4), sharpened: logits = NAIVE_GAIN x naive.
+
+        A per-voxel linear head needs large weights for confident logits, which Adam reaches only
+        after thousands of steps; started here, training begins at the naive method's accuracy and
+        learns corrections (the coarse U-Net's zeroed head adds nothing until it has learned some).
+        """
+        with torch.no_grad():
+            self.pointwise.weight.zero_()
+            self.pointwise.bias.zero_()
+            if self.spec.include_naive:
+                c = self.num_classes
+                self.pointwise.weight[:, 2 * c:, 0, 0, 0] = NAIVE_GAIN * torch.eye(c)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def _pointwise(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The 1x1 layer on (y_m, y_r, naive), folded: naive = (y_m - (1 - lam) y_r) / lam."""

@@ -330,6 +330,25 @@ def test_a_slow_inference_gets_504_and_frees_its_worker():
         assert np.load(io.BytesIO(response.content), allow_pickle=False).shape == (1, 2, 8, 8, 8)
 
 
+def test_answers_are_gzipped_only_for_clients_that_accept_it(server, model, token):
+    body = encode_mixtures(np.random.default_rng(0).random((1, 24, 24, 24), dtype=np.float32))
+    headers = {"Authorization": f"Bearer {token[0]}", "Content-Type": "application/x-npy"}
+    raw = httpx.post(f"{server.url}/v1/segment", content=body, headers={**headers, "Accept-Encoding": "identity"},
+                     timeout=60)
+    assert raw.status_code == 200 and "content-encoding" not in raw.headers
+    plain = np.load(io.BytesIO(raw.content), allow_pickle=False)
+    gzipped = httpx.post(f"{server.url}/v1/segment", content=body, headers={**headers, "Accept-Encoding": "gzip"},
+                         timeout=60)
+    assert gzipped.headers["content-encoding"] == "gzip" and len(gzipped.content) == plain.nbytes + 128
+    assert np.array_equal(np.load(io.BytesIO(gzipped.content), allow_pickle=False), plain)  # httpx gunzips
+    key, image = make_key(1), make_image(1)
+    mixtures = mix_with_references(image, key, 2).mixtures
+    with PrivateClient(server.url, key, model, token=token[0]) as loopback, \
+            PrivateClient(server.url, key, model, token=token[0], compress_answers=True) as compressing:
+        assert not loopback.compress_answers and compressing.compress_answers
+        torch.testing.assert_close(loopback.segment_mixtures(mixtures), compressing.segment_mixtures(mixtures))
+
+
 def test_serve_refuses_to_start_without_a_token(published):
     result = subprocess.run([sys.executable, "-m", "mixpriv.cli", "serve", "--model", str(published), "--port",
                              str(free_port())], capture_output=True, text=True, env=child_env(), timeout=60, check=False)

@@ -7,8 +7,9 @@ is sent; it cannot unmix what it segments. Endpoints:
 * ``GET /v1/model`` - what the model expects (labels, spacing, orientation, intensity
   normalisation, patch size, λ range) and the request limits, from the model card.
 * ``POST /v1/segment`` - a ``.npy`` batch of K mixed volumes ``(K, D, H, W)`` in, their class
-  probabilities ``(K, C, D, H, W)`` out (float16 ``.npy``, ``Content-Encoding: gzip``), whole
-  volumes over the model's overlapping patch grid. See :mod:`mixpriv.server.wire`.
+  probabilities ``(K, C, D, H, W)`` out (float16 ``.npy``, ``Content-Encoding: gzip`` when the
+  request's ``Accept-Encoding`` allows it, else as they are), whole volumes over the model's
+  overlapping patch grid. See :mod:`mixpriv.server.wire`.
 
 Every ``/v1`` endpoint needs ``Authorization: Bearer <token>`` (compared in constant time);
 bodies over the size limit get 413 (``Content-Length`` is checked before reading, the streamed
@@ -50,6 +51,7 @@ from mixpriv.server.wire import (
     RESPONSE_ENCODING,
     MixtureLimits,
     WireError,
+    accepts_gzip,
     decode_mixtures,
     encode_probabilities,
 )
@@ -186,7 +188,7 @@ class ServerConfig:
         max_pending: requests admitted at once (reading, queued or running); more get 503.
         batch_size: patches (of any of the K mixtures) per forward pass.
         overlap: least patch-grid overlap in voxels (default an eighth of a patch).
-        compresslevel: gzip level of the responses (1: fast).
+        compresslevel: gzip level of the responses to clients that accept gzip (1: fast).
     """
 
     token: str | None = None
@@ -243,7 +245,7 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
     info["wire"] = {"request": {"media_type": NPY_MEDIA_TYPE, "dtypes": list(REQUEST_DTYPES),
                                 "shape": "(K, D, H, W)"},
                     "response": {"media_type": NPY_MEDIA_TYPE, "dtype": "float16", "shape": "(K, C, D, H, W)",
-                                 "content_encoding": RESPONSE_ENCODING}}
+                                 "content_encoding": f"{RESPONSE_ENCODING} if the request accepts it, else identity"}}
     info["server"] = {"mixpriv": __version__, "timeout_s": config.timeout_s}
 
     @contextlib.asynccontextmanager
@@ -278,7 +280,7 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def run_inference(mixtures: np.ndarray, cancel: threading.Event) -> bytes:
+    def run_inference(mixtures: np.ndarray, cancel: threading.Event, compress: bool) -> bytes:
         def segment(batch: torch.Tensor) -> torch.Tensor:
             if cancel.is_set():
                 raise _Cancelled
@@ -288,7 +290,7 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
                                          config.overlap, config.batch_size)
         if cancel.is_set():
             raise _Cancelled
-        return encode_probabilities(probabilities, config.compresslevel)
+        return encode_probabilities(probabilities, config.compresslevel if compress else None)
 
     @app.get("/health")
     async def health() -> dict:
@@ -319,7 +321,8 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
             del body
             request.state.mixpriv_shape = mixtures.shape
             cancel = threading.Event()
-            job = executor.submit(run_inference, mixtures, cancel)
+            compress = accepts_gzip(request.headers.get("accept-encoding", ""))
+            job = executor.submit(run_inference, mixtures, cancel, compress)
             try:
                 payload = await asyncio.wait_for(asyncio.wrap_future(job), config.timeout_s)
             except TimeoutError:
@@ -330,7 +333,8 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
                 return _problem(504, f"the inference did not finish within {config.timeout_s:g} s")
         finally:
             admitted["n"] -= 1
-        return Response(payload, media_type=NPY_MEDIA_TYPE, headers={"Content-Encoding": RESPONSE_ENCODING})
+        return Response(payload, media_type=NPY_MEDIA_TYPE,
+                        headers={"Content-Encoding": RESPONSE_ENCODING} if compress else {})
 
     app.add_middleware(_AccessLog)
     return app

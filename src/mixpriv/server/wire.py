@@ -132,16 +132,38 @@ def encode_mixtures(mixtures: np.ndarray | torch.Tensor, dtype: str = "float32")
     return encode_npy(array.astype(dtype, copy=False))
 
 
-def encode_probabilities(probabilities: np.ndarray | torch.Tensor, compresslevel: int = 1) -> bytes:
-    """The response body: probabilities ``(K, C, D, H, W)`` as float16 ``.npy``, gzip-compressed.
+def encode_probabilities(probabilities: np.ndarray | torch.Tensor, compresslevel: int | None = 1) -> bytes:
+    """The response body: probabilities ``(K, C, D, H, W)`` as float16 ``.npy``, gzip-compressed at
+    ``compresslevel`` (``None``: not compressed, for clients that do not accept gzip).
 
     Example:
         >>> body = encode_probabilities(np.full((1, 2, 8, 8, 8), 0.5, np.float32))
         >>> decode_probabilities(gzip.decompress(body), (1, 2, 8, 8, 8)).dtype
         dtype('float16')
+        >>> decode_probabilities(encode_probabilities(np.zeros((1, 2, 4, 4, 4)), None)).shape
+        (1, 2, 4, 4, 4)
     """
-    array = _as_numpy(probabilities).astype(RESPONSE_DTYPE, copy=False)
-    return gzip.compress(encode_npy(array), compresslevel=compresslevel, mtime=0)
+    body = encode_npy(_as_numpy(probabilities).astype(RESPONSE_DTYPE, copy=False))
+    return body if compresslevel is None else gzip.compress(body, compresslevel=compresslevel, mtime=0)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` header value allows a gzip answer (``gzip`` or ``*``, not ``q=0``).
+
+    Example:
+        >>> accepts_gzip("gzip, deflate"), accepts_gzip("identity"), accepts_gzip("gzip;q=0"), accepts_gzip("")
+        (True, False, False, False)
+    """
+    for entry in accept_encoding.lower().split(","):
+        coding, _, params = entry.strip().partition(";")
+        quality = params.strip().removeprefix("q=") if params.strip().startswith("q=") else "1"
+        try:
+            allowed = float(quality) > 0
+        except ValueError:
+            allowed = False
+        if coding.strip() in ("gzip", "*") and allowed:
+            return True
+    return False
 
 
 def read_npy_header(body: bytes) -> NpyHeader:

@@ -1,0 +1,269 @@
+"""Training throughput of the recipes: data pipeline against networks, and MACs against a Conv3d peak.
+
+For each recipe the model and data module are built as ``mixpriv train`` builds them, then, in one
+run, on the same model with the same optimiser, loss and Lightning Trainer:
+
+1. ``--warmup`` + ``--steps`` training steps fed by the real TorchIO queue (its worker process
+   loads, preprocesses and, for Mixup-Privacy, mixes the volumes; the label sampler draws the
+   patches); the batches are kept;
+2. the same number of steps on those batches, already in memory (the nnU-Net way of measuring
+   loader overhead: same shapes and dtypes, no loading).
+
+Times run from one step's end to the next one's (so waiting for a batch counts), after the
+warm-up steps. The data-pipeline share is ``1 - t_dummy / t_real``, in wall time and in CPU time
+(this process and its loader workers: less sensitive to other jobs on a shared machine); ``--rounds``
+alternates the two phases to even out a varying load. The queue alone (no model, after its first
+fill) is also timed, to show whether it could keep up.
+
+MACs are counted on one training step by forward hooks on every ``Conv3d``, ``ConvTranspose3d``
+and ``Linear``: output elements x input channels / groups x kernel volume (for a transposed
+convolution, input elements x output channels / groups x kernel volume: the MACs it performs).
+A training step counts as 3 x its forward MACs (the backward pass computes the gradients of the
+inputs and of the weights, each costing about one forward). The Conv3d peak is the best
+forward + backward rate of a ``C -> C``, 3^3 convolution on a batch of patches (C = 16, 32, 64;
+contiguous and channels-last layouts), measured in the same run.
+
+Usage:
+    .venv/bin/python benchmarks/training_throughput.py --steps 30 --json outputs/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+from mixpriv.constants import IMAGE
+from mixpriv.recipe import load_recipe
+from mixpriv.training import auto_precision, build_from_recipe
+
+RECIPES = {"tissue-baseline": "baseline", "tissue-mixpriv": "mixpriv"}
+COUNTED = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all its threads) and its child processes (the
+    queue's loader workers), live ones read from ``/proc`` (Linux; elsewhere reaped ones only)."""
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # it has just exited
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+class StepClock(Callback):
+    """Wall clock and CPU time at every training step's end, the patches of each step, and the first ``keep`` batches."""
+
+    def __init__(self, keep: int = 0) -> None:
+        self.keep = keep
+        self.ends: list[float] = []
+        self.cpu_ends: list[float] = []
+        self.patches: list[int] = []
+        self.batches: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize()
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(cpu_seconds())
+        self.patches.append(int(batch[IMAGE]["data"].shape[0]))
+        if len(self.batches) < self.keep:
+            self.batches.append(batch)
+
+    def steady(self, warmup: int) -> tuple[int, float, float]:
+        """Patches, wall seconds and CPU seconds of the steps after the first ``warmup`` ones (``warmup`` >= 1)."""
+        return (sum(self.patches[warmup:]), self.ends[-1] - self.ends[warmup - 1],
+                self.cpu_ends[-1] - self.cpu_ends[warmup - 1])
+
+
+class MacCounter(Callback):
+    """Forward MACs of the first training step, per top-level child of the module (e.g. segmenter, unmixer)."""
+
+    def __init__(self) -> None:
+        self.macs: dict[str, int] = {}
+        self._handles: list = []
+        self._counted = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._counted:
+            return
+        self._counted = True
+        for child_name, child in pl_module.named_children():
+            for module in child.modules():
+                if isinstance(module, COUNTED):
+                    self._handles.append(module.register_forward_hook(self._hook(child_name)))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for handle in self._handles:  # count one step only
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def count(module, inputs, output) -> None:
+            per_element = module.weight[0].numel()  # (in / groups) x kernel; out / groups x kernel if transposed
+            elements = inputs[0].numel() if isinstance(module, nn.ConvTranspose3d) else output.numel()
+            self.macs[name] = self.macs.get(name, 0) + elements * per_element
+        return count
+
+
+def trainer_for(recipe: dict, steps: int, callbacks: list[Callback]) -> pl.Trainer:
+    """The recipe's Trainer as ``mixpriv train`` configures it, for ``steps`` steps, without validation or outputs."""
+    config = dict(recipe.get("trainer", {}))
+    if config.get("precision", "auto") == "auto":
+        config["precision"] = auto_precision()
+    config.update(max_steps=steps, max_time=None, limit_val_batches=0, num_sanity_val_steps=0,
+                  use_distributed_sampler=False, enable_progress_bar=False, enable_checkpointing=False,
+                  enable_model_summary=False, logger=False)
+    return pl.Trainer(callbacks=callbacks, default_root_dir="outputs/benchmark-scratch", **config)
+
+
+def queue_alone(datamodule, batches: int) -> float:
+    """Patches/s of the training loader alone over ``batches`` batches after its first (the first fill)."""
+    patches, start = 0, None
+    for index, batch in enumerate(datamodule.train_dataloader()):
+        if start is None:
+            start = time.perf_counter()
+            continue
+        patches += int(batch[IMAGE]["data"].shape[0])
+        if index == batches:
+            break
+    return patches / (time.perf_counter() - start)
+
+
+def measure_recipe(name: str, steps: int, warmup: int, keep: int, rounds: int) -> dict:
+    """Real-queue and dummy-batch phases of ``warmup`` + ``steps`` steps, alternated ``rounds`` times."""
+    recipe = load_recipe(name)
+    pl.seed_everything(int(recipe.get("seed", 0)), workers=True)
+    model, datamodule = build_from_recipe(recipe)
+    total = warmup + steps
+    queue_patches_per_s = queue_alone(datamodule, steps)
+    sums = {phase: np.zeros(3) for phase in ("real", "dummy")}  # patches, wall seconds, CPU seconds
+    macs = MacCounter()
+    for _ in range(rounds):
+        real = StepClock(keep=keep)
+        trainer_for(recipe, total, [real]).fit(model, datamodule=datamodule)
+        cycled = [real.batches[i % len(real.batches)] for i in range(total)]
+        dummy = StepClock()
+        loader = torch.utils.data.DataLoader(cycled, batch_size=None, shuffle=False, num_workers=0)
+        trainer_for(recipe, total, [dummy, macs]).fit(model, train_dataloaders=loader)
+        sums["real"] += real.steady(warmup)
+        sums["dummy"] += dummy.steady(warmup)
+        del real, cycled, loader
+
+    (patches, real_seconds, real_cpu), (dummy_patches, dummy_seconds, dummy_cpu) = sums["real"], sums["dummy"]
+    step_macs = 3 * sum(macs.macs.values())
+    measured_steps = steps * rounds
+    return {
+        "patches_per_s": patches / real_seconds,
+        "dummy_patches_per_s": dummy_patches / dummy_seconds,
+        "data_share": 1 - (dummy_seconds / dummy_patches) / (real_seconds / patches),
+        "data_share_cpu": 1 - (dummy_cpu / dummy_patches) / (real_cpu / patches),
+        "cpu_seconds_per_step": real_cpu / measured_steps,
+        "dummy_cpu_seconds_per_step": dummy_cpu / measured_steps,
+        "queue_alone_patches_per_s": queue_patches_per_s,
+        "seconds_per_step": real_seconds / measured_steps,
+        "forward_gmac_per_step": {part: value / 1e9 for part, value in macs.macs.items()},
+        "step_gmac": step_macs / 1e9,
+        "gmacs": step_macs * measured_steps / real_seconds / 1e9,
+        "dummy_gmacs": step_macs * measured_steps / dummy_seconds / 1e9,
+    }
+
+
+def conv3d_peak(batch_size: int, patch: int, repeats: int = 3) -> dict:
+    """Best forward + backward GMAC/s of a C -> C 3^3 Conv3d on ``batch_size`` patches of ``patch``^3."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    best = {"gmacs": 0.0}
+    for channels in (16, 32, 64):
+        conv = nn.Conv3d(channels, channels, 3, padding=1).to(device)
+        macs = 3 * batch_size * channels * patch**3 * channels * 27
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            x = torch.randn(batch_size, channels, patch, patch, patch, device=device).contiguous(memory_format=layout)
+            x.requires_grad_(True)
+            seconds = []
+            for _ in range(repeats + 1):  # the first run warms up (kernel choice, allocator)
+                synchronize()
+                start = time.perf_counter()
+                conv(x).sum().backward()
+                synchronize()
+                seconds.append(time.perf_counter() - start)
+            rate = macs / min(seconds[1:]) / 1e9
+            if rate > best["gmacs"]:
+                best = {"gmacs": rate, "channels": channels, "layout": str(layout).replace("torch.", "")}
+            del x
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="recipe names or paths")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps per phase, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps first (queue fill, allocator)")
+    parser.add_argument("--keep", type=int, default=8, help="real batches kept and cycled by the dummy phase")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the real and dummy phases this many times (evens out a varying load)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default: what training gets, all cores)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if min(args.steps, args.warmup, args.keep, args.rounds) < 1:
+        parser.error("--steps, --warmup, --keep and --rounds must be at least 1")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+
+    results = {name: measure_recipe(name, args.steps, args.warmup, args.keep, args.rounds) for name in args.recipes}
+    recipe = load_recipe(args.recipes[0])
+    peak = conv3d_peak(int(recipe["data"]["batch_size"]), int(recipe["data"]["patch_size"]))
+
+    print("| recipe | patches/s (TorchIO queue) | patches/s (dummy batches) | data pipeline share (wall) "
+          "| data pipeline share (CPU time) | queue alone patches/s | forward GMAC / step | GMAC/s | of Conv3d peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        parts = " + ".join(f"{part} {value:.1f}" for part, value in r["forward_gmac_per_step"].items())
+        print(f"| {name} | {r['patches_per_s']:.2f} | {r['dummy_patches_per_s']:.2f} | {100 * r['data_share']:.1f} % "
+              f"| {100 * r['data_share_cpu']:.1f} % | {r['queue_alone_patches_per_s']:.1f} | {parts} "
+              f"| {r['gmacs']:.1f} | {100 * r['gmacs'] / peak['gmacs']:.0f} % |")
+    load = os.getloadavg()[0]
+    print(f"\nConv3d peak: {peak['gmacs']:.1f} GMAC/s (forward + backward, {peak['channels']} -> {peak['channels']}, "
+          f"3^3, {peak['layout']}). torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} x ({args.warmup} warm-up + {args.steps} measured steps) per phase; a step = 3 x forward MACs; "
+          f"load average {load_before:.1f} before, {load:.1f} after on {os.cpu_count()} cores.")
+
+    summary = {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": torch.get_num_threads(),
+               "load_average": [load_before, load], "cores": os.cpu_count(),
+               "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "conv3d_peak_gmacs": peak["gmacs"], "conv3d_peak": peak, "recipes": results}
+    for name, r in results.items():
+        kind = RECIPES.get(name, Path(name).stem)
+        summary.update({f"{kind}_patches_per_s": r["patches_per_s"], f"{kind}_data_share": r["data_share"],
+                        f"{kind}_gmacs": r["gmacs"], f"{kind}_peak_fraction": r["gmacs"] / peak["gmacs"]})
+    if "mixpriv_patches_per_s" in summary and "baseline_patches_per_s" in summary:
+        summary["ratio"] = summary["mixpriv_patches_per_s"] / summary["baseline_patches_per_s"]
+    if "mixpriv_gmacs" in summary:
+        summary["peak_fraction"] = summary["mixpriv_peak_fraction"]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="inferences run at once")
     p.add_argument("--max-pending", type=int, default=64, help="requests admitted at once (more: 503)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs / workers)")
-    p.add_argument("--batch-size", type=int, default=2, help="patch positions per forward pass")
+    p.add_argument("--batch-size", type=int, default=2, help="patches (of any of the K mixtures) per forward pass")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
     p.add_argument("--ssl-keyfile", default=None)
     p.set_defaults(func=_serve)

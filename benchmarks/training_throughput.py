@@ -11,9 +11,12 @@ run, on the same model with the same optimiser, loss and Lightning Trainer:
 
 Times run from one step's end to the next one's (so waiting for a batch counts), after the
 warm-up steps. The data-pipeline share is ``1 - t_dummy / t_real``, in wall time and in CPU time
-(this process and its loader workers: less sensitive to other jobs on a shared machine); ``--rounds``
-alternates the two phases to even out a varying load. The queue alone (no model, after its first
-fill) is also timed, to show whether it could keep up.
+(this process and its loader workers: less sensitive to other jobs on a shared machine). The phases
+of all recipes alternate (the real queue of each, then the dummy batches of each, ``--rounds``
+times, a Conv3d peak after each round), so that a load varying over the run weighs on all alike.
+The queue alone (no model, after its first fill) is also timed, to show whether it could keep up.
+The TorchIO queue refills (8 volumes loaded, 64 patches sampled) every 16 steps of the recipes:
+``--steps`` of a multiple of 16 counts the refills in their true proportion.
 
 MACs are counted on one training step by forward hooks on every ``Conv3d``, ``ConvTranspose3d``
 and ``Linear``: output elements x input channels / groups x kernel volume (for a transposed
@@ -21,10 +24,10 @@ convolution, input elements x output channels / groups x kernel volume: the MACs
 A training step counts as 3 x its forward MACs (the backward pass computes the gradients of the
 inputs and of the weights, each costing about one forward). The Conv3d peak is the best
 forward + backward rate of a ``C -> C``, 3^3 convolution on a batch of patches (C = 16, 32, 64;
-contiguous and channels-last layouts), measured in the same run.
+contiguous and channels-last layouts), the best over the rounds of the run.
 
 Usage:
-    .venv/bin/python benchmarks/training_throughput.py --steps 30 --json outputs/throughput.json
+    .venv/bin/python benchmarks/training_throughput.py --steps 32 --rounds 2 --json outputs/training_throughput.json
 """
 
 from __future__ import annotations
@@ -89,9 +92,9 @@ class StepClock(Callback):
         if len(self.batches) < self.keep:
             self.batches.append(batch)
 
-    def steady(self, warmup: int) -> tuple[int, float, float]:
-        """Patches, wall seconds and CPU seconds of the steps after the first ``warmup`` ones (``warmup`` >= 1)."""
-        return (sum(self.patches[warmup:]), self.ends[-1] - self.ends[warmup - 1],
+    def steady(self, warmup: int) -> tuple[int, int, float, float]:
+        """Steps, patches, wall seconds and CPU seconds after the first ``warmup`` steps (``warmup`` >= 1)."""
+        return (len(self.patches) - warmup, sum(self.patches[warmup:]), self.ends[-1] - self.ends[warmup - 1],
                 self.cpu_ends[-1] - self.cpu_ends[warmup - 1])
 
 
@@ -149,43 +152,53 @@ def queue_alone(datamodule, batches: int) -> float:
     return patches / (time.perf_counter() - start)
 
 
-def measure_recipe(name: str, steps: int, warmup: int, keep: int, rounds: int) -> dict:
-    """Real-queue and dummy-batch phases of ``warmup`` + ``steps`` steps, alternated ``rounds`` times."""
-    recipe = load_recipe(name)
-    pl.seed_everything(int(recipe.get("seed", 0)), workers=True)
-    model, datamodule = build_from_recipe(recipe)
-    total = warmup + steps
-    queue_patches_per_s = queue_alone(datamodule, steps)
-    sums = {phase: np.zeros(3) for phase in ("real", "dummy")}  # patches, wall seconds, CPU seconds
-    macs = MacCounter()
-    for _ in range(rounds):
-        real = StepClock(keep=keep)
-        trainer_for(recipe, total, [real]).fit(model, datamodule=datamodule)
-        cycled = [real.batches[i % len(real.batches)] for i in range(total)]
-        dummy = StepClock()
-        loader = torch.utils.data.DataLoader(cycled, batch_size=None, shuffle=False, num_workers=0)
-        trainer_for(recipe, total, [dummy, macs]).fit(model, train_dataloaders=loader)
-        sums["real"] += real.steady(warmup)
-        sums["dummy"] += dummy.steady(warmup)
-        del real, cycled, loader
+class RecipeRun:
+    """One recipe's model and data module, built as ``mixpriv train`` builds them, and its measured phases."""
 
-    (patches, real_seconds, real_cpu), (dummy_patches, dummy_seconds, dummy_cpu) = sums["real"], sums["dummy"]
-    step_macs = 3 * sum(macs.macs.values())
-    measured_steps = steps * rounds
-    return {
-        "patches_per_s": patches / real_seconds,
-        "dummy_patches_per_s": dummy_patches / dummy_seconds,
-        "data_share": 1 - (dummy_seconds / dummy_patches) / (real_seconds / patches),
-        "data_share_cpu": 1 - (dummy_cpu / dummy_patches) / (real_cpu / patches),
-        "cpu_seconds_per_step": real_cpu / measured_steps,
-        "dummy_cpu_seconds_per_step": dummy_cpu / measured_steps,
-        "queue_alone_patches_per_s": queue_patches_per_s,
-        "seconds_per_step": real_seconds / measured_steps,
-        "forward_gmac_per_step": {part: value / 1e9 for part, value in macs.macs.items()},
-        "step_gmac": step_macs / 1e9,
-        "gmacs": step_macs * measured_steps / real_seconds / 1e9,
-        "dummy_gmacs": step_macs * measured_steps / dummy_seconds / 1e9,
-    }
+    def __init__(self, name: str, steps: int, warmup: int, keep: int) -> None:
+        self.recipe = load_recipe(name)
+        pl.seed_everything(int(self.recipe.get("seed", 0)), workers=True)
+        self.model, self.datamodule = build_from_recipe(self.recipe)
+        self.steps, self.warmup, self.keep = steps, warmup, keep
+        self.queue_patches_per_s = queue_alone(self.datamodule, steps)
+        self.batches: list = []
+        self.macs = MacCounter()
+        self.sums = {phase: np.zeros(4) for phase in ("real", "dummy")}  # steps, patches, wall s, CPU s
+
+    def real_phase(self) -> None:
+        """``warmup`` + ``steps`` steps fed by the TorchIO queue (a fresh one: its first fill in the warm-up)."""
+        clock = StepClock(keep=0 if self.batches else self.keep)
+        trainer_for(self.recipe, self.warmup + self.steps, [clock]).fit(self.model, datamodule=self.datamodule)
+        self.batches = self.batches or clock.batches
+        self.sums["real"] += clock.steady(self.warmup)
+
+    def dummy_phase(self) -> None:
+        """The same number of steps on the kept real batches, cycled, already in memory."""
+        total = self.warmup + self.steps
+        cycled = [self.batches[i % len(self.batches)] for i in range(total)]
+        loader = torch.utils.data.DataLoader(cycled, batch_size=None, shuffle=False, num_workers=0)
+        clock = StepClock()
+        trainer_for(self.recipe, total, [clock, self.macs]).fit(self.model, train_dataloaders=loader)
+        self.sums["dummy"] += clock.steady(self.warmup)
+
+    def result(self) -> dict:
+        (steps, patches, real_seconds, real_cpu), (dummy_steps, dummy_patches, dummy_seconds, dummy_cpu) = (
+            self.sums["real"], self.sums["dummy"])
+        step_macs = 3 * sum(self.macs.macs.values())
+        return {
+            "patches_per_s": patches / real_seconds,
+            "dummy_patches_per_s": dummy_patches / dummy_seconds,
+            "data_share": 1 - (dummy_seconds / dummy_patches) / (real_seconds / patches),
+            "data_share_cpu": 1 - (dummy_cpu / dummy_patches) / (real_cpu / patches),
+            "seconds_per_step": real_seconds / steps,
+            "cpu_seconds_per_step": real_cpu / steps,
+            "dummy_cpu_seconds_per_step": dummy_cpu / dummy_steps,
+            "queue_alone_patches_per_s": self.queue_patches_per_s,
+            "forward_gmac_per_step": {part: value / 1e9 for part, value in self.macs.macs.items()},
+            "step_gmac": step_macs / 1e9,
+            "gmacs": step_macs * steps / real_seconds / 1e9,
+            "dummy_gmacs": step_macs * dummy_steps / dummy_seconds / 1e9,
+        }
 
 
 def conv3d_peak(batch_size: int, patch: int, repeats: int = 3) -> dict:
@@ -230,9 +243,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
 
-    results = {name: measure_recipe(name, args.steps, args.warmup, args.keep, args.rounds) for name in args.recipes}
-    recipe = load_recipe(args.recipes[0])
-    peak = conv3d_peak(int(recipe["data"]["batch_size"]), int(recipe["data"]["patch_size"]))
+    # The phases of all recipes alternate (real queue of each, then dummy batches of each, per round),
+    # so that a load varying over the run weighs on all of them alike.
+    runs = {name: RecipeRun(name, args.steps, args.warmup, args.keep) for name in args.recipes}
+    recipe = next(iter(runs.values())).recipe
+    peak = {"gmacs": 0.0}
+    for _ in range(args.rounds):
+        for run in runs.values():
+            run.real_phase()
+        for run in runs.values():
+            run.dummy_phase()
+        measured = conv3d_peak(int(recipe["data"]["batch_size"]), int(recipe["data"]["patch_size"]))
+        peak = max(peak, measured, key=lambda p: p["gmacs"])
+    results = {name: run.result() for name, run in runs.items()}
 
     print("| recipe | patches/s (TorchIO queue) | patches/s (dummy batches) | data pipeline share (wall) "
           "| data pipeline share (CPU time) | queue alone patches/s | forward GMAC / step | GMAC/s | of Conv3d peak |")

@@ -10,10 +10,11 @@ run, on the same model with the same optimiser, loss and Lightning Trainer:
    loader overhead: same shapes and dtypes, no loading).
 
 Times run from one step's end to the next one's (so waiting for a batch counts), after the
-warm-up steps. The data-pipeline share is ``1 - t_dummy / t_real``, in wall time and in CPU time
-(this process and its loader workers: less sensitive to other jobs on a shared machine). The phases
-of all recipes alternate (the real queue of each, then the dummy batches of each, ``--rounds``
-times, a Conv3d peak after each round), so that a load varying over the run weighs on all alike.
+warm-up steps. The data-pipeline share is ``1 - t_dummy / t_real``. The phases of all recipes
+alternate (the real queue of each, then the dummy batches of each, ``--rounds`` times, a Conv3d
+peak after each round) and each phase reports its best round: on a shared machine another job
+slows every step of a phase several times over (the OpenMP threads of both contend for the
+cores), and the best round is the least disturbed. Every round's patches/s are in the JSON.
 The queue alone (no model, after its first fill) is also timed, to show whether it could keep up.
 The TorchIO queue refills (8 volumes loaded, 64 patches sampled) every 16 steps of the recipes:
 ``--steps`` of a multiple of 16 counts the refills in their true proportion.
@@ -36,11 +37,10 @@ import argparse
 import json
 import logging
 import os
-import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -59,43 +59,38 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def cpu_seconds() -> float:
-    """CPU seconds used so far by this process (all its threads) and its child processes (the
-    queue's loader workers), live ones read from ``/proc`` (Linux; elsewhere reaped ones only)."""
-    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
-    for children in Path("/proc/self/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # it has just exited
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+@dataclass(frozen=True)
+class Phase:
+    """What one measured phase did: steps, patches and wall seconds."""
+
+    steps: int
+    patches: int
+    seconds: float
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / self.seconds
 
 
 class StepClock(Callback):
-    """Wall clock and CPU time at every training step's end, the patches of each step, and the first ``keep`` batches."""
+    """The wall clock at every training step's end, the patches of each step, and the first ``keep`` batches."""
 
     def __init__(self, keep: int = 0) -> None:
         self.keep = keep
         self.ends: list[float] = []
-        self.cpu_ends: list[float] = []
         self.patches: list[int] = []
         self.batches: list = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         synchronize()
         self.ends.append(time.perf_counter())
-        self.cpu_ends.append(cpu_seconds())
         self.patches.append(int(batch[IMAGE]["data"].shape[0]))
         if len(self.batches) < self.keep:
             self.batches.append(batch)
 
-    def steady(self, warmup: int) -> tuple[int, int, float, float]:
-        """Steps, patches, wall seconds and CPU seconds after the first ``warmup`` steps (``warmup`` >= 1)."""
-        return (len(self.patches) - warmup, sum(self.patches[warmup:]), self.ends[-1] - self.ends[warmup - 1],
-                self.cpu_ends[-1] - self.cpu_ends[warmup - 1])
+    def steady(self, warmup: int) -> Phase:
+        """The steps after the first ``warmup`` ones (``warmup`` >= 1)."""
+        return Phase(len(self.patches) - warmup, sum(self.patches[warmup:]), self.ends[-1] - self.ends[warmup - 1])
 
 
 class MacCounter(Callback):
@@ -163,14 +158,14 @@ class RecipeRun:
         self.queue_patches_per_s = queue_alone(self.datamodule, steps)
         self.batches: list = []
         self.macs = MacCounter()
-        self.sums = {phase: np.zeros(4) for phase in ("real", "dummy")}  # steps, patches, wall s, CPU s
+        self.phases: dict[str, list[Phase]] = {"real": [], "dummy": []}
 
     def real_phase(self) -> None:
         """``warmup`` + ``steps`` steps fed by the TorchIO queue (a fresh one: its first fill in the warm-up)."""
         clock = StepClock(keep=0 if self.batches else self.keep)
         trainer_for(self.recipe, self.warmup + self.steps, [clock]).fit(self.model, datamodule=self.datamodule)
         self.batches = self.batches or clock.batches
-        self.sums["real"] += clock.steady(self.warmup)
+        self.phases["real"].append(clock.steady(self.warmup))
 
     def dummy_phase(self) -> None:
         """The same number of steps on the kept real batches, cycled, already in memory."""
@@ -179,25 +174,24 @@ class RecipeRun:
         loader = torch.utils.data.DataLoader(cycled, batch_size=None, shuffle=False, num_workers=0)
         clock = StepClock()
         trainer_for(self.recipe, total, [clock, self.macs]).fit(self.model, train_dataloaders=loader)
-        self.sums["dummy"] += clock.steady(self.warmup)
+        self.phases["dummy"].append(clock.steady(self.warmup))
 
     def result(self) -> dict:
-        (steps, patches, real_seconds, real_cpu), (dummy_steps, dummy_patches, dummy_seconds, dummy_cpu) = (
-            self.sums["real"], self.sums["dummy"])
+        """The best round of each phase (the least disturbed by other jobs), and every round's patches/s."""
+        real, dummy = (max(self.phases[phase], key=lambda p: p.patches_per_s) for phase in ("real", "dummy"))
         step_macs = 3 * sum(self.macs.macs.values())
         return {
-            "patches_per_s": patches / real_seconds,
-            "dummy_patches_per_s": dummy_patches / dummy_seconds,
-            "data_share": 1 - (dummy_seconds / dummy_patches) / (real_seconds / patches),
-            "data_share_cpu": 1 - (dummy_cpu / dummy_patches) / (real_cpu / patches),
-            "seconds_per_step": real_seconds / steps,
-            "cpu_seconds_per_step": real_cpu / steps,
-            "dummy_cpu_seconds_per_step": dummy_cpu / dummy_steps,
+            "patches_per_s": real.patches_per_s,
+            "dummy_patches_per_s": dummy.patches_per_s,
+            "data_share": 1 - real.patches_per_s / dummy.patches_per_s,
+            "seconds_per_step": real.seconds / real.steps,
+            "dummy_seconds_per_step": dummy.seconds / dummy.steps,
+            "rounds_patches_per_s": {phase: [p.patches_per_s for p in phases] for phase, phases in self.phases.items()},
             "queue_alone_patches_per_s": self.queue_patches_per_s,
             "forward_gmac_per_step": {part: value / 1e9 for part, value in self.macs.macs.items()},
             "step_gmac": step_macs / 1e9,
-            "gmacs": step_macs * steps / real_seconds / 1e9,
-            "dummy_gmacs": step_macs * dummy_steps / dummy_seconds / 1e9,
+            "gmacs": step_macs * real.steps / real.seconds / 1e9,
+            "dummy_gmacs": step_macs * dummy.steps / dummy.seconds / 1e9,
         }
 
 
@@ -257,18 +251,19 @@ def main() -> None:
         peak = max(peak, measured, key=lambda p: p["gmacs"])
     results = {name: run.result() for name, run in runs.items()}
 
-    print("| recipe | patches/s (TorchIO queue) | patches/s (dummy batches) | data pipeline share (wall) "
-          "| data pipeline share (CPU time) | queue alone patches/s | forward GMAC / step | GMAC/s | of Conv3d peak |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| recipe | patches/s (TorchIO queue) | patches/s (dummy batches) | data pipeline share "
+          "| queue alone patches/s | forward GMAC / step | GMAC/s | of Conv3d peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         parts = " + ".join(f"{part} {value:.1f}" for part, value in r["forward_gmac_per_step"].items())
         print(f"| {name} | {r['patches_per_s']:.2f} | {r['dummy_patches_per_s']:.2f} | {100 * r['data_share']:.1f} % "
-              f"| {100 * r['data_share_cpu']:.1f} % | {r['queue_alone_patches_per_s']:.1f} | {parts} "
-              f"| {r['gmacs']:.1f} | {100 * r['gmacs'] / peak['gmacs']:.0f} % |")
+              f"| {r['queue_alone_patches_per_s']:.1f} | {parts} | {r['gmacs']:.1f} "
+              f"| {100 * r['gmacs'] / peak['gmacs']:.0f} % |")
     load = os.getloadavg()[0]
     print(f"\nConv3d peak: {peak['gmacs']:.1f} GMAC/s (forward + backward, {peak['channels']} -> {peak['channels']}, "
           f"3^3, {peak['layout']}). torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} x ({args.warmup} warm-up + {args.steps} measured steps) per phase; a step = 3 x forward MACs; "
+          f"best of {args.rounds} x ({args.warmup} warm-up + {args.steps} measured steps) per phase; "
+          f"a step = 3 x forward MACs; "
           f"load average {load_before:.1f} before, {load:.1f} after on {os.cpu_count()} cores.")
 
     summary = {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": torch.get_num_threads(),

@@ -13,8 +13,8 @@ after one warm-up:
 
 ``--compare N`` also scores Learned+TTA and Naive+TTA Dice on N test scans for the fused pipeline
 and the two-pass one (segment the K mixtures over the grid, then unmix the stitched answer: what
-the remote client does, and what mixpriv did in process before), at the default overlap and at the
-overlap of 12 voxels used before (27 patches instead of 12).
+the remote client does, and what mixpriv did in process before), at the default overlap (a quarter
+of a patch: 27 patches on the cohort volume) and at an eighth of a patch (12 patches).
 
 Usage:
     .venv/bin/python benchmarks/private_inference.py --json outputs/private_inference.json
@@ -105,8 +105,8 @@ def compare_pipelines(model, baseline, folder: DatasetFolder, key, cases: int, k
     transform = preprocessing(model.hparams.input_spacing)
     subjects = [transform(case.to_subject()) for case in folder.cases(TEST)[:cases]]
     patch = model.hparams.patch_size
-    for overlap in (None, 12):
-        grid = "default" if overlap is None else "12 (as before)"
+    for overlap in (None, patch // 8):
+        grid = "default (a quarter of a patch)" if overlap is None else f"{patch // 8} (an eighth of a patch)"
         local = PrivatePipeline.of_model(model, overlap=overlap)
         remote = PrivatePipeline.of_model(model, overlap=overlap, segment_volumes=lambda sent, o=overlap: (
             segment_mixtures(model.segment_mixture, sent, patch, overlap=o)))

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from mixpriv.constants import IMAGE
 from mixpriv.recipe import load_recipe
 from mixpriv.training import auto_precision, build_from_recipe
 
-RECIPES = {"tissue-baseline": "baseline", "tissue-mixpriv": "mixpriv"}
+RECIPES = {"tissue-baseline": "baseline", "tissue-mixpriv": "mixpriv", "tissue-mixpriv-context": "mixpriv_context"}
 COUNTED = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 
 
@@ -150,8 +151,8 @@ def queue_alone(datamodule, batches: int) -> float:
 class RecipeRun:
     """One recipe's model and data module, built as ``mixpriv train`` builds them, and its measured phases."""
 
-    def __init__(self, name: str, steps: int, warmup: int, keep: int) -> None:
-        self.recipe = load_recipe(name)
+    def __init__(self, name: str, steps: int, warmup: int, keep: int, overrides: Sequence[str] = ()) -> None:
+        self.recipe = load_recipe(name, list(overrides))
         pl.seed_everything(int(self.recipe.get("seed", 0)), workers=True)
         self.model, self.datamodule = build_from_recipe(self.recipe)
         self.steps, self.warmup, self.keep = steps, warmup, keep
@@ -229,6 +230,8 @@ def main() -> None:
                         help="alternate the real and dummy phases this many times (evens out a varying load)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: what training gets, all cores)")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="recipe override for every recipe, e.g. trainer.precision=bf16-mixed (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if min(args.steps, args.warmup, args.keep, args.rounds) < 1:
@@ -239,7 +242,7 @@ def main() -> None:
 
     # The phases of all recipes alternate (real queue of each, then dummy batches of each, per round),
     # so that a load varying over the run weighs on all of them alike.
-    runs = {name: RecipeRun(name, args.steps, args.warmup, args.keep) for name in args.recipes}
+    runs = {name: RecipeRun(name, args.steps, args.warmup, args.keep, args.override) for name in args.recipes}
     recipe = next(iter(runs.values())).recipe
     peak = {"gmacs": 0.0}
     for _ in range(args.rounds):
@@ -267,6 +270,7 @@ def main() -> None:
           f"load average {load_before:.1f} before, {load:.1f} after on {os.cpu_count()} cores.")
 
     summary = {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": torch.get_num_threads(),
+               "overrides": args.override,
                "load_average": [load_before, load], "cores": os.cpu_count(),
                "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
                "conv3d_peak_gmacs": peak["gmacs"], "conv3d_peak": peak, "recipes": results}
@@ -276,6 +280,8 @@ def main() -> None:
                         f"{kind}_gmacs": r["gmacs"], f"{kind}_peak_fraction": r["gmacs"] / peak["gmacs"]})
     if "mixpriv_patches_per_s" in summary and "baseline_patches_per_s" in summary:
         summary["ratio"] = summary["mixpriv_patches_per_s"] / summary["baseline_patches_per_s"]
+    if "mixpriv_context_patches_per_s" in summary and "baseline_patches_per_s" in summary:
+        summary["context_ratio"] = summary["mixpriv_context_patches_per_s"] / summary["baseline_patches_per_s"]
     if "mixpriv_gmacs" in summary:
         summary["peak_fraction"] = summary["mixpriv_peak_fraction"]
     if args.json:

@@ -16,7 +16,7 @@ mkdir -p "$out"
 export MIXPRIV_HOME="${MIXPRIV_HOME:-$(mktemp -d)}" WANDB_MODE=offline WANDB_SILENT=true
 "$python" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu-tests.txt"
 for precision in 32-true bf16-mixed; do
-  "$python" benchmarks/training_throughput.py --steps 50 --overrides "trainer.precision=$precision" \
+  "$python" benchmarks/training_throughput.py --steps 48 --rounds 2 --override "trainer.precision=$precision" \
     --json "$out/training-$precision.json" | tee "$out/training-$precision.md"
 done
 "$python" benchmarks/private_inference.py --device cuda --batch-size 16 --repeats 5 \

@@ -149,8 +149,8 @@ def test_grid_starts_cover_the_side_with_the_fewest_patches_and_at_least_the_ove
     assert n == 1 or (n - 1) * patch - (n - 2) * overlap < size  # one patch fewer could not cover the side
 
 
-def test_default_grid_of_the_cohort_volume_has_twelve_patches():
-    assert len(PatchGrid((88, 104, 88), 48)) == 12 and n_grid_patches((88, 104, 88), 48, 12) == 27
+def test_default_grid_of_the_cohort_volume_has_as_many_patches_as_torchios():
+    assert len(PatchGrid((88, 104, 88), 48)) == 27 and len(PatchGrid((88, 104, 88), 48, overlap=6)) == 12
 
 
 # ----------------------------------------------------------------------------- private pipeline

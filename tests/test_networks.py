@@ -81,3 +81,12 @@ def test_context_unmixer_starts_as_the_sharpened_naive_unmixing():
     # Training moves it: the coarse U-Net's head gets a gradient from the first step.
     logits.logsumexp(1).sum().backward()
     assert net.head.weight.grad.abs().sum() > 0
+
+
+def test_the_context_recipe_builds_a_model_with_the_context_unmixer():
+    from mixpriv.lightning.mixup import MixupPrivacyModule
+    from mixpriv.recipe import load_recipe
+
+    model = load_recipe("tissue-mixpriv-context")["model"]
+    module = MixupPrivacyModule({"background": 0, "CSF": 1, "GM": 2, "WM": 3}, model["segmenter"], model["unmixer"])
+    assert isinstance(module.unmixer, ContextAdaINUnmixer) and module.unmixer.spec.context_scale == 4

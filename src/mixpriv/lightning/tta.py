@@ -35,7 +35,7 @@ class TTAEnsembler(pl.LightningModule):
             mixture, Dirichlet α). ``MixingSettings.of_model(model.hparams, lambda_range=...)``
             changes one of them.
         patch_size: grid patch side; defaults to the training patch size.
-        overlap: least overlap of the grid's patches; default an eighth of a patch.
+        overlap: least overlap of the grid's patches; default a quarter of a patch.
         seed: seed of the draws of references and weights (``None``: fresh randomness).
 
     Example:

@@ -187,7 +187,7 @@ class ServerConfig:
         workers: inferences run at once (threads of the bounded pool).
         max_pending: requests admitted at once (reading, queued or running); more get 503.
         batch_size: patches (of any of the K mixtures) per forward pass.
-        overlap: least patch-grid overlap in voxels (default an eighth of a patch).
+        overlap: least patch-grid overlap in voxels (default a quarter of a patch).
         compresslevel: gzip level of the responses to clients that accept gzip (1: fast).
     """
 

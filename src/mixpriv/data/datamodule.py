@@ -134,8 +134,7 @@ class MixprivDataModule(pl.LightningDataModule):
     @property
     def mixing_settings(self) -> MixingSettings:
         """The λ range, references per mixture and Dirichlet α the training volumes are mixed with."""
-        return MixingSettings(tuple(self.hparams.lambda_range), self.hparams.references_per_mix,
-                              self.hparams.dirichlet_alpha)
+        return MixingSettings.of_model(self.hparams)
 
     def _transform(self) -> tio.Compose:
         """Preprocessing, then mixing; the outer steps do not copy again what the dataset and

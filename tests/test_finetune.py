@@ -34,16 +34,34 @@ def test_finetune_same_labels_with_frozen_encoder(tmp_path, published):
                  "--freeze-encoder", "--name", "tiny-finetuned", *SMALL]) == 0
     finetuned = load_pretrained_folder(out / "tiny-finetuned")
     card = json.loads((out / "tiny-finetuned" / "metadata.json").read_text())
-    assert card["finetuned_from"] == str(folder) and card["frozen_encoder"] is True
+    assert card["finetuned_from"] == str(folder) and card["frozen"] == ["segmenter.encoder"]
     assert finetuned.default_bank is not None  # labels unchanged: the demo bank still fits
     # The fine-tuned export stores float16: compare at that precision.
     before = {k: v.half() for k, v in pretrained.state_dict().items()}
     after = {k: v.half() for k, v in finetuned.state_dict().items()}
-    encoder = [k for k in before if k.startswith("segmenter.encoder.") and k.endswith("weight")]
+    encoder = [k for k in before if k.startswith("segmenter.encoder.")]
     decoder = [k for k in before if k.startswith("segmenter.decoder.") and k.endswith("weight")]
-    assert encoder and decoder
-    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert decoder and any(k.endswith("running_mean") for k in encoder)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)  # weights and BatchNorm statistics
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
+
+
+@pytest.mark.slow
+def test_finetune_a_new_unmixer_for_a_frozen_segmenter(tmp_path, published, caplog):
+    folder, pretrained = published
+    data = write_nnunet_folder(tmp_path / "ds")
+    out = tmp_path / "run"
+    new_unmixer = "model.unmixer={channels: [4, 8], context_scale: 2, refine_channels: 4}"
+    assert main(["finetune", "--from", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "3",
+                 "--freeze", "segmenter", "--name", "tiny-new-unmixer", *SMALL, new_unmixer]) == 0
+    finetuned = load_pretrained_folder(out / "tiny-new-unmixer")
+    assert finetuned.unmixer.spec.refine_channels == 4
+    before = {k: v.half() for k, v in pretrained.state_dict().items() if k.startswith("segmenter.")}
+    after = finetuned.state_dict()
+    assert all(torch.equal(value, after[k].half()) for k, value in before.items())
+    assert main(["finetune", "--from", str(folder), "--data", str(data), "--out", str(tmp_path / "bad"),
+                 "--freeze", "segmenter.nothing", *SMALL]) == 2
+    assert "cannot freeze 'segmenter.nothing': the model has no such submodule" in caplog.text
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The unmixers: full-resolution AdaIN U-Net and the coarse-context variant with its folded per-voxel head."""
+"""The networks: the unmixers (full-resolution AdaIN U-Net, the coarse-context variant with its folded per-voxel
+head and its full-resolution refinement) and the channels-last segmenter."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mixpriv.networks import (
     AdaINUnmixer,
     ContextAdaINUnmixer,
     UnmixerSpec,
+    build_segmenter,
     build_unmixer,
 )
 
@@ -41,7 +43,24 @@ def test_context_unmixer_is_the_pointwise_head_plus_the_upsampled_coarse_unet():
     torch.testing.assert_close(net(mixed, reference, lam), expected)
 
 
-@pytest.mark.parametrize("spec", [{}, {"channels": [4, 8], "context_scale": 4}])
+def test_the_refinement_starts_at_zero_and_is_a_3x3x3_then_1x1_convolution_of_logits_and_reference():
+    plain = build_unmixer(4, {"channels": [4, 8], "context_scale": 2}).double()
+    refined = build_unmixer(4, {"channels": [4, 8], "context_scale": 2, "refine_channels": 3}).double()
+    refined.load_state_dict(plain.state_dict(), strict=False)
+    mixed, reference, lam = _inputs(dtype=torch.float64)
+    logits = plain(mixed, reference, lam)
+    torch.testing.assert_close(refined(mixed, reference, lam), logits)  # zeroed last layer: no correction yet
+    with torch.no_grad():
+        refined.refinement.weight.normal_()
+        refined.refinement.bias.normal_()
+    conv = refined.refinement.conv
+    hidden = F.leaky_relu(F.conv3d(torch.cat([logits, reference], 1), conv.weight, conv.bias, padding=1), 0.01)
+    expected = logits + F.conv3d(hidden, refined.refinement.weight[..., None, None, None], refined.refinement.bias)
+    torch.testing.assert_close(refined(mixed, reference, lam), expected)
+
+
+@pytest.mark.parametrize("spec", [{}, {"channels": [4, 8], "context_scale": 4},
+                                  {"channels": [4, 8], "context_scale": 2, "refine_channels": 2}])
 def test_every_unmixer_parameter_gets_a_gradient(spec):
     net = build_unmixer(4, spec)
     mixed, reference, lam = _inputs()
@@ -61,6 +80,10 @@ def test_build_unmixer_picks_the_network_of_the_spec_and_checks_it():
         UnmixerSpec(channels=())
     with pytest.raises(ValueError, match="context_scale >= 2"):
         ContextAdaINUnmixer(4, {"context_scale": 1})
+    with pytest.raises(ValueError, match="refine_channels needs context_scale"):
+        UnmixerSpec(refine_channels=4)
+    with pytest.raises(ValueError, match="refine_channels must be"):
+        UnmixerSpec(context_scale=2, refine_channels=-1)
     assert UnmixerSpec.from_dict(UnmixerSpec(context_scale=4).to_dict()) == UnmixerSpec(context_scale=4)
 
 
@@ -90,3 +113,19 @@ def test_the_context_recipe_builds_a_model_with_the_context_unmixer():
     model = load_recipe("tissue-mixpriv-context")["model"]
     module = MixupPrivacyModule({"background": 0, "CSF": 1, "GM": 2, "WM": 3}, model["segmenter"], model["unmixer"])
     assert isinstance(module.unmixer, ContextAdaINUnmixer) and module.unmixer.spec.context_scale == 4
+
+
+def test_the_segmenter_runs_channels_last_and_computes_what_the_channels_first_network_does():
+    spec = {"encoder_name": "mixpriv-light-8", "encoder_depth": 3, "decoder_channels": [16, 8, 8]}
+    net = build_segmenter(spec, 4).eval()
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    channels_first = build_segmenter(spec, 4).eval()
+    channels_first._forward_pre_hooks.clear()
+    channels_first.to(memory_format=torch.contiguous_format)
+    channels_first.load_state_dict(net.state_dict())
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), channels_first(x), rtol=1e-4, atol=1e-5)
+    net.load_state_dict(channels_first.state_dict())  # a checkpoint keeps the layout of the network it loads into
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)

@@ -6,7 +6,7 @@ unmixer's input and output layers) start fresh, and a warning names them.
 
 Example:
     >>> run = finetune("tissue-mixpriv-2mm", "/data/Dataset001_MyT1", "runs/finetuned",
-    ...                max_steps=300, freeze_encoder=True)  # doctest: +SKIP
+    ...                max_steps=300, freeze=["segmenter.encoder"])  # doctest: +SKIP
     >>> run.checkpoint  # doctest: +SKIP
 """
 
@@ -59,7 +59,7 @@ def finetune(
     *,
     max_steps: int = 300,
     lr: float | None = None,
-    freeze_encoder: bool = False,
+    freeze: Sequence[str] = (),
     overrides: Sequence[str] = (),
     export_name: str | None = None,
 ) -> TrainingRun:
@@ -67,6 +67,8 @@ def finetune(
 
     Writes a Lightning checkpoint under ``out_dir/checkpoints`` and, as a published model
     would be, a safetensors export with its model card under ``out_dir/<export_name>``.
+    ``freeze`` names submodules kept fixed (see :func:`mixpriv.training.train`), e.g.
+    ``["segmenter"]`` to train a new unmixer for a published segmenter.
     """
     from mixpriv.hub import export_pretrained, from_pretrained
 
@@ -76,10 +78,10 @@ def finetune(
     source_name = getattr(pretrained, "model_card", {}).get("name", "model")
     name = export_name or f"{source_name}-finetuned"
     recipe = finetune_recipe(pretrained, data_dir, max_steps=max_steps, lr=lr, name=name, overrides=overrides)
-    run = train(recipe, out_dir, initial_weights=pretrained.state_dict(), freeze_encoder=freeze_encoder)
+    run = train(recipe, out_dir, initial_weights=pretrained.state_dict(), freeze=freeze)
     finetuned = load_model(run.checkpoint)
     card = {"finetuned_from": str(source) if isinstance(source, (str, Path)) else source_name,
-            "training_recipe": recipe, "data": str(data_dir), "frozen_encoder": freeze_encoder,
+            "training_recipe": recipe, "data": str(data_dir), "frozen": list(freeze),
             "training_stats": run.stats}
     bank = getattr(pretrained, "default_bank", None)
     if bank is not None and bank.label_names != finetuned.label_names:

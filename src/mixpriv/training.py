@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from mixpriv.data.datamodule import MixprivDataModule
 from mixpriv.lightning.baseline import BaselineSegmenter
+from mixpriv.lightning.freezing import FreezeModules, frozen_submodule
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.recipe import RecipeError, dump_recipe
 
@@ -131,7 +132,7 @@ def train(
     recipe: Mapping,
     out_dir: str | Path,
     initial_weights: Mapping[str, torch.Tensor] | None = None,
-    freeze_encoder: bool = False,
+    freeze: Sequence[str] = (),
     resume: bool = False,
 ) -> TrainingRun:
     """Train the recipe's model; write checkpoints, the resolved recipe and ``train_stats.json``.
@@ -141,7 +142,8 @@ def train(
         out_dir: run folder.
         initial_weights: start from these weights (fine-tuning); tensors whose shape differs
             (e.g. a head for another label set) keep their fresh initialisation.
-        freeze_encoder: do not train the segmenter's encoder.
+        freeze: submodules kept fixed (no gradients, BatchNorm statistics unchanged), e.g.
+            ``["segmenter.encoder"]`` or ``["segmenter"]`` to train a new unmixer alone.
         resume: continue the run in ``out_dir`` from ``checkpoints/last.ckpt`` (weights, optimiser,
             learning-rate schedule, step count and elapsed time), e.g. after its ``max_time`` cap
             stopped it or the recipe's ``max_steps`` was raised. ``train_stats.json`` then describes
@@ -158,9 +160,9 @@ def train(
         reinitialised = transfer_weights(model, initial_weights)
         if reinitialised:
             log.warning("new weights (shape or name differs from the pretrained model): %s", ", ".join(reinitialised))
-    if freeze_encoder:
-        model.segmenter.encoder.requires_grad_(False)
-        log.info("segmenter encoder frozen")
+    for path in freeze:
+        frozen_submodule(model, path)  # fail before any training starts
+        log.info("%s frozen", path)
     dump_recipe(recipe, out_dir / "recipe.yaml")
     trainer_config = dict(recipe.get("trainer", {}))
     if trainer_config.get("precision", "auto") == "auto":
@@ -171,6 +173,8 @@ def train(
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_last=False,
                                  save_top_k=1, every_n_train_steps=None, save_on_train_epoch_end=True)
     callbacks = [meter, checkpoint]
+    if freeze:
+        callbacks.append(FreezeModules(freeze))
     if trainer_config.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     logger = build_logger(recipe.get("logger", {}), out_dir, recipe.get("name", "mixpriv"))

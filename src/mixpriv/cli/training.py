@@ -49,7 +49,11 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/finetuned"))
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's)")
-    p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder, head (and unmixer)")
+    p.add_argument("--freeze", action="append", default=[], metavar="MODULE",
+                   help="keep this submodule fixed (repeatable): e.g. segmenter (train the unmixer alone) "
+                        "or segmenter.encoder")
+    p.add_argument("--freeze-encoder", action="append_const", dest="freeze", const="segmenter.encoder",
+                   help="the same as --freeze segmenter.encoder")
     p.add_argument("--name", default=None, help="name of the exported fine-tuned model")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.batch_size=2")
     p.set_defaults(func=_finetune)
@@ -59,5 +63,5 @@ def _finetune(args: argparse.Namespace) -> None:
     from mixpriv.finetune import finetune
 
     run = finetune(args.source, args.data, args.out, max_steps=args.max_steps, lr=args.lr,
-                   freeze_encoder=args.freeze_encoder, overrides=args.overrides, export_name=args.name)
+                   freeze=args.freeze, overrides=args.overrides, export_name=args.name)
     print(f"checkpoint: {run.checkpoint}")

@@ -78,6 +78,17 @@ def test_loss_is_small_for_perfect_and_large_for_wrong_predictions():
     torch.testing.assert_close(hard_dice_per_class(soft, target), torch.ones(4))
 
 
+def test_hard_dice_counts_equal_the_dice_of_one_hot_argmax_maps():
+    generator = torch.Generator().manual_seed(1)
+    probs = torch.rand(3, 5, 7, 6, 5, generator=generator)
+    probs[:, 4] = 0  # class 4 absent from both maps: Dice 1 (nothing to find, nothing found)
+    target = torch.nn.functional.one_hot(torch.randint(0, 4, (3, 7, 6, 5), generator=generator), 5).movedim(-1, 1)
+    one_hot_argmax = torch.nn.functional.one_hot(probs.argmax(1), 5).movedim(-1, 1).float()
+    expected = soft_dice_per_class(one_hot_argmax, target.float(), eps=1e-8)
+    torch.testing.assert_close(hard_dice_per_class(probs, target.float()), expected)
+    assert expected[4] == 1 and (expected[:4] < 0.5).all()
+
+
 # ----------------------------------------------------------------------------- fast_dev_run
 
 

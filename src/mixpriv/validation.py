@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,24 @@ def check_finite(array: ArrayLike, name: str) -> None:
         raise InputError(f"{name} contains {n_bad} NaN or infinite voxel(s)")
 
 
+def check_not_blank(array: ArrayLike, name: str) -> None:
+    """Check that ``array`` is not blank: not every voxel has the same value (all zero, or constant).
+
+    A blank scan holds no image to segment; intensity normalisation would turn it into an
+    arbitrary constant that the models segment as one tissue.
+
+    Example:
+        >>> check_not_blank(np.zeros((1, 4, 4, 4)), "scan blank.nii.gz")
+        Traceback (most recent call last):
+        ...
+        mixpriv.validation.InputError: scan blank.nii.gz is blank: all its 64 voxels are 0; a T1 image is expected
+    """
+    values = torch.as_tensor(array)
+    if values.numel() and bool(values.min() == values.max()):
+        raise InputError(f"{name} is blank: all its {values.numel()} voxels are {float(values.min()):g}; "
+                         "a T1 image is expected")
+
+
 def check_same_shape(a: ArrayLike, b: ArrayLike, name_a: str, name_b: str, spatial_only: bool = True) -> None:
     """Check that two volumes share their (spatial) shape."""
     shape_a = tuple(a.shape[-3:] if spatial_only else a.shape)
@@ -71,6 +89,27 @@ def check_label_values(label: ArrayLike, allowed: Collection[int], name: str) ->
         raise InputError(f"{name} has non-integer values {non_integer[:5]}; labels must be integers")
     if unknown:
         raise InputError(f"{name} has values {unknown} that are not in the label set {sorted(allowed)}")
+
+
+def check_label_names(label_names: object, name: str) -> dict[str, int]:
+    """Check a label set: a mapping of names to non-negative integers, as ``dataset.json["labels"]``.
+
+    Example:
+        >>> check_label_names({"background": 0, "WM": 3}, "labels")
+        {'background': 0, 'WM': 3}
+        >>> check_label_names(["background", "WM"], "key labels")
+        Traceback (most recent call last):
+        ...
+        mixpriv.validation.InputError: key labels must map label names to integers (e.g. {"background": 0, "WM": 3}), got a list
+    """
+    if not isinstance(label_names, Mapping) or not label_names:
+        kind = "an empty mapping" if isinstance(label_names, Mapping) else f"a {type(label_names).__name__}"
+        raise InputError(f'{name} must map label names to integers (e.g. {{"background": 0, "WM": 3}}), got {kind}')
+    for key, value in label_names.items():
+        if (not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                or value < 0):
+            raise InputError(f"{name} must map label names to non-negative integers, got {key!r}: {value!r}")
+    return {key: int(value) for key, value in label_names.items()}
 
 
 def check_lambda_range(lambda_range: Sequence[float]) -> tuple[float, float]:

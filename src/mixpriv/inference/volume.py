@@ -1,8 +1,14 @@
-"""Scans in and label maps out: NIfTI I/O that keeps the input's grid, affine and header."""
+"""Scans in and label maps out: NIfTI I/O that keeps the input's grid, affine and header.
+
+Outputs are written atomically and never over an input (:mod:`mixpriv.files`): a command
+declares them all with :func:`nifti_outputs` before computing, then :func:`save_like` fills
+each and :meth:`~mixpriv.files.OutputFiles.commit` makes them appear together.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -12,8 +18,12 @@ import torchio as tio
 
 from mixpriv.constants import IMAGE
 from mixpriv.data.preprocessing import preprocessing
+from mixpriv.files import OutputFiles, write_atomically
 from mixpriv.inference.grid import sliding_window
-from mixpriv.validation import InputError, check_finite, check_spatial_dims
+from mixpriv.validation import InputError, check_finite, check_not_blank, check_spatial_dims
+
+#: The file endings of the outputs written (NIfTI-1, plain or gzipped).
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subject, tio.ScalarImage]:
@@ -28,6 +38,8 @@ def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subje
     try:
         original = tio.ScalarImage(path)
         original.load()
+        # nibabel reads the voxels too: SimpleITK's NIfTI reader silently turns NaN into 0.
+        voxels = np.asanyarray(nib.load(str(path)).dataobj) if path.name.endswith(NIFTI_SUFFIXES) else None
     except Exception as error:  # nibabel / SimpleITK raise many types for unreadable files
         raise InputError(f"cannot read {path} as a medical image: {error}") from error
     check_spatial_dims(original.data, f"scan {path.name}")
@@ -36,8 +48,9 @@ def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subje
     if original.data.shape[0] != 1:
         raise InputError(f"scan {path.name} has {original.data.shape[0]} channels; one T1 channel is expected")
     check_finite(original.data, f"scan {path.name}")
-    if path.name.endswith((".nii", ".nii.gz")):  # SimpleITK's NIfTI reader silently turns NaN into 0
-        check_finite(np.asanyarray(nib.load(str(path)).dataobj), f"scan {path.name}")
+    if voxels is not None:
+        check_finite(voxels, f"scan {path.name}")
+    check_not_blank(original.data, f"scan {path.name}")
     subject = preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=original.data, affine=original.affine)}))
     return subject, original
 
@@ -51,9 +64,25 @@ def to_original_grid(volume: torch.Tensor, affine: np.ndarray, original: tio.Sca
     return tio.Resample(original)(image).data
 
 
-def save_like(volume: torch.Tensor | np.ndarray, original_path: str | Path, out_path: str | Path,
-              dtype=np.uint8) -> Path:
-    """Write a 3D or 4D volume on the grid of ``original_path`` with its affine and header."""
+def nifti_outputs(paths: Mapping[str, str | os.PathLike | None],
+                  inputs: Iterable[str | os.PathLike | None] = ()) -> OutputFiles:
+    """Declare NIfTI outputs (name -> path; ``None`` skipped) before computing them.
+
+    Each path must end in ``.nii`` or ``.nii.gz``, name no input, folder or other output, and
+    lie in a writable folder, else :class:`~mixpriv.files.OutputError` says which; nothing is
+    written until ``commit()``.
+
+    Example:
+        >>> nifti_outputs({"--out": "scan.nii.gz"}, inputs=["scan.nii.gz"])
+        Traceback (most recent call last):
+        ...
+        mixpriv.files.OutputError: --out scan.nii.gz is the input scan.nii.gz: refusing to write over an input
+    """
+    return OutputFiles(paths, inputs=inputs, suffixes=NIFTI_SUFFIXES)
+
+
+def nifti_like(volume: torch.Tensor | np.ndarray, original_path: str | Path, dtype=np.uint8) -> nib.Nifti1Image:
+    """A 3D or 4D volume as a NIfTI image on the grid of ``original_path``, with its affine and header."""
     reference = nib.load(str(original_path))
     data = np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume)
     if data.ndim == 4 and data.shape[0] == 1:
@@ -64,13 +93,32 @@ def save_like(volume: torch.Tensor | np.ndarray, original_path: str | Path, out_
         raise InputError(f"volume shape {data.shape[:3]} does not match {original_path} shape {reference.shape[:3]}")
     header = reference.header.copy()
     header.set_data_dtype(dtype)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
     image.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
     image.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
-    nib.save(image, str(out_path))
-    return out_path
+    return image
+
+
+def save_like(volume: torch.Tensor | np.ndarray, original_path: str | Path, out_path: str | Path,
+              dtype=np.uint8, outputs: OutputFiles | None = None) -> Path:
+    """Write a 3D or 4D volume on the grid of ``original_path`` with its affine and header.
+
+    Without ``outputs`` the file is written at once, atomically, and never over
+    ``original_path``. With ``outputs`` (from :func:`nifti_outputs`, declaring ``out_path``)
+    it goes to its temporary and appears with the other outputs on ``outputs.commit()``.
+    """
+    image = nifti_like(volume, original_path, dtype)
+    if outputs is None:
+        return write_atomically(out_path, lambda temporary: nib.save(image, str(temporary)),
+                                inputs=[original_path], suffixes=NIFTI_SUFFIXES)
+    return outputs.write(out_path, lambda temporary: nib.save(image, str(temporary)))
+
+
+def baseline_probabilities(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (C, D, H, W) of a non-private :class:`~mixpriv.lightning.BaselineSegmenter`
+    on an image (1, D, H, W), patch by patch at the model's patch size."""
+    return segment_volume(lambda x: torch.softmax(model(x).float(), 1), image, model.hparams.patch_size,
+                          device=model.device)
 
 
 def segment_volume(

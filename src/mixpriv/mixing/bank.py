@@ -2,15 +2,17 @@
 
 The bank never leaves the client. It is saved as a safetensors file (no pickle, no code
 execution on load) created with owner-only permissions (0600), and its ``repr`` shows only
-its size, so printing or logging a bank never leaks a reference image.
+its size, so printing or logging a bank never leaks a reference image. The file records the
+sha256 of its content, so a changed byte (a damaged disk, an incomplete copy) is detected on
+load; a key that other users can read loads with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,16 +20,46 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixpriv.files import write_atomically
 from mixpriv.safetensors_metadata import read_format_metadata
 from mixpriv.validation import (
     InputError,
     check_finite,
+    check_label_names,
     check_label_values,
     check_spatial_dims,
 )
 
+log = logging.getLogger(__name__)
+
 _FORMAT = "mixpriv-reference-bank"
-_FORMAT_VERSION = "1"
+#: 2: the metadata records the sha256 of the content (1: no checksum).
+_FORMAT_VERSION = "2"
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """The sha256 a bank file records: its tensors (name, dtype, shape, bytes) and its label names and ids.
+
+    Example:
+        >>> tensors = {"images": torch.zeros(1, 1, 2, 2, 2), "labels": torch.zeros(1, 2, 2, 2, dtype=torch.uint8)}
+        >>> metadata = {"label_names": '{"background": 0}', "ids": '["ref000"]'}
+        >>> content_sha256(tensors, metadata) == content_sha256(tensors, {**metadata, "ids": '["ref001"]'})
+        False
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    for key in ("label_names", "ids"):
+        digest.update(f"\n{key} {metadata.get(key, '')}".encode())
+    return digest.hexdigest()
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("key %s is readable by other users (mode %o); chmod 600 it", path, mode)
 
 
 class ReferenceBank:
@@ -66,12 +98,15 @@ class ReferenceBank:
         if images.shape[0] == 0:
             raise InputError("a reference bank needs at least one reference")
         check_finite(images, "reference images")
+        label_names = check_label_names(label_names, "reference label names")
         check_label_values(labels, label_names.values(), "reference labels")
         if max(label_names.values()) > 255:
             raise InputError(f"label values up to {max(label_names.values())} do not fit the bank's uint8 labels")
         self.images = images.float().contiguous()
         self.labels = labels.to(torch.uint8).contiguous()
-        self.label_names = dict(label_names)
+        self.label_names = label_names
+        if ids is not None and (isinstance(ids, str) or not all(isinstance(i, str) for i in ids)):
+            raise InputError(f"reference ids must be a list of strings, got {type(ids).__name__}")
         self.ids = list(ids) if ids is not None else [f"ref{i:03d}" for i in range(len(images))]
         if len(self.ids) != len(images):
             raise InputError(f"{len(self.ids)} ids given for {len(images)} references")
@@ -103,7 +138,7 @@ class ReferenceBank:
         return torch.randint(len(self), (k,), generator=generator).tolist()
 
     def save(self, path: str | Path, overwrite: bool = False, image_dtype: torch.dtype = torch.float32) -> Path:
-        """Write the bank to ``path`` with owner-only permissions (0600), atomically.
+        """Write the bank to ``path`` with owner-only permissions (0600), atomically, with its sha256.
 
         An existing file is never replaced unless ``overwrite`` is set, and a failed write
         leaves any existing file untouched. ``image_dtype=torch.float16`` halves the file
@@ -111,41 +146,63 @@ class ReferenceBank:
         """
         if image_dtype not in (torch.float32, torch.float16):
             raise InputError(f"image_dtype must be torch.float32 or torch.float16, got {image_dtype}")
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace the key")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"images": self.images.to(image_dtype), "labels": self.labels}
         metadata = {
             "format": _FORMAT,
             "format_version": _FORMAT_VERSION,
             "label_names": json.dumps(self.label_names),
             "ids": json.dumps(self.ids),
         }
-        fd, tmp_name = tempfile.mkstemp(prefix=".bank-", dir=path.parent)
-        os.close(fd)
-        try:
-            os.chmod(tmp_name, stat.S_IRUSR | stat.S_IWUSR)
-            save_file({"images": self.images.to(image_dtype), "labels": self.labels}, tmp_name, metadata=metadata)
-            os.chmod(tmp_name, stat.S_IRUSR | stat.S_IWUSR)
-            os.replace(tmp_name, path)
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-        return path
+        metadata["sha256"] = content_sha256(tensors, metadata)
+        return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata),
+                                mode=0o600, overwrite=overwrite, what="key")
 
     @classmethod
-    def load(cls, path: str | Path) -> ReferenceBank:
-        """Load a bank written by :meth:`save` (safetensors: no code runs on load)."""
+    def load(cls, path: str | Path, *, published: bool = False) -> ReferenceBank:
+        """Load a bank written by :meth:`save` (safetensors: no code runs on load), checking its sha256.
+
+        Args:
+            path: the bank file.
+            published: the bank is a model's published demo bank (public by design, checked
+                against its model card's sha256): no warning about its permissions, nor about a
+                bank saved before banks recorded their checksum.
+
+        Raises:
+            InputError: not a bank, an incomplete one, or one whose content differs from its
+                recorded sha256 (a changed byte).
+
+        Example:
+            >>> import tempfile
+            >>> bank = ReferenceBank(torch.rand(1, 1, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.long),
+            ...                      {"background": 0})
+            >>> ReferenceBank.load(bank.save(Path(tempfile.mkdtemp()) / "key.mpk"))
+            ReferenceBank(1 references, spatial shape (4, 4, 4), 1 labels)
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"reference bank {path} does not exist")
+        if not published:
+            _warn_if_readable_by_others(path)
         metadata = read_format_metadata(path, _FORMAT, "a mixpriv reference bank")
         tensors = load_file(str(path))
         missing = sorted({"images", "labels"} - set(tensors)) + sorted({"label_names", "ids"} - set(metadata))
+        if metadata.get("format_version", "1") != "1" and "sha256" not in metadata:
+            missing.append("sha256")
         if missing:
             raise InputError(f"{path} is an incomplete mixpriv reference bank: it lacks {missing}")
-        return cls(tensors["images"].float(), tensors["labels"].long(), json.loads(metadata["label_names"]),
-                   json.loads(metadata["ids"]))
+        if "sha256" in metadata:
+            if content_sha256(tensors, metadata) != metadata["sha256"]:
+                raise InputError(f"reference bank {path} is corrupted: its content differs from the sha256 recorded "
+                                 "when it was saved (a changed byte: a damaged disk or an incomplete copy); restore it "
+                                 "from a backup or make a new key with `mixpriv keygen`")
+        elif not published:
+            log.warning("reference bank %s records no checksum (saved by an older mixpriv), so a damaged copy would "
+                        "go unnoticed; save it again to add one", path)
+        try:
+            label_names, ids = json.loads(metadata["label_names"]), json.loads(metadata["ids"])
+        except ValueError as error:
+            raise InputError(f"reference bank {path} has unreadable label names or ids: {error}") from error
+        return cls(tensors["images"].float(), tensors["labels"].long(), label_names, ids)
 
     @classmethod
     def from_arrays(

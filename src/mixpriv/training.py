@@ -13,7 +13,10 @@ import inspect
 import json
 import logging
 import os
+import pickle
+import re
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +27,13 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from mixpriv.data.datamodule import MixprivDataModule
+from mixpriv.hub.export import model_kind
+from mixpriv.hub.pretrained import build_module, from_pretrained
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.freezing import FreezeModules, frozen_submodule
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.recipe import RecipeError, dump_recipe
+from mixpriv.validation import InputError
 
 log = logging.getLogger(__name__)
 
@@ -229,12 +235,71 @@ def transfer_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]
     return sorted(name for name in state if name not in kept)
 
 
-def load_model(checkpoint: str | Path, map_location: str = "cpu") -> pl.LightningModule:
-    """Reload a baseline or Mixup-Privacy module from a Lightning checkpoint."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    module_class = MixupPrivacyModule if "unmixer" in hparams else BaselineSegmenter
-    model = module_class.load_from_checkpoint(checkpoint, map_location=map_location)
+#: How messages name the two kinds of model.
+KIND_NAMES = {"baseline": "a non-private baseline model (kind 'baseline')",
+              "mixpriv": "a Mixup-Privacy model (kind 'mixpriv')"}
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The content of a Lightning checkpoint, unpickled with ``weights_only=True``: tensors and plain data
+    only, so that a crafted file cannot run code.
+
+    Raises:
+        InputError: the file needs more than tensors and plain data (it is not loaded), is not a
+            checkpoint, or holds no ``state_dict`` and ``hyper_parameters``.
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):  # what torch.save writes (Lightning checkpoints included)
+        raise InputError(f"{path} is not a PyTorch checkpoint (a zip archive written by torch.save)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        needed = re.search(r"GLOBAL ([\w.]+)", str(error))  # the object torch refused to rebuild, if it says
+        which = f" ({needed.group(1)})" if needed else ""
+        raise InputError(f"checkpoint {path} was not loaded: it holds Python objects beyond tensors and plain "
+                         f"data{which}, and unpickling them could run code. "
+                         "Checkpoints written by `mixpriv train` hold only tensors and plain data; if you trust "
+                         "this file, re-save its state_dict and hyper_parameters as tensors and plain data") from error
+    except Exception as error:  # zip, pickle and storage readers raise many types for a damaged file
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+    if (not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict)
+            or not isinstance(checkpoint.get("hyper_parameters"), dict)):
+        raise InputError(f"{path} is not a Lightning checkpoint of a mixpriv model: it has no state_dict and "
+                         "hyper_parameters")
+    return checkpoint
+
+
+def load_model(source: str | os.PathLike, map_location: str | torch.device = "cpu",
+               kind: str | None = None) -> pl.LightningModule:
+    """A baseline or Mixup-Privacy module in eval mode, from a checkpoint, a model folder, a registry name or a URL.
+
+    A file is read as a Lightning checkpoint (:func:`read_checkpoint`: nothing but tensors and
+    plain data is unpickled) and the module rebuilt from its ``hyper_parameters`` and
+    ``state_dict``; anything else goes to :func:`~mixpriv.hub.from_pretrained` (safetensors).
+
+    Args:
+        source: a ``.ckpt`` file, a model folder, a registry name (``tissue-mixpriv-2mm``) or a URL.
+        map_location: the device of the module.
+        kind: ``"baseline"`` or ``"mixpriv"``: refuse a model of the other kind with a clear message.
+
+    Example:
+        >>> load_model("runs/tissue-mixpriv/checkpoints/last.ckpt", kind="mixpriv")  # doctest: +SKIP
+        >>> load_model("tissue-baseline-2mm", kind="mixpriv")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        mixpriv.validation.InputError: tissue-baseline-2mm is a non-private baseline model (kind 'baseline'), ...
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        checkpoint = read_checkpoint(path)
+        hparams = checkpoint["hyper_parameters"]
+        found = "mixpriv" if "unmixer" in hparams else "baseline"
+        model = build_module(found, hparams, checkpoint["state_dict"], str(path)).to(map_location)
+    elif os.fspath(source).endswith(".ckpt"):
+        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    else:
+        model = from_pretrained(source, device=map_location)
+    if kind is not None and model_kind(model) != kind:
+        raise InputError(f"{os.fspath(source)} is {KIND_NAMES[model_kind(model)]}, but {KIND_NAMES[kind]} is needed "
+                         "(`mixpriv predict` runs Mixup-Privacy models, `mixpriv predict-baseline` baselines)")
     return model.eval()

@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -58,6 +59,36 @@ def module_class(kind: str) -> type:
         raise ModelCardError(f"unknown model kind {kind!r}; known kinds: {sorted(MODULE_CLASSES)}")
     module_name, class_name = MODULE_CLASSES[kind].rsplit(".", 1)
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_module(kind: str, hparams: Mapping, state: Mapping[str, torch.Tensor], where: str) -> torch.nn.Module:
+    """Rebuild a module of ``kind`` from its init arguments and load its weights (``strict=True``).
+
+    Args:
+        kind: ``"baseline"`` or ``"mixpriv"``.
+        hparams: the module's init arguments (a card's or a checkpoint's ``hparams``).
+        state: its state dict.
+        where: the file the two come from, for the messages.
+
+    Raises:
+        ModelCardError: hparams the class does not take or cannot be built from, weights that do not fit.
+    """
+    cls = module_class(kind)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(hparams) - accepted)
+    if unknown:
+        raise ModelCardError(f"{where}: hparams {unknown} are not arguments of {cls.__name__} "
+                             f"(it takes {sorted(accepted)}); was it written by a newer mixpriv?")
+    try:
+        module = cls(**hparams)
+    except (TypeError, ValueError) as error:
+        raise ModelCardError(f"{where}: cannot build a {cls.__name__} from its hparams: {error}") from error
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelCardError(f"{where}: its weights do not fit the {cls.__name__} its hparams describe: "
+                             f"{error}") from error
+    return module
 
 
 def _read_weights(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -97,24 +128,12 @@ def load_pretrained_folder(path: str | os.PathLike, *, verify: bool = True, devi
         if verify:
             verify_file(file_path, record)
     kind = card["kind"]
-    cls = module_class(kind)
-    hparams = dict(card["hparams"])
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(hparams) - accepted)
-    if unknown:
-        raise ModelCardError(f"{folder / METADATA_FILE}: hparams {unknown} are not arguments of {cls.__name__} "
-                             f"(it takes {sorted(accepted)}); was it exported by a newer mixpriv?")
-    module = cls(**hparams)
     state = _read_weights(folder / WEIGHTS_FILE, kind)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ModelCardError(f"{folder / WEIGHTS_FILE} does not fit the {cls.__name__} its card describes: "
-                             f"{error}") from error
+    module = build_module(kind, card["hparams"], state, str(folder))
     module = module.float().to(device).eval()
     bank = None
     if BANK_FILE in card["files"]:
-        bank = ReferenceBank.load(folder / BANK_FILE)
+        bank = ReferenceBank.load(folder / BANK_FILE, published=True)
     elif (folder / BANK_FILE).exists():
         log.warning("%s is not listed in %s: not loaded", folder / BANK_FILE, folder / METADATA_FILE)
     module.default_bank = bank
@@ -290,8 +309,8 @@ def load_default_bank(name_or_path_or_url: str | os.PathLike, **kwargs):
     if BANK_FILE not in card["files"]:
         raise FileNotFoundError(f"model {card.get('name')!r} ({folder}) ships no reference bank")
     verify_file(folder / BANK_FILE, card["files"][BANK_FILE])
-    return ReferenceBank.load(folder / BANK_FILE)
+    return ReferenceBank.load(folder / BANK_FILE, published=True)
 
 
-__all__ = ["ENV_REGISTRY", "from_pretrained", "load_default_bank", "load_pretrained_folder", "module_class",
-           "resolve_pretrained"]
+__all__ = ["ENV_REGISTRY", "build_module", "from_pretrained", "load_default_bank", "load_pretrained_folder",
+           "module_class", "resolve_pretrained"]

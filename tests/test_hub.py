@@ -6,9 +6,11 @@ import functools
 import json
 import os
 import shutil
+import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER
 from mixpriv.hub import (ChecksumError, DownloadError, ModelCardError, OfflineError, UnknownModelError,
                          export_pretrained, from_pretrained, list_models, load_default_bank, load_pretrained_folder,
                          update_registry)
+from mixpriv.hub.download import MAX_DOWNLOAD_BYTES, download_file, fetch_bytes
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
@@ -367,3 +370,104 @@ def test_http_errors_and_timeouts_name_the_url(home, server, tmp_path):
         from_pretrained(f"{server.url}/missing/", progress=False)
     with pytest.raises(DownloadError, match="/slow/.*timed out"):
         from_pretrained(f"{server.url}/slow/", progress=False, timeout=0.3)
+
+
+# ---------------------------------------------------------------- download deadline and unsized files
+
+
+def http_answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", "Connection: close",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class ScriptedServer:
+    """A raw HTTP server on 127.0.0.1: ``answer(request line)`` gives the bytes to send and the seconds between
+    two of them (0: all at once), from the first byte or, with ``trickle_body_only``, after the headers; a
+    trickle stops after ``give_up_s``. It records the request lines."""
+
+    def __init__(self, answer: Callable[[str], tuple[bytes, float]], give_up_s: float = 15.0,
+                 trickle_body_only: bool = False) -> None:
+        self.answer = answer
+        self.give_up_s = give_up_s
+        self.trickle_body_only = trickle_body_only
+        self.requests: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            line = head.split(b"\r\n")[0].decode("latin-1")
+            length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")),
+                          0)
+            while len(body) < length and (chunk := conn.recv(65536)):
+                body += chunk
+            self.requests.append(line.rsplit(" ", 1)[0])
+            payload, pause = self.answer(line)
+            if not pause:
+                split = len(payload)
+            else:
+                split = payload.index(b"\r\n\r\n") + 4 if self.trickle_body_only else 0
+            try:
+                conn.sendall(payload[:split])
+                end = time.monotonic() + self.give_up_s
+                for byte in payload[split:]:
+                    if time.monotonic() > end:
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(pause)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+
+
+def test_download_timeout_bounds_the_whole_request_not_each_read(tmp_path):
+    body = b"x" * 100
+    headers_trickle = ScriptedServer(lambda line: (http_answer(200, body), 1.0), give_up_s=12)  # 1 byte/s
+    body_trickle = ScriptedServer(lambda line: (http_answer(200, body), 0.2), give_up_s=12, trickle_body_only=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=f"{headers_trickle.url}/w.*timed out after 2 s"):
+            download_file(f"{headers_trickle.url}/w", tmp_path / "w", sha256="0" * 64, timeout=2, progress=False)
+        assert time.monotonic() - started < 3.0
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=r"timed out after 1 s \(\d+ bytes received\)"):
+            fetch_bytes(f"{body_trickle.url}/card.json", timeout=1)
+        assert time.monotonic() - started < 2.0
+    finally:
+        headers_trickle.close()
+        body_trickle.close()
+    assert list(tmp_path.iterdir()) == []  # no file, no .part
+
+
+def test_a_file_without_a_size_is_bounded_before_its_sha256_check(tmp_path):
+    assert download_file.__kwdefaults__["max_bytes"] == MAX_DOWNLOAD_BYTES <= 2**31
+    data = bytes(3 << 20)
+    announced = ScriptedServer(lambda line: (http_answer(200, data), 0))
+    unannounced = ScriptedServer(lambda line: (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + data, 0))
+    try:
+        with pytest.raises(DownloadError, match="has 3145728 bytes, over the 1048576 accepted for w, whose card"):
+            download_file(f"{announced.url}/w", tmp_path / "w", sha256="0" * 64, max_bytes=1 << 20, progress=False)
+        with pytest.raises(DownloadError, match="sent more than the 1048576 bytes accepted for w"):
+            download_file(f"{unannounced.url}/w", tmp_path / "w", sha256="0" * 64, max_bytes=1 << 20, progress=False)
+    finally:
+        announced.close()
+        unannounced.close()
+    assert list(tmp_path.iterdir()) == []

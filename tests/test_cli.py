@@ -24,7 +24,7 @@ MIXPRIV_OVERRIDES = [*TINY_OVERRIDES, "model.unmixer={channels: [4, 8]}"]
 
 def test_help_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "mixpriv.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("build-cohort", "train", "evaluate", "keygen", "predict", "demo"):
+    for command in ("build-cohort", "train", "evaluate", "keygen", "predict", "predict-baseline", "demo"):
         assert command in result.stdout
 
 

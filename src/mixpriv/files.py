@@ -29,6 +29,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 PathLike = str | os.PathLike
 #: Writes a file's content to the path it is given (the temporary file).
@@ -152,7 +153,7 @@ class OutputFiles:
         if path.exists() and not self.overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
 
-    def __enter__(self) -> OutputFiles:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -6,7 +6,7 @@ of the library (torch, matplotlib, the server) only then, so that ``mixpriv --he
 
 - :mod:`mixpriv.cli.data`: ``build-cohort``, ``keygen``
 - :mod:`mixpriv.cli.training`: ``train``, ``finetune``
-- :mod:`mixpriv.cli.inference`: ``evaluate``, ``predict``
+- :mod:`mixpriv.cli.inference`: ``evaluate``, ``predict``, ``predict-baseline``
 - :mod:`mixpriv.cli.service`: ``serve``, ``segment``
 - :mod:`mixpriv.cli.hub`: ``models``, ``publish``
 - :mod:`mixpriv.cli.audit`: ``audit``
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 
 from mixpriv import __version__
 from mixpriv.cli.audit import add_audit
 from mixpriv.cli.data import add_build_cohort, add_keygen
 from mixpriv.cli.demo import add_demo
 from mixpriv.cli.hub import add_models, add_publish
-from mixpriv.cli.inference import add_evaluate, add_predict
+from mixpriv.cli.inference import add_evaluate, add_predict, add_predict_baseline
 from mixpriv.cli.service import add_segment, add_serve
 from mixpriv.cli.training import add_finetune, add_train
 
@@ -36,7 +37,7 @@ log = logging.getLogger("mixpriv")
 
 # The order of the commands in ``mixpriv --help``.
 _COMMANDS = (add_build_cohort, add_train, add_finetune, add_evaluate, add_keygen, add_predict,
-             add_serve, add_segment, add_models, add_publish, add_audit, add_demo)
+             add_predict_baseline, add_serve, add_segment, add_models, add_publish, add_audit, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +73,30 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_torch_jit_deprecations()
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, HubError) as error:
+    except (ValueError, KeyError, OSError, HubError) as error:
         log.error("%s", error)
+        log.debug("traceback", exc_info=True)
         return 2
     return 0
+
+
+def quiet_torch_jit_deprecations() -> None:
+    """Hide the ``torch.jit.* is deprecated`` FutureWarnings that importing ``timm`` (through
+    segmentation_models_pytorch_3d) raises dozens of times; every other warning still shows.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     quiet_torch_jit_deprecations()
+        ...     warnings.warn_explicit("`torch.jit.script` is deprecated.", FutureWarning, "_script.py", 1,
+        ...                            module="torch.jit._script")
+        ...     warnings.warn("another FutureWarning", FutureWarning)
+        >>> [str(w.message) for w in caught]
+        ['another FutureWarning']
+    """
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning,
+                            module=r"torch\.jit\.")

@@ -1,12 +1,20 @@
-"""``mixpriv evaluate`` and ``mixpriv predict``: private segmentation in-process (a Dice table, one scan).
+"""``mixpriv evaluate``, ``mixpriv predict`` and ``mixpriv predict-baseline``: segmentation in-process.
 
-Each command is self-contained: ``_evaluate`` and ``_predict`` import what they use when they run.
+``evaluate`` writes a Dice table, ``predict`` privately segments one scan, ``predict-baseline``
+segments one scan with the non-private baseline. Models are checkpoints, model folders or
+registry names (:func:`mixpriv.training.load_model`). The output files are checked (never an
+input, a NIfTI name, a writable folder) before anything is computed and all appear at the end,
+or none. Each command imports what it uses when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +27,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         (8, 0, None, 'outputs/evaluation')
     """
     p = sub.add_parser("evaluate", help="Dice table (Baseline, Naive, Naive+TTA, Learned, Learned+TTA) on a test split")
-    p.add_argument("--mixpriv", type=Path, required=True, help="Mixup-Privacy checkpoint")
-    p.add_argument("--baseline", type=Path, default=None, help="baseline checkpoint (optional row)")
+    p.add_argument("--mixpriv", required=True, help="Mixup-Privacy model: checkpoint, folder, registry name or URL")
+    p.add_argument("--baseline", default=None, help="baseline model (optional row): checkpoint, folder, name or URL")
     p.add_argument("--data", type=Path, default=None, help="nnU-Net v2 folder (default: embedded cohort)")
     p.add_argument("--key", type=Path, default=None, help="reference bank (default: drawn from the training split)")
     p.add_argument("--k", type=int, default=8, help="number of TTA references")
@@ -37,8 +45,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from mixpriv.mixing.bank import ReferenceBank
     from mixpriv.training import load_model
 
-    private = load_model(args.mixpriv)
-    baseline = load_model(args.baseline) if args.baseline else None
+    private = load_model(args.mixpriv, kind="mixpriv")
+    baseline = load_model(args.baseline, kind="baseline") if args.baseline else None
     folder = DatasetFolder(resolve_data_dir(args.data))
     bank = ReferenceBank.load(args.key) if args.key else bank_from_cases(folder, "train", private.hparams.input_spacing)
     result = evaluate_models(baseline, private, folder, bank, args.out, k=args.k, seed=args.seed,
@@ -55,38 +63,119 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         >>> from mixpriv.cli import build_parser
         >>> args = build_parser().parse_args(["predict", "scan.nii.gz", "--model", "mp.ckpt", "--key", "key.mpk",
         ...                                   "--out", "seg.nii.gz"])
-        >>> args.k, args.method, args.variance, args.seed
-        (8, 'learned', None, None)
+        >>> args.k, args.method, args.variance, args.probabilities, args.seed
+        (8, 'learned', None, None, None)
     """
     p = sub.add_parser("predict", help="privately segment one scan in-process (mix, segment, unmix, TTA)")
     p.add_argument("scan", type=Path, help="NIfTI scan")
-    p.add_argument("--model", type=Path, required=True, help="Mixup-Privacy checkpoint")
+    p.add_argument("--model", required=True, help="Mixup-Privacy model: checkpoint, folder, registry name or URL")
     p.add_argument("--key", type=Path, required=True, help="reference bank from `mixpriv keygen`")
-    p.add_argument("--out", type=Path, required=True, help="label map to write (NIfTI, on the scan's grid)")
+    _add_outputs(p)
+    p.add_argument("--variance", type=Path, default=None, help="also write the TTA variance map here")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--method", choices=("learned", "naive"), default="learned")
-    p.add_argument("--variance", type=Path, default=None, help="also write the TTA variance map here")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_predict)
 
 
 def _predict(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
-
-    from mixpriv.constants import IMAGE
-    from mixpriv.inference.volume import load_scan, save_like, to_original_grid
     from mixpriv.lightning.tta import TTAEnsembler
     from mixpriv.mixing.bank import ReferenceBank
     from mixpriv.training import load_model
 
-    model = load_model(args.model)
-    subject, original = load_scan(args.scan, model.hparams.input_spacing)
-    ensembler = TTAEnsembler(model, ReferenceBank.load(args.key), k=args.k, methods=(args.method,), seed=args.seed)
-    result = ensembler(subject[IMAGE].data.float())[args.method]
-    affine = subject[IMAGE].affine
-    labels = to_original_grid(result.labels[None].to(torch.uint8), affine, original, label=True)
-    print(f"wrote {save_like(labels, args.scan, args.out)}")
-    if args.variance:
-        variance = to_original_grid(result.variance.sum(0, keepdim=True), affine, original, label=False)
-        print(f"wrote {save_like(variance, args.scan, args.variance, dtype=np.float32)}")
+    with _ScanOutputs(args, inputs=(args.key, args.model), variance=args.variance) as outputs:
+        model = load_model(args.model, kind="mixpriv")
+        image = outputs.load_scan(model.hparams.input_spacing)
+        ensembler = TTAEnsembler(model, ReferenceBank.load(args.key), k=args.k, methods=(args.method,),
+                                 seed=args.seed)
+        result = ensembler(image)[args.method]
+        outputs.save(result.probabilities, variance=result.variance.sum(0, keepdim=True))
+
+
+def add_predict_baseline(sub: argparse._SubParsersAction) -> None:
+    """Declare ``mixpriv predict-baseline``: segment one NIfTI scan with a non-private baseline model.
+
+    Example:
+        >>> from mixpriv.cli import build_parser
+        >>> args = build_parser().parse_args(["predict-baseline", "scan.nii.gz", "--model", "tissue-baseline-2mm",
+        ...                                   "--out", "seg.nii.gz"])
+        >>> args.model, args.out.name, args.probabilities
+        ('tissue-baseline-2mm', 'seg.nii.gz', None)
+    """
+    p = sub.add_parser("predict-baseline", help="segment one scan with the non-private baseline (no key, no mixing)")
+    p.add_argument("scan", type=Path, help="NIfTI scan")
+    p.add_argument("--model", required=True, help="baseline model: checkpoint, folder, registry name or URL")
+    _add_outputs(p)
+    p.set_defaults(func=_predict_baseline)
+
+
+def _predict_baseline(args: argparse.Namespace) -> None:
+    from mixpriv.inference.volume import baseline_probabilities
+    from mixpriv.training import load_model
+
+    with _ScanOutputs(args, inputs=(args.model,)) as outputs:
+        model = load_model(args.model, kind="baseline")
+        outputs.save(baseline_probabilities(model, outputs.load_scan(model.hparams.input_spacing)))
+
+
+def _add_outputs(p: argparse.ArgumentParser) -> None:
+    """The outputs ``predict`` and ``predict-baseline`` share: the label map and the class probabilities."""
+    p.add_argument("--out", type=Path, required=True, help="label map to write (.nii or .nii.gz, on the scan's grid)")
+    p.add_argument("--probabilities", type=Path, default=None, help="also write the class probabilities here")
+
+
+class _ScanOutputs:
+    """One scan in, its label map and the maps asked for out: declared before computing, written together.
+
+    Creating it checks every output path (never the scan nor another input, a NIfTI name, a
+    writable folder) and reserves its temporary file; :meth:`save` writes the maps on the scan's
+    grid, renames them all into place and prints their paths. Leaving the ``with`` block on an
+    error leaves every previous output as it was.
+
+    Args:
+        args: the command's arguments (``scan``, ``out``, ``probabilities``).
+        inputs: the other input files (key, model).
+        extra: more optional maps, ``--<name>`` -> path (e.g. ``variance``).
+    """
+
+    def __init__(self, args: argparse.Namespace, inputs: tuple[str | Path | None, ...] = (),
+                 **extra: Path | None) -> None:
+        from mixpriv.inference.volume import nifti_outputs
+
+        self.scan = args.scan
+        paths = {"--out": args.out, "--probabilities": args.probabilities}
+        paths.update({f"--{name}": path for name, path in extra.items()})
+        self.files = nifti_outputs(paths, inputs=(args.scan, *inputs))
+        self.subject = self.original = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.files.discard()
+
+    def load_scan(self, spacing: float | None) -> torch.Tensor:
+        """The scan preprocessed for a model of input ``spacing``: a float tensor (1, D, H, W)."""
+        from mixpriv.constants import IMAGE
+        from mixpriv.inference.volume import load_scan
+
+        self.subject, self.original = load_scan(self.scan, spacing)
+        return self.subject[IMAGE].data.float()
+
+    def save(self, probabilities: torch.Tensor, **extra: torch.Tensor) -> None:
+        """Write the label map (argmax of ``probabilities`` (C, D, H, W)), the probabilities and the
+        ``extra`` maps (name -> (C, D, H, W)) that were asked for, then print their paths."""
+        import numpy as np
+        import torch
+
+        from mixpriv.constants import IMAGE
+        from mixpriv.inference.volume import save_like, to_original_grid
+
+        maps = {"--out": probabilities.argmax(0, keepdim=True).to(torch.uint8), "--probabilities": probabilities,
+                **{f"--{name}": volume for name, volume in extra.items()}}
+        for name, path in self.files.paths.items():
+            label = name == "--out"
+            volume = to_original_grid(maps[name], self.subject[IMAGE].affine, self.original, label=label)
+            save_like(volume, self.scan, path, dtype=np.uint8 if label else np.float32, outputs=self.files)
+        for path in self.files.commit().values():
+            print(f"wrote {path}")

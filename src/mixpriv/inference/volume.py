@@ -20,7 +20,12 @@ from mixpriv.constants import IMAGE
 from mixpriv.data.preprocessing import preprocessing
 from mixpriv.files import OutputFiles, write_atomically
 from mixpriv.inference.grid import sliding_window
-from mixpriv.validation import InputError, check_finite, check_not_blank, check_spatial_dims
+from mixpriv.validation import (
+    InputError,
+    check_finite,
+    check_not_blank,
+    check_spatial_dims,
+)
 
 #: The file endings of the outputs written (NIfTI-1, plain or gzipped).
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -383,3 +383,21 @@ def test_a_key_whose_label_names_are_a_list_is_a_clear_error(zoo, tmp_path, capl
         ReferenceBank.load(forged)
     assert predict(zoo, tmp_path / "seg.nii.gz", "--key", str(forged)) == 2
     assert "got a list" in caplog.text
+
+
+def test_a_failed_key_save_keeps_the_previous_key(zoo, tmp_path, monkeypatch):
+    key = tmp_path / "key.mpk"
+    shutil.copy(zoo["key"], key)
+    before = key.read_bytes()
+    bank = ReferenceBank.load(key)
+    with pytest.raises(OutputError, match=f"key {tmp_path} is a folder"):
+        bank.save(tmp_path, overwrite=True)
+
+    def half_written(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mixpriv.mixing.bank.save_file", half_written)
+    with pytest.raises(OutputError, match="cannot write key .*No space left on device; no output was changed"):
+        bank.save(key, overwrite=True)
+    assert key.read_bytes() == before and no_temporaries(tmp_path)

@@ -17,6 +17,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         >>> args = build_parser().parse_args(["serve", "--model", "tissue-mixpriv-2mm"])
         >>> args.host, args.port, args.max_k, args.max_body_mb, args.insecure_no_token
         ('127.0.0.1', 8000, 16, 128.0, False)
+        >>> args.max_pending_mb, args.body_timeout, args.header_timeout, args.max_connections
+        (1024.0, 120.0, 10.0, 256)
     """
     p = sub.add_parser("serve", help="run the segmentation server: hosts only the segmenter, sees only mixtures")
     p.add_argument("--model", required=True, help="Mixup-Privacy model: registry name, folder or URL")
@@ -32,6 +34,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run (then 504)")
     p.add_argument("--workers", type=int, default=1, help="inferences run at once")
     p.add_argument("--max-pending", type=int, default=64, help="requests admitted at once (more: 503)")
+    p.add_argument("--max-pending-mb", type=float, default=1024.0,
+                   help="memory budget (MiB) of the bodies of the admitted requests together (more: 503)")
+    p.add_argument("--body-timeout", type=float, default=120.0,
+                   help="seconds to receive a request body (then 408, connection closed)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send its request headers (then closed)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at once (more: 503 and closed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs / workers)")
     p.add_argument("--batch-size", type=int, default=2, help="patches (of any of the K mixtures) per forward pass")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
@@ -51,13 +61,17 @@ def _serve(args: argparse.Namespace) -> None:
     if token is None:
         log.warning("serving WITHOUT authentication (--insecure-no-token)")
 
-    from mixpriv.server.app import ServerConfig, serve
+    from mixpriv.server.app import serve
+    from mixpriv.server.config import ServerConfig
     from mixpriv.server.wire import MixtureLimits
 
     limits = MixtureLimits(max_k=args.max_k, min_side=args.min_side, max_side=args.max_side,
                            max_body_bytes=int(args.max_body_mb * 2**20))
     config = ServerConfig(limits=limits, timeout_s=args.timeout, workers=args.workers,
-                          max_pending=args.max_pending, batch_size=args.batch_size)
+                          max_pending=args.max_pending, max_pending_bytes=int(args.max_pending_mb * 2**20),
+                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+                          max_connections=args.max_connections, batch_size=args.batch_size)
+    config.check()  # a clear message before the model loads
     serve(args.model, args.host, args.port, token, config, threads=args.threads, ssl_certfile=args.ssl_certfile,
           ssl_keyfile=args.ssl_keyfile)
 

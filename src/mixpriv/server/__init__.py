@@ -1,7 +1,9 @@
 """Client-server Mixup-Privacy: a segmentation service that never sees a readable scan.
 
 * :mod:`mixpriv.server.app` - the FastAPI service hosting only the segmenter
-  (``mixpriv serve``): ``create_app``, ``serve``, ``HostedSegmenter``, ``ServerConfig``.
+  (``mixpriv serve``): ``create_app``, ``serve``, ``HostedSegmenter``; its settings
+  (:mod:`mixpriv.server.config`, ``ServerConfig``) and what bounds a client's hold on it
+  (:mod:`mixpriv.server.limits`: header and body timeouts, connection limit, memory budget).
 * :mod:`mixpriv.server.client` - ``PrivateClient`` (``mixpriv segment``): mixes, sends only
   the mixtures, unmixes and averages locally.
 * :mod:`mixpriv.server.wire` - the ``.npy`` wire format both share (no pickle).
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 _LAZY = {
     "create_app": "mixpriv.server.app", "serve": "mixpriv.server.app", "HostedSegmenter": "mixpriv.server.app",
-    "ServerConfig": "mixpriv.server.app",
+    "ServerConfig": "mixpriv.server.config",
     "PrivateClient": "mixpriv.server.client", "ServerError": "mixpriv.server.client",
     "WrittenSegmentation": "mixpriv.server.client",
     "MixtureLimits": "mixpriv.server.wire", "WireError": "mixpriv.server.wire",

@@ -13,10 +13,14 @@ is sent; it cannot unmix what it segments. Endpoints:
 
 Every ``/v1`` endpoint needs ``Authorization: Bearer <token>`` (compared in constant time);
 bodies over the size limit get 413 (``Content-Length`` is checked before reading, the streamed
-size while reading), malformed payloads 422 with a message naming the problem, a full queue
-503, an inference over the time limit 504. Inference runs in a bounded pool of worker threads
-(``workers``, one by default) so concurrent requests queue instead of oversubscribing the CPU.
-Logs hold the method, path, status, K, shape and timing of each request, never a body.
+size while reading), a body not received within the body timeout 408, malformed payloads (or
+mixtures whose probabilities would not be finite) 422 with a message naming the problem, a full
+server (too many pending requests, or their bodies over the memory budget) 503, an inference
+over the time limit 504. Connections that do not send their request headers in time are closed
+and those over the connection limit refused (:mod:`mixpriv.server.limits`). Inference runs in a
+bounded pool of worker threads (``workers``, one by default) so concurrent requests queue
+instead of oversubscribing the CPU; a client that goes away cancels its inference. Logs hold
+the method, path, status, K, shape and timing of each request, never a body.
 
 Example:
     >>> from mixpriv.server.app import HostedSegmenter, ServerConfig, create_app
@@ -35,21 +39,22 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from mixpriv import __version__
 from mixpriv.inference.pipeline import segment_mixtures
 from mixpriv.server.auth import tokens_match
+from mixpriv.server.config import ServerConfig
+from mixpriv.server.limits import Admission, read_body
 from mixpriv.server.wire import (
     NPY_MEDIA_TYPE,
     REQUEST_DTYPES,
     RESPONSE_ENCODING,
-    MixtureLimits,
     WireError,
     accepts_gzip,
     decode_mixtures,
@@ -176,31 +181,6 @@ class HostedSegmenter:
         }
 
 
-@dataclass
-class ServerConfig:
-    """How the service runs.
-
-    Attributes:
-        token: bearer token the ``/v1`` endpoints require; ``None`` disables authentication.
-        limits: what one request may carry.
-        timeout_s: most seconds a request may wait for and run its inference (then 504).
-        workers: inferences run at once (threads of the bounded pool).
-        max_pending: requests admitted at once (reading, queued or running); more get 503.
-        batch_size: patches (of any of the K mixtures) per forward pass.
-        overlap: least patch-grid overlap in voxels (default a quarter of a patch).
-        compresslevel: gzip level of the responses to clients that accept gzip (1: fast).
-    """
-
-    token: str | None = None
-    limits: MixtureLimits = field(default_factory=MixtureLimits)
-    timeout_s: float = 300.0
-    workers: int = 1
-    max_pending: int = 64
-    batch_size: int = 2
-    overlap: int | None = None
-    compresslevel: int = 1
-
-
 class _AccessLog:
     """ASGI middleware: one log line per request with method, path, status, K, shape and time; no body."""
 
@@ -225,7 +205,8 @@ class _AccessLog:
             state = scope.get("state") or {}
             shape = state.get("mixpriv_shape")
             extra = f" K={shape[0]} shape={tuple(shape)}" if shape else ""
-            log.info("%s %r %d%s %.3fs", scope.get("method"), scope.get("path"), status["code"], extra,
+            outcome = state.get("mixpriv_gone") or status["code"]
+            log.info("%s %r %s%s %.3fs", scope.get("method"), scope.get("path"), outcome, extra,
                      time.perf_counter() - started)
 
 
@@ -233,20 +214,25 @@ def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None)
     return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
 
 
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client goes away (the body was read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> FastAPI:
     """Build the FastAPI app serving ``hosted`` (see the module docstring for the endpoints)."""
     config = config or ServerConfig()
-    if config.workers < 1 or config.max_pending < 1:
-        raise ValueError(f"workers and max_pending must be at least 1, got {config.workers}, {config.max_pending}")
+    config.check()
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="mixpriv-infer")
-    admitted = {"n": 0}  # only touched on the event loop: no lock needed
+    admission = Admission(config.max_pending, config.max_pending_bytes)
     info = hosted.info()
     info["limits"] = config.limits.as_dict()
     info["wire"] = {"request": {"media_type": NPY_MEDIA_TYPE, "dtypes": list(REQUEST_DTYPES),
                                 "shape": "(K, D, H, W)"},
                     "response": {"media_type": NPY_MEDIA_TYPE, "dtype": "float16", "shape": "(K, C, D, H, W)",
                                  "content_encoding": f"{RESPONSE_ENCODING} if the request accepts it, else identity"}}
-    info["server"] = {"mixpriv": __version__, "timeout_s": config.timeout_s}
+    info["server"] = {"mixpriv": __version__, "timeout_s": config.timeout_s, "body_timeout_s": config.body_timeout_s}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -264,22 +250,6 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
         if not tokens_match(request.headers.get("authorization", ""), config.token):
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    async def read_body(request: Request) -> bytes:
-        limit = config.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise HTTPException(400, "invalid Content-Length")
-            if int(declared) > limit:
-                raise HTTPException(413, f"the body has {int(declared)} bytes, over the limit of {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"the body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     def run_inference(mixtures: np.ndarray, cancel: threading.Event, compress: bool) -> bytes:
         def segment(batch: torch.Tensor) -> torch.Tensor:
             if cancel.is_set():
@@ -290,6 +260,9 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
                                          config.overlap, config.batch_size)
         if cancel.is_set():
             raise _Cancelled
+        if not torch.isfinite(probabilities).all():
+            raise WireError("the segmenter's probabilities for these mixtures are not finite (are their values far "
+                            "outside those of intensity-normalised scans?)")
         return encode_probabilities(probabilities, config.compresslevel if compress else None)
 
     @app.get("/health")
@@ -309,11 +282,12 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
             return _problem(415, f"send the mixtures as {NPY_MEDIA_TYPE} (numpy.save bytes)")
         if request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
             return _problem(415, "compressed request bodies are not accepted: send the .npy bytes as they are")
-        if admitted["n"] >= config.max_pending:
-            return _problem(503, "the server is busy; retry later", {"Retry-After": "5"})
-        admitted["n"] += 1
-        try:
-            body = await read_body(request)
+        with admission.ticket() as ticket:
+            try:
+                body = await read_body(request, config.limits.max_body_bytes, ticket, config.body_timeout_s)
+            except ClientDisconnect:
+                request.state.mixpriv_gone = "client went away while sending its body"
+                return Response(status_code=400)  # nobody reads it
             try:
                 mixtures = await asyncio.to_thread(decode_mixtures, body, config.limits)
             except WireError as error:
@@ -322,17 +296,26 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
             request.state.mixpriv_shape = mixtures.shape
             cancel = threading.Event()
             compress = accepts_gzip(request.headers.get("accept-encoding", ""))
-            job = executor.submit(run_inference, mixtures, cancel, compress)
+            inference = asyncio.wrap_future(executor.submit(run_inference, mixtures, cancel, compress))
+            gone = asyncio.ensure_future(_until_disconnected(request))
             try:
-                payload = await asyncio.wait_for(asyncio.wrap_future(job), config.timeout_s)
-            except TimeoutError:
+                done, _ = await asyncio.wait((inference, gone), timeout=config.timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if inference not in done:
                 cancel.set()
-                job.cancel()
+                inference.cancel()
+                if gone in done:
+                    request.state.mixpriv_gone = "client went away: inference cancelled"
+                    return Response(status_code=400)  # nobody reads it
                 log.warning("inference of K=%d shape=%s timed out after %.0f s", mixtures.shape[0],
                             tuple(mixtures.shape), config.timeout_s)
                 return _problem(504, f"the inference did not finish within {config.timeout_s:g} s")
-        finally:
-            admitted["n"] -= 1
+            try:
+                payload = inference.result()
+            except WireError as error:
+                return _problem(error.status, str(error))
         return Response(payload, media_type=NPY_MEDIA_TYPE,
                         headers={"Content-Encoding": RESPONSE_ENCODING} if compress else {})
 
@@ -367,5 +350,5 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | No
                     "front or pass --ssl-certfile/--ssl-keyfile", host)
     log.info("serving %r (segmenter only) on %s:%d with %d worker(s) x %d torch thread(s), auth %s", hosted.card.get(
         "name"), host, port, config.workers, used, "on" if token else "OFF")
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info", server_header=False,
-                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    uvicorn.run(app, host=host, port=port, http=config.protocol(), ws="none", access_log=False, log_level="info",
+                server_header=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

@@ -11,6 +11,13 @@ What crosses the wire: the ``.npy`` bytes of the mixtures (their dtype and shape
 header) and the bearer token. Never λ, a reference or its id, the NIfTI header or affine, the
 file name or the raw image.
 
+What the server can do to the client is bounded too: each request must end within ``timeout``
+seconds from start to last byte (a :class:`~mixpriv.hub.download.Deadline`, not a per-read
+timeout, so a server trickling bytes cannot stall it), answers are read with size bounds that
+hold through gzip and ``GET /v1/model`` is checked field by field
+(:mod:`mixpriv.server.answers`); mixtures the server's limits would refuse (a scan too small
+for them, too many references, too many bytes) are refused here, before anything is sent.
+
 Example:
     >>> from mixpriv.server import PrivateClient
     >>> client = PrivateClient("http://127.0.0.1:8000", "key.mpk", "tissue-mixpriv-2mm",
@@ -35,6 +42,7 @@ import numpy as np
 import torch
 
 from mixpriv import __version__
+from mixpriv.hub.download import Deadline
 from mixpriv.inference.pipeline import (
     PrivatePipeline,
     PrivateSegmentation,
@@ -42,6 +50,13 @@ from mixpriv.inference.pipeline import (
 )
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
+from mixpriv.server.answers import (
+    MAX_INFO_BYTES,
+    ServerError,
+    check_model_info,
+    error_detail,
+    read_bounded,
+)
 from mixpriv.server.auth import read_token
 from mixpriv.server.wire import (
     NPY_MEDIA_TYPE,
@@ -55,13 +70,6 @@ from mixpriv.validation import InputError
 
 log = logging.getLogger("mixpriv.server.client")
 
-class ServerError(RuntimeError):
-    """The server could not be reached or refused a request; ``status`` is its HTTP status (or None)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
 
 def _is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
@@ -71,14 +79,6 @@ def _is_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail", "")
-    except (ValueError, AttributeError):
-        detail = ""
-    return str(detail)[:300] or response.reason_phrase
 
 
 @dataclass
@@ -107,7 +107,7 @@ class PrivateClient:
         overlap: least patch-grid overlap of the local unmixing.
         seed: seed of the draws of references and λ (``None``: fresh randomness).
         wire_dtype: dtype of the mixtures sent (``float32``, or ``float16`` for half the bytes).
-        timeout: seconds a request may take.
+        timeout: seconds a request may take, from connecting to its answer's last byte.
         transport: an ``httpx`` transport (tests, proxies).
         compress_answers: ask for gzip-compressed answers (about 10x smaller, but compressing 8 mixed
             probability maps of 88 x 104 x 88 costs the server seconds); default: yes, except on the
@@ -141,6 +141,8 @@ class PrivateClient:
             raise InputError(f"wire dtype must be one of {REQUEST_DTYPES}, got {wire_dtype!r}")
         if k < 1:
             raise InputError(f"the number of references K must be at least 1, got {k}")
+        if not timeout > 0:
+            raise InputError(f"the timeout must be positive, got {timeout}")
         if not isinstance(key, ReferenceBank):
             key = ReferenceBank.load(key)
         if isinstance(model, (str, os.PathLike)):
@@ -166,11 +168,14 @@ class PrivateClient:
         token = token if token is not None else read_token()
         if urlsplit(self.server_url).scheme != "https" and not _is_loopback(self.server_url):
             log.warning("%s is not https: the token and the mixtures travel unencrypted", self.server_url)
-        headers = {"User-Agent": f"mixpriv/{__version__}"}
+        headers = {"User-Agent": f"mixpriv/{__version__}",
+                   "Accept-Encoding": "gzip" if self.compress_answers else "identity"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        self.timeout = float(timeout)
+        # A fresh connection per request (two per scan): the deadline watches the sockets a request opens.
         self._http = httpx.Client(base_url=self.server_url, headers=headers, transport=transport,
-                                  timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)))
+                                  limits=httpx.Limits(max_keepalive_connections=0))
         self._info: dict | None = None
 
     def __repr__(self) -> str:  # never show the key's content or the token
@@ -186,21 +191,62 @@ class PrivateClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
-            raise ServerError(f"cannot reach the segmentation server at {self.server_url}: {error}") from error
-        if response.status_code != 200:
-            raise ServerError(f"{method} {path}: the server answered {response.status_code}: {_detail(response)}",
-                              response.status_code)
-        return response
+    def _call(self, method: str, path: str, limit: int, **kwargs) -> bytes:
+        """One request, whole within ``self.timeout`` s; the body of its 200 answer (at most ``limit`` bytes).
+
+        Raises:
+            ServerError: unreachable, timed out, an error status (with the server's detail), a
+                broken or oversized answer.
+        """
+        what = f"{method} {path}"
+        response = None
+        with Deadline(self.timeout) as deadline:
+            left = deadline.remaining()
+            request = self._http.build_request(method, path, timeout=httpx.Timeout(left, connect=min(left, 30.0)),
+                                               extensions={"trace": deadline.trace}, **kwargs)
+            try:
+                response = self._http.send(request, stream=True)
+                if response.status_code != 200:
+                    raise ServerError(f"{what}: the server answered {response.status_code}: {error_detail(response)}",
+                                      response.status_code)
+                body = read_bounded(response, limit, what)
+            except httpx.HTTPError as error:
+                if deadline.expired:
+                    raise self._timed_out(what) from error
+                if response is None:
+                    raise ServerError(f"cannot reach the segmentation server at {self.server_url}: {error}") from error
+                raise ServerError(f"{what}: the segmentation server at {self.server_url} failed mid-answer: "
+                                  f"{error}") from error
+            finally:
+                if response is not None:
+                    response.close()
+            if deadline.expired:  # the deadline cut a close-delimited answer short
+                raise self._timed_out(what)
+        return body
+
+    def _timed_out(self, what: str) -> ServerError:
+        return ServerError(f"{what}: the segmentation server at {self.server_url} did not answer within "
+                           f"{self.timeout:g} s")
+
+    def _check_request(self, shape: tuple[int, ...], body_bytes: int) -> None:
+        """Refuse here what the server's limits would refuse: K, the sides of the mixtures, the body size."""
+        limits = self.server_info()["limits"]
+        k, *spatial = shape
+        if k > limits["max_k"]:
+            raise InputError(f"K = {k} is more than the server accepts per request ({limits['max_k']})")
+        if min(spatial) < limits["min_side"] or max(spatial) > limits["max_side"]:
+            raise InputError(f"the scan, resampled to the model's voxel size, is {' x '.join(map(str, spatial))} "
+                             f"voxels; the server takes sides of {limits['min_side']} to {limits['max_side']} voxels")
+        if body_bytes > limits["max_body_bytes"]:
+            raise InputError(f"{k} mixtures of {' x '.join(map(str, spatial))} voxels take {body_bytes} bytes, more "
+                             f"than the {limits['max_body_bytes']} the server accepts: use a smaller K or "
+                             f"--wire-dtype float16")
 
     def server_info(self) -> dict:
         """``GET /v1/model`` (cached): labels, spacing, patch size, λ range, limits; checked against the local model."""
         if self._info is None:
-            info = self._request("GET", "/v1/model").json()
-            labels = {str(k): int(v) for k, v in dict(info.get("labels", {})).items()}
+            info = check_model_info(self._call("GET", "/v1/model", MAX_INFO_BYTES))
+            labels = info["labels"]
             local = dict(self.model.hparams.label_names)
             if labels != local:
                 raise InputError(f"the server's model has labels {labels} but the local model {local}")
@@ -209,9 +255,6 @@ class PrivateClient:
             if local_sha and info.get("weights_sha256") and local_sha != info["weights_sha256"]:
                 log.warning("the server hosts other weights (%s) than the local model (%s): its unmixer was trained "
                             "with another segmenter", info.get("name"), (self.model.model_card or {}).get("name"))
-            max_k = int(info.get("limits", {}).get("max_k", self.k))
-            if self.k > max_k:
-                raise InputError(f"K = {self.k} is more than the server accepts per request ({max_k})")
             self._info = info
         return self._info
 
@@ -222,32 +265,13 @@ class PrivateClient:
         """
         info = self.server_info()
         k, _, *spatial = mixtures.shape
-        expected = (k, int(info["num_classes"]), *spatial)
+        expected = (k, info["num_classes"], *spatial)
         body = encode_mixtures(mixtures, self.wire_dtype)
-        limit = response_size_limit(expected)
-        request = self._http.build_request("POST", "/v1/segment", content=body, headers={
-            "Content-Type": NPY_MEDIA_TYPE, "Accept-Encoding": "gzip" if self.compress_answers else "identity"})
+        self._check_request((k, *spatial), len(body))
+        raw = self._call("POST", "/v1/segment", response_size_limit(expected), content=body,
+                         headers={"Content-Type": NPY_MEDIA_TYPE})
         try:
-            response = self._http.send(request, stream=True)
-        except httpx.HTTPError as error:
-            raise ServerError(f"cannot reach the segmentation server at {self.server_url}: {error}") from error
-        try:
-            if response.status_code != 200:
-                response.read()
-                raise ServerError(f"POST /v1/segment: the server answered {response.status_code}: "
-                                  f"{_detail(response)}", response.status_code)
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():  # decompressed; bounded so that a gzip bomb cannot fill memory
-                size += len(chunk)
-                if size > limit:
-                    raise ServerError(f"the server's answer is larger than the {limit} bytes of shape {expected}")
-                chunks.append(chunk)
-        except httpx.HTTPError as error:
-            raise ServerError(f"the segmentation server at {self.server_url} failed mid-answer: {error}") from error
-        finally:
-            response.close()
-        try:
-            probabilities = decode_probabilities(b"".join(chunks), expected)
+            probabilities = decode_probabilities(raw, expected)
         except WireError as error:
             raise ServerError(f"the server's answer is malformed: {error}") from error
         return torch.from_numpy(probabilities.astype(np.float32))

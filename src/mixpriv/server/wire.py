@@ -70,16 +70,20 @@ class MixtureLimits:
         min_side: smallest spatial side (voxels).
         max_side: largest spatial side (voxels).
         max_body_bytes: largest request body (bytes); larger bodies get 413.
+        max_abs_value: largest magnitude of a mixture value. Mixtures of intensity-normalised
+            scans stay near [0, 1]; values far beyond (a float32 holds up to 3.4e38) would
+            overflow the segmenter into NaN probabilities, so they get 422.
     """
 
     max_k: int = 16
     min_side: int = 8
     max_side: int = 512
     max_body_bytes: int = 128 * 2**20
+    max_abs_value: float = 1e4
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return {"max_k": self.max_k, "min_side": self.min_side, "max_side": self.max_side,
-                "max_body_bytes": self.max_body_bytes}
+                "max_body_bytes": self.max_body_bytes, "max_abs_value": self.max_abs_value}
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,8 @@ def decode_mixtures(body: bytes, limits: MixtureLimits | None = None) -> np.ndar
     Raises:
         WireError: (status 422) not a ``.npy``, pickled/object or other non-float16/float32
             dtype, ``ndim != 4``, K outside ``1..max_k``, a side outside ``min_side..max_side``,
-            truncated or over-long data, NaN or infinite values; (413) a body over the size limit.
+            truncated or over-long data, NaN or infinite values, values beyond ``±max_abs_value``;
+            (413) a body over the size limit.
     """
     limits = limits or MixtureLimits()
     if len(body) > limits.max_body_bytes:
@@ -244,6 +249,10 @@ def decode_mixtures(body: bytes, limits: MixtureLimits | None = None) -> np.ndar
     if not finite.all():
         raise WireError(f"the mixtures contain {int(finite.size - np.count_nonzero(finite))} NaN or infinite "
                         f"value(s)")
+    peak = max(float(array.max()), -float(array.min()))  # no |array| copy
+    if peak > limits.max_abs_value:
+        raise WireError(f"the mixtures hold values of magnitude up to {peak:.3g}, beyond the limit of "
+                        f"{limits.max_abs_value:g}: mixtures of intensity-normalised scans are expected")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 

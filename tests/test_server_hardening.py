@@ -123,7 +123,7 @@ def assert_segments(http) -> None:
 
 def test_stalled_uploads_time_out_and_free_their_slots(server, http, token):
     stalled = [connect(server, raw_request(token[0], 1000, b"\x93NUMPY\x01\x00ab")) for _ in range(MAX_PENDING)]
-    time.sleep(0.3)
+    time.sleep(0.5)
     busy = http.post("/v1/segment", content=small_body(), headers={"Content-Type": "application/x-npy"})
     assert busy.status_code == 503 and "pending" in busy.json()["detail"]
     for sock in stalled:
@@ -135,7 +135,7 @@ def test_stalled_uploads_time_out_and_free_their_slots(server, http, token):
 
 def test_pending_bodies_are_held_to_a_memory_budget(server, http, token):
     stalled = [connect(server, raw_request(token[0], MAX_BODY, b"\x93NUMPY")) for _ in range(2)]  # the whole budget
-    time.sleep(0.3)
+    time.sleep(0.5)
     busy = http.post("/v1/segment", content=small_body(), headers={"Content-Type": "application/x-npy"})
     assert busy.status_code == 503 and "memory budget" in busy.json()["detail"]
     assert busy.headers["retry-after"] == "5"

@@ -30,7 +30,7 @@ from mixpriv.evaluation.plots import (
 )
 from mixpriv.evaluation.report import DiceTable
 from mixpriv.inference.pipeline import PrivatePipeline, PrivateRun
-from mixpriv.inference.volume import save_like, segment_volume, to_original_grid
+from mixpriv.inference.volume import baseline_probabilities, save_like, to_original_grid
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
@@ -45,10 +45,6 @@ class EvaluationResult:
     dice_vs_k: dict[str, dict[int, float]]
     seconds: dict[str, float]
     outputs: dict[str, Path] = field(default_factory=dict)
-
-
-def _baseline_probabilities(model: BaselineSegmenter, image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    return segment_volume(lambda x: torch.softmax(model(x).float(), 1), image, patch_size, device=model.device)
 
 
 def evaluate_models(
@@ -82,7 +78,7 @@ def evaluate_models(
         image, label = subject[IMAGE].data.float(), subject[LABEL].data[0]
         if baseline is not None:
             start = time.perf_counter()
-            baseline_probs = _baseline_probabilities(baseline, image, baseline.hparams.patch_size)
+            baseline_probs = baseline_probabilities(baseline, image)
             seconds["baseline"].append(time.perf_counter() - start)
             table.add_prediction("Baseline", case.case_id, baseline_probs.argmax(0), label)
         start = time.perf_counter()

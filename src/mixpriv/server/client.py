@@ -274,7 +274,7 @@ class PrivateClient:
             probabilities = decode_probabilities(raw, expected)
         except WireError as error:
             raise ServerError(f"the server's answer is malformed: {error}") from error
-        return torch.from_numpy(probabilities.astype(np.float32))
+        return torch.from_numpy(probabilities).float()
 
     def segment(self, image: torch.Tensor) -> PrivateSegmentation:
         """Privately segment a preprocessed image ``(1, D, H, W)`` (resampled and normalised as the card says).

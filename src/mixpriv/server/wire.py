@@ -101,10 +101,14 @@ class NpyHeader:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
+def _as_numpy(array: np.ndarray | torch.Tensor, dtype: str | np.dtype) -> np.ndarray:
+    """``array`` as a numpy array of ``dtype``, converted by torch.
+
+    numpy converts float32 <-> float16 one value at a time: 1 s for the 26 M probabilities of a
+    K = 8 answer, against a few tens of ms for torch's vectorised conversion.
+    """
+    tensor = array.detach() if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+    return tensor.to(device="cpu", dtype=getattr(torch, np.dtype(dtype).name)).numpy()
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -128,12 +132,11 @@ def encode_mixtures(mixtures: np.ndarray | torch.Tensor, dtype: str = "float32")
     """
     if dtype not in REQUEST_DTYPES:
         raise ValueError(f"wire dtype must be one of {REQUEST_DTYPES}, got {dtype!r}")
-    array = _as_numpy(mixtures)
-    if array.ndim == 5 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 4:
-        raise ValueError(f"mixtures must have shape (K, D, H, W) or (K, 1, D, H, W), got {array.shape}")
-    return encode_npy(array.astype(dtype, copy=False))
+    if mixtures.ndim == 5 and mixtures.shape[1] == 1:
+        mixtures = mixtures[:, 0]
+    if mixtures.ndim != 4:
+        raise ValueError(f"mixtures must have shape (K, D, H, W) or (K, 1, D, H, W), got {tuple(mixtures.shape)}")
+    return encode_npy(_as_numpy(mixtures, dtype))
 
 
 def encode_probabilities(probabilities: np.ndarray | torch.Tensor, compresslevel: int | None = 1) -> bytes:
@@ -147,7 +150,7 @@ def encode_probabilities(probabilities: np.ndarray | torch.Tensor, compresslevel
         >>> decode_probabilities(encode_probabilities(np.zeros((1, 2, 4, 4, 4)), None)).shape
         (1, 2, 4, 4, 4)
     """
-    body = encode_npy(_as_numpy(probabilities).astype(RESPONSE_DTYPE, copy=False))
+    body = encode_npy(_as_numpy(probabilities, RESPONSE_DTYPE))
     return body if compresslevel is None else gzip.compress(body, compresslevel=compresslevel, mtime=0)
 
 

@@ -265,7 +265,7 @@ def from_pretrained(
             (``~/.cache/mixpriv/models`` by default).
         offline: use only local folders and the cache (default: ``$MIXPRIV_OFFLINE``).
         progress: show a tqdm progress bar while downloading.
-        timeout: seconds a network call may block.
+        timeout: seconds each download request (the registry, each file) may take in all.
         force_download: fetch every file again even when the cache holds it.
         device: where to put the module.
 

@@ -130,3 +130,13 @@ def test_the_segmenter_runs_channels_last_and_computes_what_the_channels_first_n
         torch.testing.assert_close(net(x), channels_first(x), rtol=1e-4, atol=1e-5)
     net.load_state_dict(channels_first.state_dict())  # a checkpoint keeps the layout of the network it loads into
     assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+
+
+def test_importing_the_networks_prints_no_torch_jit_deprecations():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "default", "-c", "import mixpriv.networks"], check=False,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "torch.jit" not in result.stderr

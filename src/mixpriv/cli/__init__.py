@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import warnings
 
 from mixpriv import __version__
 from mixpriv.cli.audit import add_audit
@@ -73,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_torch_jit_deprecations()
     try:
         args.func(args)
     except (ValueError, KeyError, OSError, HubError) as error:
@@ -83,20 +81,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def quiet_torch_jit_deprecations() -> None:
-    """Hide the ``torch.jit.* is deprecated`` FutureWarnings that importing ``timm`` (through
-    segmentation_models_pytorch_3d) raises dozens of times; every other warning still shows.
-
-    Example:
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     quiet_torch_jit_deprecations()
-        ...     warnings.warn_explicit("`torch.jit.script` is deprecated.", FutureWarning, "_script.py", 1,
-        ...                            module="torch.jit._script")
-        ...     warnings.warn("another FutureWarning", FutureWarning)
-        >>> [str(w.message) for w in caught]
-        ['another FutureWarning']
-    """
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning,
-                            module=r"torch\.jit\.")

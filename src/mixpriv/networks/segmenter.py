@@ -1,9 +1,10 @@
 """The server-side segmenter: a U-Net++ from segmentation_models_pytorch_3d built from a spec.
 
 A spec is a plain, serialisable dict (it goes into recipes, checkpoints' hparams and model
-cards), never a module. The network runs channels-last (NDHWC): on a CPU its 3D convolutions
-are then about 1.8x faster in inference and 1.3x in training, and cuDNN's tensor-core kernels
-prefer that layout too. State dicts do not record a layout, so checkpoints are unaffected.
+cards), never a module. The network runs channels-last (NDHWC), the layout oneDNN and cuDNN's
+tensor-core kernels prefer: whole-volume inference of the published baseline took 0.84 s against
+0.90 s channels-first on this project's 2-core CPU. State dicts do not record a layout, so
+checkpoints are unaffected.
 """
 
 from __future__ import annotations

@@ -159,6 +159,20 @@ def test_an_unwritable_output_folder_fails_before_computing_and_changes_nothing(
     assert no_temporaries(out.parent)
 
 
+def test_segment_checks_every_output_before_anything_is_sent(zoo, tmp_path, previous_outputs, caplog):
+    out, variance = previous_outputs
+    before = contents(out, variance, zoo["key"])
+    nowhere = "http://127.0.0.1:9"  # nothing listens: reaching it would fail with "cannot reach"
+    segment = ["segment", str(zoo["scan"]), "--server", nowhere, "--key", str(zoo["key"]),
+               "--model", str(zoo["mixpriv_folder"]), "--k", "1"]
+    assert main([*segment, "--out", str(out), "--variance", str(tmp_path / "variance.txt")]) == 2
+    assert "--variance" in caplog.text and ".nii" in caplog.text and "cannot reach" not in caplog.text
+    assert main([*segment, "--out", str(zoo["key"])]) == 2
+    assert "refusing to write over an input" in caplog.text and "cannot reach" not in caplog.text
+    assert contents(out, variance, zoo["key"]) == before
+    assert no_temporaries(out.parent) and no_temporaries(zoo["key"].parent)
+
+
 @pytest.mark.slow
 def test_a_full_disk_keeps_every_previous_output(zoo, previous_outputs):
     """`ulimit -f`: the run fails while writing, with a message; the earlier outputs stay whole."""

@@ -115,7 +115,8 @@ def _segment(args: argparse.Namespace) -> None:
         with PrivateClient(args.server, args.key, args.model, token=read_token(args.token_file), k=args.k,
                            method=args.method, seed=args.seed, wire_dtype=args.wire_dtype,
                            timeout=args.timeout) as client:
-            written = client.segment_file(args.scan, args.out, args.probabilities, args.variance)
+            written = client.segment_file(args.scan, args.out, args.probabilities, args.variance,
+                                             inputs=(args.key, args.model))
     except ServerError as error:
         log.error("%s", error)
         raise SystemExit(1) from None

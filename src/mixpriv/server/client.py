@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -295,8 +296,13 @@ class PrivateClient:
         out: str | os.PathLike,
         probabilities: str | os.PathLike | None = None,
         variance: str | os.PathLike | None = None,
+        inputs: Sequence[str | os.PathLike | None] = (),
     ) -> WrittenSegmentation:
         """Segment a NIfTI scan and write the label map on its grid, affine and header.
+
+        Every output is checked (a NIfTI name in a writable folder, never ``path`` nor another of
+        ``inputs``) before anything is sent, and they all appear together at the end: a failure
+        leaves every earlier output as it was.
 
         Args:
             path: the scan (read and preprocessed locally: canonical orientation, the card's
@@ -304,24 +310,34 @@ class PrivateClient:
             out: label map to write (uint8).
             probabilities: also write the averaged class probabilities (float32, channels last).
             variance: also write the TTA variance summed over classes (float32).
+            inputs: other input files no output may replace (the key, the model).
         """
         from mixpriv.constants import IMAGE
-        from mixpriv.inference.volume import load_scan, save_like, to_original_grid
+        from mixpriv.inference.volume import (
+            load_scan,
+            nifti_outputs,
+            save_like,
+            to_original_grid,
+        )
 
-        info = self.server_info()
-        spacing = info.get("inputs", {}).get("spacing_mm")
-        local_spacing = self.model.hparams.get("input_spacing")
-        if spacing != local_spacing:
-            raise InputError(f"the server's model expects {spacing} mm voxels but the local model {local_spacing} mm")
-        subject, original = load_scan(path, spacing)
-        result = self.segment(subject[IMAGE].data.float())
-        affine = subject[IMAGE].affine
-        labels = to_original_grid(result.labels[None].to(torch.uint8), affine, original, label=True)
-        written = WrittenSegmentation(save_like(labels, path, out), None, None, result)
-        if probabilities is not None:
-            probs = to_original_grid(result.probabilities, affine, original, label=False)
-            written.probabilities = save_like(probs, path, probabilities, dtype=np.float32)
-        if variance is not None:
-            var = to_original_grid(result.variance.sum(0, keepdim=True), affine, original, label=False)
-            written.variance = save_like(var, path, variance, dtype=np.float32)
-        return written
+        with nifti_outputs({"--out": out, "--probabilities": probabilities, "--variance": variance},
+                           inputs=(path, *inputs)) as outputs:
+            info = self.server_info()
+            spacing = info.get("inputs", {}).get("spacing_mm")
+            local_spacing = self.model.hparams.get("input_spacing")
+            if spacing != local_spacing:
+                raise InputError(f"the server's model expects {spacing} mm voxels but the local model "
+                                 f"{local_spacing} mm")
+            subject, original = load_scan(path, spacing)
+            result = self.segment(subject[IMAGE].data.float())
+            affine = subject[IMAGE].affine
+            maps = {"--out": (result.labels[None].to(torch.uint8), True),
+                    "--probabilities": (result.probabilities, False),
+                    "--variance": (result.variance.sum(0, keepdim=True), False)}
+            for name, target in outputs.paths.items():
+                volume, label = maps[name]
+                save_like(to_original_grid(volume, affine, original, label=label), path, target,
+                          dtype=np.uint8 if label else np.float32, outputs=outputs)
+            written = outputs.commit()
+        return WrittenSegmentation(written["--out"], written.get("--probabilities"), written.get("--variance"),
+                                   result)

@@ -68,17 +68,18 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int,
 
 
 class TimedUnmixer:
-    """Wraps an unmixer and adds up the seconds spent in its calls (synchronised on a GPU)."""
+    """Wraps an unmixer (or a stage of one) and adds up the seconds spent in its calls (synchronised on a
+    GPU), into its own ``seconds`` or those of ``total`` (another TimedUnmixer)."""
 
-    def __init__(self, unmix, device: torch.device) -> None:
-        self.unmix, self.device, self.seconds = unmix, device, 0.0
+    def __init__(self, unmix, device: torch.device, total: TimedUnmixer | None = None) -> None:
+        self.unmix, self.device, self.seconds, self.total = unmix, device, 0.0, total or self
 
     def __call__(self, *args):
         synchronize(self.device)
         start = time.perf_counter()
         out = self.unmix(*args)
         synchronize(self.device)
-        self.seconds += time.perf_counter() - start
+        self.total.seconds += time.perf_counter() - start
         return out
 
 
@@ -148,9 +149,11 @@ def main() -> None:
     image = preprocessing(private.hparams.input_spacing)(folder.cases(TEST)[0].to_subject())[IMAGE].data.float()
     patch = private.hparams.patch_size
 
-    timed = TimedUnmixer(private.unmix, device)
     pipeline = PrivatePipeline.of_model(private, batch_size=args.batch_size)
+    timed = TimedUnmixer(pipeline.unmix, device)
     pipeline.unmix = timed
+    if pipeline.unmix_volume is not None:  # a two-stage unmixer: both stages count as the unmixer
+        pipeline.unmix_volume = TimedUnmixer(pipeline.unmix_volume, device, timed)
     generator = torch.Generator().manual_seed(0)
     k8_calls = []
 

@@ -465,6 +465,44 @@ def test_fused_pipeline_equals_the_two_pass_pipeline_where_patches_do_not_overla
         torch.testing.assert_close(remote[method].per_reference, fused[method].per_reference, atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def two_stage_model() -> MixupPrivacyModule:
+    torch.manual_seed(0)
+    unmixer = {"channels": [4, 8], "context_scale": 2, "refine_channels": 4}
+    model = MixupPrivacyModule(LABELS, TINY_SEGMENTER, unmixer, lambda_range=(0.6, 0.9), patch_size=16).eval()
+    with torch.no_grad():  # the zero-initialised heads would hide both stages
+        for parameter in model.unmixer.parameters():
+            parameter.normal_(0, 0.3)
+    return model
+
+
+def test_a_two_stage_unmixer_finishes_the_whole_volume_once(two_stage_model):
+    """One patch covering the volume: the first stage stitched and the second run on the volume
+    are the unmixer on that patch; without overlap the fused and remote pipelines agree."""
+    assert two_stage_model.unmixes_in_two_stages
+    pipeline = PrivatePipeline.of_model(two_stage_model)
+    assert pipeline.unmix_volume is not None
+    mixtures = pipeline.mix(torch.from_numpy(phantom(1, (16, 16, 16))[0])[None], make_bank(2, shape=(16, 16, 16)), 2,
+                            torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = two_stage_model.segment_mixture(mixtures.mixtures)
+        expected = two_stage_model.unmix(mixed, mixtures.reference_probabilities(), mixtures.lambdas)
+    torch.testing.assert_close(pipeline.run(mixtures)["learned"].per_reference, expected, atol=1e-5, rtol=0)
+
+    bank = make_bank(3, shape=(32, 16, 32))
+    image = torch.from_numpy(phantom(2, (32, 16, 32))[0])[None]
+    local = PrivatePipeline.of_model(two_stage_model, overlap=0, batch_size=3)
+    mixtures = local.mix(image, bank, 3, torch.Generator().manual_seed(0))
+    remote = PrivatePipeline.of_model(two_stage_model, overlap=0, segment_volumes=lambda m: segment_mixtures(
+        two_stage_model.segment_mixture, m, 16, overlap=0))
+    finished = []
+    finish = local.unmix_volume
+    local.unmix_volume = lambda *inputs: finished.append(inputs[0].shape) or finish(*inputs)
+    torch.testing.assert_close(remote.run(mixtures)["learned"].per_reference,
+                               local.run(mixtures)["learned"].per_reference, atol=1e-5, rtol=0)
+    assert finished == [(1, NUM_CLASSES, 32, 16, 32)] * 3  # once per mixture, on the whole volume
+
+
 def test_tta_ensembler_rejects_bad_configuration(tiny_model):
     with pytest.raises(InputError, match="unknown unmixing method"):
         TTAEnsembler(tiny_model, make_bank(2), methods=("learned", "oracle"))

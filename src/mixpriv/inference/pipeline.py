@@ -9,8 +9,11 @@
 server's client and ``mixpriv predict`` share. With a local segmenter it segments and unmixes
 each patch in one step (the way the unmixer was trained: on the segmenter's output for that
 patch) and stitches both once; with a remote server (``segment_volumes``) it unmixes the
-server's whole-volume answer over the same grid. The naive unmixing always works on the
-stitched mixed probabilities, so both methods come from one server pass.
+server's whole-volume answer over the same grid. A two-stage unmixer (the coarse-context one)
+runs only its first stage per patch, which is stitched like the probabilities, and its
+full-resolution second stage once per whole mixture: each voxel once, not once per overlapping
+patch (3.7 times on the default grid). The naive unmixing always works on the stitched mixed
+probabilities, so both methods come from one server pass.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ VolumeSegmenter = Callable[[torch.Tensor], torch.Tensor]
 """Class probabilities (K, C, D, H, W) of whole mixtures (K, 1, D, H, W): e.g. the remote server."""
 Unmixer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Target probabilities from (mixed probabilities, reference label distribution, lambda (N,))."""
+VolumeUnmixer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Second stage of a two-stage unmixer: target probabilities from (mixed probabilities, reference
+label distribution, lambda (N,), the first stage's output stitched over the whole volume)."""
 
 
 @dataclass
@@ -123,7 +129,9 @@ class PrivatePipeline:
             run fused, patch by patch.
         segment_volumes: or the remote server, on whole mixtures (e.g.
             :meth:`mixpriv.server.PrivateClient.segment_mixtures`).
-        unmix: the learned unmixer (needed for the ``learned`` method).
+        unmix: the learned unmixer (needed for the ``learned`` method), run per patch.
+        unmix_volume: with it, ``unmix`` is the first stage of a two-stage unmixer (its output is
+            stitched over the grid) and ``unmix_volume`` the second, run once per whole mixture.
         mixing: how to mix (λ range, references per mixture, Dirichlet α).
         patch_size: grid patch side (the model's training patch size).
         overlap: least overlap of the grid's patches (default :func:`~mixpriv.inference.grid.default_overlap`).
@@ -144,6 +152,7 @@ class PrivatePipeline:
         segment_patches: PatchSegmenter | None = None,
         segment_volumes: VolumeSegmenter | None = None,
         unmix: Unmixer | None = None,
+        unmix_volume: VolumeUnmixer | None = None,
         mixing: MixingSettings = DEFAULT_MIXING,
         patch_size: int = 48,
         overlap: int | None = None,
@@ -159,6 +168,7 @@ class PrivatePipeline:
         self.segment_patches = segment_patches
         self.segment_volumes = segment_volumes
         self.unmix = unmix
+        self.unmix_volume = unmix_volume
         self.mixing = mixing
         self.patch_size = patch_size
         self.overlap = overlap
@@ -177,8 +187,10 @@ class PrivatePipeline:
         model.eval()
         options.setdefault("patch_size", model.hparams.patch_size)
         options.setdefault("device", model.device)
+        staged = model.unmixes_in_two_stages
         return cls(model.num_classes, segment_patches=None if segment_volumes else model.segment_mixture,
-                   segment_volumes=segment_volumes, unmix=model.unmix,
+                   segment_volumes=segment_volumes, unmix=model.unmix_context if staged else model.unmix,
+                   unmix_volume=model.unmix_finish if staged else None,
                    mixing=mixing or MixingSettings.of_model(model.hparams), **options)
 
     def mix(self, image: torch.Tensor, bank: ReferenceBank, k: int, generator: torch.Generator | None = None,
@@ -206,11 +218,22 @@ class PrivatePipeline:
             unmixed = _grid_pass(None, unmix, mixed, mixtures, *options)[1] if learned else None
         else:
             mixed, unmixed = _grid_pass(self.segment_patches, unmix, mixtures.mixtures, mixtures, *options)
+        if learned and self.unmix_volume is not None:
+            unmixed = self._finish(mixed.to(self.device), mixtures, unmixed)
         results = {}
         for method in methods:
             per_reference = unmixed if method == "learned" else _naive(mixed.to(self.device), mixtures)
             results[method] = PrivateSegmentation(per_reference)
         return PrivateRun(mixtures, mixed, results)
+
+
+    def _finish(self, mixed: torch.Tensor, mixtures: Mixtures, first_stage: torch.Tensor) -> torch.Tensor:
+        """The two-stage unmixer's second stage on each whole mixture, written over ``first_stage``."""
+        lambdas = mixtures.lambdas.to(self.device)
+        for k in range(len(mixtures)):
+            reference = mixtures.reference_probabilities(k).to(self.device)[None]
+            first_stage[k] = self.unmix_volume(mixed[k:k + 1], reference, lambdas[k:k + 1], first_stage[k:k + 1])[0]
+        return first_stage
 
 
 def _naive(mixed: torch.Tensor, mixtures: Mixtures) -> torch.Tensor:

@@ -31,7 +31,7 @@ from mixpriv.constants import (
 from mixpriv.lightning.base import SegmentationModuleBase
 from mixpriv.lightning.losses import ce_dice_loss
 from mixpriv.mixing.functional import mix, naive_unmix, one_hot, probabilities_from_unmixed
-from mixpriv.networks import SegmenterSpec, UnmixerSpec, build_segmenter, build_unmixer
+from mixpriv.networks import ContextAdaINUnmixer, SegmenterSpec, UnmixerSpec, build_segmenter, build_unmixer
 from mixpriv.validation import check_references_per_mix
 
 
@@ -89,6 +89,21 @@ class MixupPrivacyModule(SegmentationModuleBase):
     def unmix(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Client side, learned: target class probabilities from the server's output."""
         return torch.softmax(self.unmixer(mixed_probs, reference_one_hot, lam).float(), dim=1)
+
+    @property
+    def unmixes_in_two_stages(self) -> bool:
+        """Whether the unmixer splits into a per-patch :meth:`unmix_context` and a per-volume :meth:`unmix_finish`."""
+        return isinstance(self.unmixer, ContextAdaINUnmixer)
+
+    def unmix_context(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor,
+                      lam: torch.Tensor) -> torch.Tensor:
+        """Client side, first stage of the coarse-context unmixer, per patch: its upsampled context logits."""
+        return self.unmixer.context(mixed_probs, reference_one_hot, lam).float()
+
+    def unmix_finish(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor,
+                     context: torch.Tensor) -> torch.Tensor:
+        """Client side, second stage, on a patch or a whole volume: target class probabilities."""
+        return torch.softmax(self.unmixer.finish(mixed_probs, reference_one_hot, lam, context).float(), dim=1)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         mixture = batch[IMAGE]["data"].float()

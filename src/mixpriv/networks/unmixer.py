@@ -227,24 +227,39 @@ class ContextAdaINUnmixer(AdaINUnmixer):
             on_mixed, on_reference = on_mixed.expand(lam.shape[0], c, c), on_reference.expand(lam.shape[0], c, c)
         return torch.cat([on_mixed, on_reference], dim=2)
 
-    def forward(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """Logits (N, C, ...), channels-last in memory.
+    def context(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The coarse U-Net's logits (plus the head's bias), upsampled to the input's size (N, C, ...).
 
-        The full-resolution work runs channels-last, where a voxel's channels are contiguous: the
-        folded 1x1 layer is one batched matrix product that adds the upsampled context in place
-        (``baddbmm``), and the refinement reads ``[logits | y_r]`` from one buffer.
+        The one part that needs a patch's field of view (its instance norms): the rest
+        (:meth:`finish`) works voxel by voxel and on 3x3x3 neighbourhoods.
         """
         lam = _per_sample(lam, mixed_probs)
-        n, c, *spatial = mixed_probs.shape
         scale = self.spec.context_scale
         coarse = self._inputs(F.avg_pool3d(mixed_probs, scale), F.avg_pool3d(reference_one_hot, scale), lam)
         context = self._unet(coarse, lam) + self.pointwise.bias.reshape(1, -1, 1, 1, 1)
-        context = F.interpolate(context, size=spatial, mode="trilinear", align_corners=False)
+        return F.interpolate(context, size=mixed_probs.shape[2:], mode="trilinear", align_corners=False)
+
+    def finish(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor,
+               context: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C, ...), channels-last in memory, from the inputs and their :meth:`context`.
+
+        Per voxel (the folded head) and per 3x3x3 neighbourhood (the refinement): it runs on a
+        patch or on a whole volume whose context was stitched from patches alike. The work runs
+        channels-last, where a voxel's channels are contiguous: the folded 1x1 layer is one batched
+        matrix product that adds the context in place (``baddbmm``), and the refinement reads
+        ``[logits | y_r]`` from one buffer.
+        """
+        lam = _per_sample(lam, mixed_probs)
+        n, c, *spatial = mixed_probs.shape
         inputs = _channels_last_buffer(mixed_probs, reference_one_hot.to(mixed_probs.dtype))
         logits = torch.baddbmm(_voxels(context), _voxels(inputs), self._pointwise_matrices(lam).transpose(1, 2))
         if self.refinement is not None:
             logits = self.refinement(logits, inputs[:, c:], spatial)
         return logits.reshape(n, *spatial, c).permute(0, 4, 1, 2, 3)
+
+    def forward(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C, ...): :meth:`finish` of the :meth:`context` of the same inputs."""
+        return self.finish(mixed_probs, reference_one_hot, lam, self.context(mixed_probs, reference_one_hot, lam))
 
 
 class _Refinement(nn.Module):

@@ -501,6 +501,8 @@ def test_a_two_stage_unmixer_finishes_the_whole_volume_once(two_stage_model):
     torch.testing.assert_close(remote.run(mixtures)["learned"].per_reference,
                                local.run(mixtures)["learned"].per_reference, atol=1e-5, rtol=0)
     assert finished == [(1, NUM_CLASSES, 32, 16, 32)] * 3  # once per mixture, on the whole volume
+    run = local.run(mixtures, ("learned", "naive"))  # outside no_grad, as the evaluation calls it
+    assert not any(t.requires_grad for t in (run.mixed_probabilities, run["learned"].per_reference))
 
 
 def test_tta_ensembler_rejects_bad_configuration(tiny_model):

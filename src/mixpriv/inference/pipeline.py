@@ -205,8 +205,9 @@ class PrivatePipeline:
         """Privately segment a preprocessed image (1, D, H, W) with K references of ``bank``."""
         return self.run(self.mix(image, bank, k, generator), methods)
 
+    @torch.no_grad()
     def run(self, mixtures: Mixtures, methods: Sequence[str] = ("learned",)) -> PrivateRun:
-        """Segment the mixtures once and unmix them with each method."""
+        """Segment the mixtures once and unmix them with each method (no gradients are kept)."""
         methods = check_methods(methods)
         learned = "learned" in methods
         if learned and self.unmix is None:

@@ -174,10 +174,12 @@ class ContextAdaINUnmixer(AdaINUnmixer):
     context: which class a noisy region should be); a per-voxel linear map of the
     full-resolution inputs ``(y_m, y_r, naive)`` keeps the boundaries sharp. The naive
     channel is linear in ``(y_m, y_r)`` for a given lam, so the full-resolution map is folded
-    into two per-sample C x C matrices: on a 48³ patch it costs about a tenth of the light
-    segmenter (the full-resolution unmixer costs more than the segmenter). With
-    ``spec.refine_channels`` a thin full-resolution convolution on (logits, y_r) corrects the
-    sum, started at zero.
+    into two per-sample C x C matrices. With ``spec.refine_channels`` a thin full-resolution
+    convolution on (logits, y_r) corrects the sum, started at zero. On a 48³ patch it takes about
+    a tenth of the light segmenter's multiply-adds (a quarter of its time on a 2-core CPU; the
+    full-resolution unmixer takes more than the segmenter). It runs in two stages,
+    :meth:`context` (per patch) and :meth:`finish` (per patch or per stitched volume), so that an
+    inference pipeline can run the full-resolution stage once per volume.
 
     Example:
         >>> net = ContextAdaINUnmixer(4, {"channels": [16, 32], "context_scale": 4})

@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Self
 
 import httpx
 import nibabel as nib
@@ -110,6 +111,18 @@ class ServerProcess:
             time.sleep(0.25)
         raise RuntimeError(f"the server did not become healthy in {timeout} s:\n{self.log()}")
 
+    def __enter__(self) -> Self:
+        """Wait until the server answers /health (it is stopped if it never does)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -157,12 +170,8 @@ def token(tmp_path_factory) -> tuple[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(published, token, tmp_path_factory):
-    process = ServerProcess(published, token[1], tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        process.wait_ready()
+    with ServerProcess(published, token[1], tmp_path_factory.mktemp("log") / "server.log") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture()

@@ -61,15 +61,11 @@ def _one_torch_thread(_seed_and_threads):
 
 @pytest.fixture(scope="module")
 def server(published, token, tmp_path_factory):
-    process = ServerProcess(published, token[1], tmp_path_factory.mktemp("log") / "server.log",
-                            "--max-pending", str(MAX_PENDING), "--max-pending-mb", str(BUDGET_MB),
-                            "--body-timeout", str(BODY_TIMEOUT), "--header-timeout", str(HEADER_TIMEOUT),
-                            "--max-connections", str(MAX_CONNECTIONS))
-    try:
-        process.wait_ready()
+    with ServerProcess(published, token[1], tmp_path_factory.mktemp("log") / "server.log",
+                       "--max-pending", str(MAX_PENDING), "--max-pending-mb", str(BUDGET_MB),
+                       "--body-timeout", str(BODY_TIMEOUT), "--header-timeout", str(HEADER_TIMEOUT),
+                       "--max-connections", str(MAX_CONNECTIONS)) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture()

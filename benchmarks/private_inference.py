@@ -9,7 +9,8 @@ after one warm-up:
   (:class:`mixpriv.inference.pipeline.PrivatePipeline`, fused per patch);
 * ``unmix_share_k8``: the learned unmixer's share of the K = 8 time (its calls timed inside the run);
 * ``server_k8_ratio``: one request of K = 8 mixtures through a real ``mixpriv serve`` on 127.0.0.1
-  (encode, HTTP, gzip, decode) over the same segmentation in-process.
+  (encode, HTTP, gzip, decode) over the same segmentation in-process; ``server_k8_inference_s``
+  is the server's own segmentation time within it (its ``Server-Timing`` header).
 
 ``--compare N`` also scores Learned+TTA and Naive+TTA Dice on N test scans for the fused pipeline
 and the two-pass one (segment the K mixtures over the grid, then unmix the stitched answer: what
@@ -84,8 +85,11 @@ class TimedUnmixer:
 
 
 def server_ratio(model_ref: str, model, key, image, k: int, repeats: int, batch_size: int,
-                 warmup: int) -> tuple[float, float]:
-    """(in-process seconds, through-the-server seconds) of segmenting one request of K mixtures.
+                 warmup: int) -> tuple[float, float, float]:
+    """(in-process, through-the-server, the server's own inference) seconds of one request of K mixtures.
+
+    The third is the median of the server's ``Server-Timing`` ``infer`` durations: the segmenter's
+    work in the server process, without HTTP, the wire encoding or the client.
 
     Both are compared in steady state: this process has already run the K = 8 pipeline many
     times, so the fresh server process first answers ``warmup`` untimed requests (a new process
@@ -98,14 +102,20 @@ def server_ratio(model_ref: str, model, key, image, k: int, repeats: int, batch_
         with PrivateClient(server.url, key, model, token=server.token, k=k) as client:
             for _ in range(warmup):
                 client.segment_mixtures(mixtures)
+            inferences = []
+
+            def remote():
+                client.segment_mixtures(mixtures)
+                inferences.append(client.last_server_timing["infer"])
+
             times = interleaved_medians({
                 "local": lambda: segment_mixtures(model.segment_mixture, mixtures, model.hparams.patch_size,
                                                   batch_size=batch_size),
-                "remote": lambda: client.segment_mixtures(mixtures),
+                "remote": remote,
             }, repeats)
     finally:
         server.stop()
-    return times["local"], times["remote"]
+    return times["local"], times["remote"], statistics.median(inferences[1:])
 
 
 def compare_pipelines(model, baseline, folder: DatasetFolder, key, cases: int, k: int) -> list[tuple[str, ...]]:
@@ -182,10 +192,10 @@ def main() -> None:
     }, args.repeats, device)
     results = {**seconds, "unmix_share_k8": statistics.median(k8_calls[1:])}
     if not args.no_server and device.type == "cpu":  # the server process runs on the CPU
-        local, remote = server_ratio(args.private, private, key, image, 8, args.repeats, args.batch_size,
-                                     args.server_warmup)
+        local, remote, inference = server_ratio(args.private, private, key, image, 8, args.repeats,
+                                                args.batch_size, args.server_warmup)
         results.update(server_k8_local_s=local, server_k8_remote_s=remote, server_k8_ratio=remote / local,
-                       server_warmup=args.server_warmup)
+                       server_k8_inference_s=inference, server_warmup=args.server_warmup)
     base = results["baseline_s"]
     shape = "×".join(str(s) for s in image.shape[1:])
     print(f"### Whole-volume inference, {shape} voxels, {args.private} vs {args.baseline} "
@@ -200,6 +210,8 @@ def main() -> None:
         print(f"| one K = 8 request, in process | {results['server_k8_local_s']:.3f} | 1.00 | |")
         print(f"| one K = 8 request through `mixpriv serve` | {results['server_k8_remote_s']:.3f} | "
               f"{results['server_k8_ratio']:.2f} × in process | ≤ 1.05 |")
+        print(f"| of which the server's own inference (Server-Timing) | {results['server_k8_inference_s']:.3f} | "
+              f"{results['server_k8_inference_s'] / results['server_k8_local_s']:.2f} × in process | |")
     if args.compare:
         print(f"\n### Mean foreground Dice on {args.compare} test scans, K = 8, same draws\n")
         print("| grid overlap | Baseline | Learned+TTA fused | Learned+TTA two-pass | Naive+TTA fused | "

@@ -229,6 +229,9 @@ def test_private_segmentation_matches_in_process(server, model, token):
     mixtures = mix_with_references(image, key, 2).mixtures
     with PrivateClient(server.url, key, model, token=token[0], wire_dtype="float16") as client:
         remote = client.segment_mixtures(mixtures)  # half the bytes: the server segments float16-rounded mixtures
+        timing = client.last_server_timing
+    assert set(timing) == {"decode", "infer", "encode"} and all(0 <= value < 60 for value in timing.values())
+    assert timing["infer"] > 0  # the server says how long its segmenter took (Server-Timing)
     expected = segment_mixtures(model.segment_mixture, mixtures.half().float(), 16)
     torch.testing.assert_close(remote, expected, atol=1e-3, rtol=0)
 

@@ -20,7 +20,9 @@ over the time limit 504. Connections that do not send their request headers in t
 and those over the connection limit refused (:mod:`mixpriv.server.limits`). Inference runs in a
 bounded pool of worker threads (``workers``, one by default) so concurrent requests queue
 instead of oversubscribing the CPU; a client that goes away cancels its inference. Logs hold
-the method, path, status, K, shape and timing of each request, never a body.
+the method, path, status, K, shape and timing of each request, never a body. Each answer of
+``/v1/segment`` carries a ``Server-Timing`` header (``decode``, ``infer``, ``encode``, in ms), so a
+client can tell the network's share of a request from the server's.
 
 Example:
     >>> from mixpriv.server.app import HostedSegmenter, ServerConfig, create_app
@@ -59,6 +61,7 @@ from mixpriv.server.wire import (
     accepts_gzip,
     decode_mixtures,
     encode_probabilities,
+    server_timing_header,
 )
 
 log = logging.getLogger("mixpriv.server")
@@ -250,20 +253,26 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
         if not tokens_match(request.headers.get("authorization", ""), config.token):
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def run_inference(mixtures: np.ndarray, cancel: threading.Event, compress: bool) -> bytes:
+    def run_inference(mixtures: np.ndarray, cancel: threading.Event, compress: bool,
+                      timing: dict[str, float]) -> bytes:
         def segment(batch: torch.Tensor) -> torch.Tensor:
             if cancel.is_set():
                 raise _Cancelled
             return hosted.segment_mixture(batch)
 
+        started = time.perf_counter()
         probabilities = segment_mixtures(segment, torch.from_numpy(mixtures)[:, None], hosted.patch_size,
                                          config.overlap, config.batch_size)
+        timing["infer"] = time.perf_counter() - started
         if cancel.is_set():
             raise _Cancelled
         if not torch.isfinite(probabilities).all():
             raise WireError("the segmenter's probabilities for these mixtures are not finite (are their values far "
                             "outside those of intensity-normalised scans?)")
-        return encode_probabilities(probabilities, config.compresslevel if compress else None)
+        started = time.perf_counter()
+        payload = encode_probabilities(probabilities, config.compresslevel if compress else None)
+        timing["encode"] = time.perf_counter() - started
+        return payload
 
     @app.get("/health")
     async def health() -> dict:
@@ -288,15 +297,18 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
             except ClientDisconnect:
                 request.state.mixpriv_gone = "client went away while sending its body"
                 return Response(status_code=400)  # nobody reads it
+            timing: dict[str, float] = {}
+            started = time.perf_counter()
             try:
                 mixtures = await asyncio.to_thread(decode_mixtures, body, config.limits)
             except WireError as error:
                 return _problem(error.status, str(error))
             del body
+            timing["decode"] = time.perf_counter() - started
             request.state.mixpriv_shape = mixtures.shape
             cancel = threading.Event()
             compress = accepts_gzip(request.headers.get("accept-encoding", ""))
-            inference = asyncio.wrap_future(executor.submit(run_inference, mixtures, cancel, compress))
+            inference = asyncio.wrap_future(executor.submit(run_inference, mixtures, cancel, compress, timing))
             gone = asyncio.ensure_future(_until_disconnected(request))
             try:
                 done, _ = await asyncio.wait((inference, gone), timeout=config.timeout_s,
@@ -316,8 +328,10 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
                 payload = inference.result()
             except WireError as error:
                 return _problem(error.status, str(error))
-        return Response(payload, media_type=NPY_MEDIA_TYPE,
-                        headers={"Content-Encoding": RESPONSE_ENCODING} if compress else {})
+        headers = {"Server-Timing": server_timing_header(timing)}
+        if compress:
+            headers["Content-Encoding"] = RESPONSE_ENCODING
+        return Response(payload, media_type=NPY_MEDIA_TYPE, headers=headers)
 
     app.add_middleware(_AccessLog)
     return app

@@ -65,6 +65,7 @@ from mixpriv.server.wire import (
     WireError,
     decode_probabilities,
     encode_mixtures,
+    parse_server_timing,
     response_size_limit,
 )
 from mixpriv.validation import InputError
@@ -178,6 +179,8 @@ class PrivateClient:
         self._http = httpx.Client(base_url=self.server_url, headers=headers, transport=transport,
                                   limits=httpx.Limits(max_keepalive_connections=0))
         self._info: dict | None = None
+        #: Seconds of the server's work on the latest answer, by step (its ``Server-Timing`` header).
+        self.last_server_timing: dict[str, float] = {}
 
     def __repr__(self) -> str:  # never show the key's content or the token
         return f"PrivateClient({self.server_url!r}, {self.key!r}, k={self.k}, method={self.method!r})"
@@ -211,6 +214,7 @@ class PrivateClient:
                     raise ServerError(f"{what}: the server answered {response.status_code}: {error_detail(response)}",
                                       response.status_code)
                 body = read_bounded(response, limit, what)
+                self.last_server_timing = parse_server_timing(response.headers.get("server-timing", ""))
             except httpx.HTTPError as error:
                 if deadline.expired:
                     raise self._timed_out(what) from error

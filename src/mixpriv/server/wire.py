@@ -10,6 +10,7 @@ Response (server -> client), ``200``:
                   each mixture, gzip-compressed
     Content-Type      ``application/x-npy``
     Content-Encoding  ``gzip`` (HTTP clients such as httpx or curl ``--compressed`` undo it)
+    Server-Timing     ``decode;dur=…, infer;dur=…, encode;dur=…`` (milliseconds of the server's work)
 
 Both sides parse with :func:`read_npy_header` first (magic, version, header of at most
 10 000 bytes, dtype, shape, and that the data length is exactly ``prod(shape) * itemsize``),
@@ -171,6 +172,36 @@ def accepts_gzip(accept_encoding: str) -> bool:
         if coding.strip() in ("gzip", "*") and allowed:
             return True
     return False
+
+
+def server_timing_header(seconds: dict[str, float]) -> str:
+    """A ``Server-Timing`` header value (W3C Server Timing) of named durations given in seconds.
+
+    Example:
+        >>> server_timing_header({"decode": 0.0125, "infer": 6.4})
+        'decode;dur=12.5, infer;dur=6400.0'
+    """
+    return ", ".join(f"{name};dur={value * 1000:.1f}" for name, value in seconds.items())
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """The named durations (seconds) of a ``Server-Timing`` header value; entries without ``dur`` are skipped.
+
+    Example:
+        >>> parse_server_timing('decode;dur=12.5, infer;desc="segmenter";dur=6400, cache')
+        {'decode': 0.0125, 'infer': 6.4}
+    """
+    durations = {}
+    for entry in value.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            key, _, number = param.partition("=")
+            if key.strip() == "dur" and name:
+                try:
+                    durations[name] = float(number) / 1000
+                except ValueError:
+                    continue
+    return durations
 
 
 def read_npy_header(body: bytes) -> NpyHeader:

@@ -264,7 +264,7 @@ def test_random_mix_never_mixes_a_subject_with_itself():
     including = set()
     for seed in range(30):
         torch.manual_seed(seed)
-        including.add(int(RandomMix(bank, (0.6, 0.9), exclude_same_id=False)(subject)[MIX_REFERENCE_ID]))
+        including.add(int(RandomMix(bank, (0.6, 0.9), exclude_same_patient=False)(subject)[MIX_REFERENCE_ID]))
     assert including == {0, 1, 2}
 
     alone = make_bank(1, ids=["case_b"])
@@ -326,7 +326,7 @@ def test_kway_draws_only_among_the_others_and_follows_alpha():
     even = [max(_draw_kway(s, bank, subject, 3, 200.0)[MIX_REFERENCE_WEIGHTS]) for s in range(20)]
     assert np.mean(peaked) > 0.8 and np.mean(even) < 0.4
     duplicated = make_bank(4, ids=["case_a", "case_b", "case_b", "case_d"])
-    with pytest.raises(InputError, match="only 2 references other than the subject itself"):
+    with pytest.raises(InputError, match="only 2 references other than the subject itself and its patient"):
         _draw_kway(0, duplicated, subject)
 
 

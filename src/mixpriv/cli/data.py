@@ -47,7 +47,10 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=None, help="labelled references (default: embedded cohort)")
     p.add_argument("--split", default="train")
     p.add_argument("--n", type=int, default=None, help="number of references (default: all of the split)")
-    p.add_argument("--spacing", type=float, default=None, help="resample references to this spacing (mm)")
+    p.add_argument("--spacing", type=float, default=None,
+                   help="voxel size of the references (mm; default: that of --model)")
+    p.add_argument("--model", default="tissue-mixpriv-2mm",
+                   help="the model the key is for (its spacing is the default): name, folder, checkpoint or URL")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_keygen)
 
@@ -56,6 +59,11 @@ def _keygen(args: argparse.Namespace) -> None:
     from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
     from mixpriv.data.folder import DatasetFolder
 
-    bank = bank_from_cases(DatasetFolder(resolve_data_dir(args.data)), args.split, args.spacing, args.n)
+    spacing = args.spacing
+    if spacing is None:
+        from mixpriv.training import load_model
+
+        spacing = load_model(args.model, kind="mixpriv").hparams.input_spacing
+    bank = bank_from_cases(DatasetFolder(resolve_data_dir(args.data)), args.split, spacing, args.n)
     path = bank.save(args.out, overwrite=args.overwrite)
     print(f"wrote {bank!r} to {path} (mode 600)")

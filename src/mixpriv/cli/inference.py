@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Self
 if TYPE_CHECKING:
     import torch
 
+    from mixpriv.inference.scans import TemplateSpace
+
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     """Declare ``mixpriv evaluate``: the Dice table and figures of the test split.
@@ -79,15 +81,16 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from mixpriv.inference.scans import TemplateSpace
     from mixpriv.lightning.tta import TTAEnsembler
     from mixpriv.mixing.bank import ReferenceBank
     from mixpriv.training import load_model
 
     with _ScanOutputs(args, inputs=(args.key, args.model), variance=args.variance) as outputs:
         model = load_model(args.model, kind="mixpriv")
-        image = outputs.load_scan(model.hparams.input_spacing)
-        ensembler = TTAEnsembler(model, ReferenceBank.load(args.key), k=args.k, methods=(args.method,),
-                                 seed=args.seed)
+        key = ReferenceBank.load(args.key)
+        ensembler = TTAEnsembler(model, key, k=args.k, methods=(args.method,), seed=args.seed)
+        image = outputs.load_scan(TemplateSpace.of_key(key), model.hparams.input_spacing)
         result = ensembler(image)[args.method]
         outputs.save(result.probabilities, variance=result.variance.sum(0, keepdim=True))
 
@@ -106,20 +109,33 @@ def add_predict_baseline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("scan", type=Path, help="NIfTI scan")
     p.add_argument("--model", required=True, help="baseline model: checkpoint, folder, registry name or URL")
     _add_outputs(p)
+    p.add_argument("--template-data", type=Path, default=None,
+                   help="with --register: nnU-Net folder whose training cases make the template (default: the "
+                        "embedded cohort, the published baselines' training data)")
     p.set_defaults(func=_predict_baseline)
 
 
 def _predict_baseline(args: argparse.Namespace) -> None:
+    from mixpriv.data.datamodule import resolve_data_dir
+    from mixpriv.data.folder import DatasetFolder
+    from mixpriv.inference.scans import TemplateSpace
     from mixpriv.inference.volume import baseline_probabilities
     from mixpriv.training import load_model
 
     with _ScanOutputs(args, inputs=(args.model,)) as outputs:
         model = load_model(args.model, kind="baseline")
-        outputs.save(baseline_probabilities(model, outputs.load_scan(model.hparams.input_spacing)))
+        spacing = model.hparams.input_spacing
+        space = None  # a baseline segments any field of view; a registered scan goes to the template's
+        if args.register:
+            space = TemplateSpace.of_cases(DatasetFolder(resolve_data_dir(args.template_data, spacing or 2.0)), spacing)
+        outputs.save(baseline_probabilities(model, outputs.load_scan(space, spacing)))
 
 
 def _add_outputs(p: argparse.ArgumentParser) -> None:
-    """The outputs ``predict`` and ``predict-baseline`` share: the label map and the class probabilities."""
+    """What ``predict`` and ``predict-baseline`` share: registration, the label map and the class probabilities."""
+    p.add_argument("--register", action="store_true",
+                   help="register the scan (12-dof affine, SimpleITK) to the model's template space first: for scans "
+                        "in scanner space, with or without skull; results come back on the scan's own grid")
     p.add_argument("--out", type=Path, required=True, help="label map to write (.nii or .nii.gz, on the scan's grid)")
     p.add_argument("--probabilities", type=Path, default=None, help="also write the class probabilities here")
 
@@ -143,10 +159,11 @@ class _ScanOutputs:
         from mixpriv.inference.volume import nifti_outputs
 
         self.scan = args.scan
+        self.register = args.register
         paths = {"--out": args.out, "--probabilities": args.probabilities}
         paths.update({f"--{name}": path for name, path in extra.items()})
         self.files = nifti_outputs(paths, inputs=(args.scan, *inputs))
-        self.subject = self.original = None
+        self.prepared = None
 
     def __enter__(self) -> Self:
         return self
@@ -154,28 +171,26 @@ class _ScanOutputs:
     def __exit__(self, *exc_info) -> None:
         self.files.discard()
 
-    def load_scan(self, spacing: float | None) -> torch.Tensor:
-        """The scan preprocessed for a model of input ``spacing``: a float tensor (1, D, H, W)."""
-        from mixpriv.constants import IMAGE
-        from mixpriv.inference.volume import load_scan
+    def load_scan(self, space: TemplateSpace | None, spacing: float | None) -> torch.Tensor:
+        """The scan placed in ``space`` (registered if asked; else canonical at ``spacing``): (1, D, H, W)."""
+        from mixpriv.inference.scans import prepare_scan
 
-        self.subject, self.original = load_scan(self.scan, spacing)
-        return self.subject[IMAGE].data.float()
+        self.prepared = prepare_scan(self.scan, space, spacing=spacing, register=self.register)
+        return self.prepared.image
 
     def save(self, probabilities: torch.Tensor, **extra: torch.Tensor) -> None:
-        """Write the label map (argmax of ``probabilities`` (C, D, H, W)), the probabilities and the
-        ``extra`` maps (name -> (C, D, H, W)) that were asked for, then print their paths."""
+        """Write the label map (the argmax of ``probabilities`` (C, D, H, W) resampled onto the scan's grid),
+        the probabilities and the ``extra`` maps (name -> (C, D, H, W)) that were asked for, then print their paths."""
         import numpy as np
         import torch
 
-        from mixpriv.constants import IMAGE
-        from mixpriv.inference.volume import save_like, to_original_grid
+        from mixpriv.inference.volume import save_like
 
-        maps = {"--out": probabilities.argmax(0, keepdim=True).to(torch.uint8), "--probabilities": probabilities,
-                **{f"--{name}": volume for name, volume in extra.items()}}
+        native = self.prepared.probabilities_to_native(probabilities)
+        maps = {"--out": native.argmax(0, keepdim=True).to(torch.uint8), "--probabilities": native,
+                **{f"--{name}": self.prepared.to_native(volume) for name, volume in extra.items()}}
         for name, path in self.files.paths.items():
-            label = name == "--out"
-            volume = to_original_grid(maps[name], self.subject[IMAGE].affine, self.original, label=label)
-            save_like(volume, self.scan, path, dtype=np.uint8 if label else np.float32, outputs=self.files)
+            dtype = np.uint8 if name == "--out" else np.float32
+            save_like(maps[name], self.scan, path, dtype=dtype, outputs=self.files)
         for path in self.files.commit().values():
             print(f"wrote {path}")

@@ -103,6 +103,9 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the mixtures sent (float16: half the bytes)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
     p.add_argument("--seed", type=int, default=None, help="seed of the references and weights (reproducible runs)")
+    p.add_argument("--register", action="store_true",
+                   help="register the scan (12-dof affine) to the key's template space first, on this machine: for "
+                        "scans in scanner space; results come back on the scan's own grid")
     p.set_defaults(func=_segment)
 
 
@@ -116,7 +119,7 @@ def _segment(args: argparse.Namespace) -> None:
                            method=args.method, seed=args.seed, wire_dtype=args.wire_dtype,
                            timeout=args.timeout) as client:
             written = client.segment_file(args.scan, args.out, args.probabilities, args.variance,
-                                             inputs=(args.key, args.model))
+                                          inputs=(args.key, args.model), register=args.register)
     except ServerError as error:
         log.error("%s", error)
         raise SystemExit(1) from None

@@ -31,6 +31,7 @@ from mixpriv.constants import (
 )
 from mixpriv.data.folder import DatasetFolder, validate_case
 from mixpriv.data.preprocessing import preprocessing
+from mixpriv.geometry import GridSpace, resample_into
 from mixpriv.mixing import RandomMix, ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.validation import check_lambda_range, check_references_per_mix
@@ -49,20 +50,25 @@ def resolve_data_dir(data_dir: str | Path | None, embedded_spacing: float = 2.0)
 
 def bank_from_cases(folder: DatasetFolder, split: str = TRAIN, spacing=None, max_references: int | None = None,
                     progress: bool = True) -> ReferenceBank:
-    """Preprocess the labelled cases of a split into a reference bank (one common shape)."""
+    """Preprocess the labelled cases of a split into a reference bank that records its space and patients.
+
+    The first case, preprocessed (canonical orientation, ``spacing``), sets the bank's grid; every
+    other case is resampled onto that grid by world coordinates (its labels by nearest
+    neighbour), so references lie where their anatomy is, whatever their shape or field of view.
+    """
     cases = [c for c in folder.cases(split) if c.label_path is not None][:max_references]
     if not cases:
         raise ValueError(f"split {split!r} of {folder.root} has no labelled case to build references from")
     transform = preprocessing(spacing)
-    images, labels, shape = [], [], None
+    images, labels, space = [], [], None
     for case in tqdm(cases, desc=f"references ({split})", disable=not progress, leave=False):
         subject = transform(case.to_subject())
-        if shape is None:
-            shape = subject[IMAGE].spatial_shape
-        subject = tio.CropOrPad(shape)(subject)
-        images.append(subject[IMAGE].data[:1])
-        labels.append(subject[LABEL].data[0].long())
-    return ReferenceBank(torch.stack(images), torch.stack(labels), folder.labels, [c.case_id for c in cases])
+        space = space or GridSpace.of(subject[IMAGE])
+        here = GridSpace.of(subject[IMAGE])
+        images.append(resample_into(subject[IMAGE].data[:1].float(), here, space, label=False))
+        labels.append(resample_into(subject[LABEL].data, here, space, label=True)[0].long())
+    return ReferenceBank(torch.stack(images), torch.stack(labels), folder.labels, [c.case_id for c in cases],
+                         space, [c.patient_id for c in cases])
 
 
 class MixprivDataModule(pl.LightningDataModule):

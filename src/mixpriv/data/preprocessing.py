@@ -29,5 +29,10 @@ def preprocessing(spacing: float | Sequence[float] | None = None) -> tio.Compose
     transforms: list[tio.Transform] = [tio.ToCanonical()]
     if spacing is not None:
         transforms.append(tio.Resample(spacing))
-    transforms.append(tio.RescaleIntensity(out_min_max=(0.0, 1.0), percentiles=(0.5, 99.5), include=[IMAGE]))
+    transforms.append(intensity_normalisation())
     return tio.Compose(transforms)
+
+
+def intensity_normalisation() -> tio.RescaleIntensity:
+    """The intensity step of :func:`preprocessing` alone (:data:`INTENSITY_NORMALISATION`), for the ``image``."""
+    return tio.RescaleIntensity(out_min_max=(0.0, 1.0), percentiles=(0.5, 99.5), include=[IMAGE])

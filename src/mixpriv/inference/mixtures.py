@@ -105,6 +105,10 @@ def mix_with_references(
 ) -> Mixtures:
     """Mix a preprocessed image (1, D, H, W) with K references of the bank (client side).
 
+    The image must lie on the bank's grid (:attr:`ReferenceBank.space`: resample a scan into it
+    by its affine first, see :func:`mixpriv.inference.volume.load_scan`); only a bank that
+    records no space is centre-cropped or padded to the image by array index.
+
     Every draw (references, then lambdas, then Dirichlet weights) comes from ``generator``
     (``None``: torch's global generator), in the order mixpriv has always drawn them, so a
     seed gives the same mixtures as before. The mixtures are computed in one vectorised pass.
@@ -157,6 +161,10 @@ def mix_with_references(
     for entry, weights in zip(indices, reference_weights):
         check_composite(entry, weights, len(bank))
     shape = image.shape[1:]
+    if bank.space is not None and tuple(shape) != bank.spatial_shape:
+        raise InputError(f"the image is {tuple(shape)} voxels but the key's references lie on {bank.space}: resample "
+                         f"the scan into the key's space first (mixpriv.inference.volume.load_scan(path, "
+                         f"space=key.space), or mixpriv.inference.scans.prepare_scan)")
     flat = torch.tensor([i for entry in indices for i in entry])
     references = _fitted(bank.images, flat, shape).reshape(len(indices), r, *shape)
     labels = _fitted(bank.labels[:, None], flat, shape).reshape(len(indices), r, *shape)

@@ -19,6 +19,7 @@ import torchio as tio
 from mixpriv.constants import IMAGE
 from mixpriv.data.preprocessing import preprocessing
 from mixpriv.files import OutputFiles, write_atomically
+from mixpriv.geometry import GridSpace, resample_into
 from mixpriv.inference.grid import sliding_window
 from mixpriv.validation import (
     InputError,
@@ -31,11 +32,11 @@ from mixpriv.validation import (
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subject, tio.ScalarImage]:
-    """Load a NIfTI scan, check it, and preprocess it as the models expect.
+def read_scan(path: str | Path) -> tio.ScalarImage:
+    """Read a scan (NIfTI or any format SimpleITK reads) and check it: one channel, 3D, finite, not blank.
 
-    Returns the preprocessed subject (image key ``image``) and the original image, whose grid
-    the outputs are written back on.
+    Raises:
+        InputError: naming the file and the problem.
     """
     path = Path(path)
     if not path.is_file():
@@ -47,26 +48,44 @@ def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subje
         voxels = np.asanyarray(nib.load(str(path)).dataobj) if path.name.endswith(NIFTI_SUFFIXES) else None
     except Exception as error:  # nibabel / SimpleITK raise many types for unreadable files
         raise InputError(f"cannot read {path} as a medical image: {error}") from error
-    check_spatial_dims(original.data, f"scan {path.name}")
-    if 1 in original.spatial_shape:  # TorchIO reads a 2D image as a volume one voxel thick
-        raise InputError(f"scan {path.name} is 2D (spatial shape {original.spatial_shape}); a 3D volume is expected")
-    if original.data.shape[0] != 1:
-        raise InputError(f"scan {path.name} has {original.data.shape[0]} channels; one T1 channel is expected")
-    check_finite(original.data, f"scan {path.name}")
     if voxels is not None:
         check_finite(voxels, f"scan {path.name}")
-    check_not_blank(original.data, f"scan {path.name}")
+    return check_scan(original, f"scan {path.name}")
+
+
+def check_scan(image: tio.ScalarImage, name: str = "the scan") -> tio.ScalarImage:
+    """``image`` if it is one 3D channel of finite, not all equal values; else ``InputError`` naming ``name``."""
+    check_spatial_dims(image.data, name)
+    if 1 in image.spatial_shape:  # TorchIO reads a 2D image as a volume one voxel thick
+        raise InputError(f"{name} is 2D (spatial shape {image.spatial_shape}); a 3D volume is expected")
+    if image.data.shape[0] != 1:
+        raise InputError(f"{name} has {image.data.shape[0]} channels; one T1 channel is expected")
+    check_finite(image.data, name)
+    check_not_blank(image.data, name)
+    return image
+
+
+def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subject, tio.ScalarImage]:
+    """Read and check a scan (:func:`read_scan`), and preprocess it as the models expect.
+
+    Returns the preprocessed subject (image key ``image``: canonical orientation, ``spacing``,
+    intensities in [0, 1]) and the original image, whose grid the outputs are written back on.
+    To segment privately, :func:`mixpriv.inference.scans.prepare_scan` also places the scan in
+    the key's space (and can register it).
+    """
+    original = read_scan(path)
     subject = preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=original.data, affine=original.affine)}))
     return subject, original
 
 
 def to_original_grid(volume: torch.Tensor, affine: np.ndarray, original: tio.ScalarImage, label: bool) -> torch.Tensor:
-    """Resample a (C, D, H, W) volume on ``affine`` back to the original image's grid."""
-    image_class = tio.LabelMap if label else tio.ScalarImage
-    image = image_class(tensor=volume, affine=affine)
-    if image.spatial_shape == original.spatial_shape and np.allclose(affine, original.affine, atol=1e-4):
-        return volume
-    return tio.Resample(original)(image).data
+    """Resample a (C, D, H, W) volume on ``affine`` back to the original image's grid (by world coordinates).
+
+    For class probabilities use :func:`mixpriv.geometry.probabilities_onto` and take the argmax
+    afterwards: a label map resampled by nearest neighbour is blocky on a finer grid.
+    """
+    source = GridSpace(volume.shape[1:], affine)
+    return resample_into(volume, source, GridSpace.of(original), label=label)
 
 
 def nifti_outputs(paths: Mapping[str, str | os.PathLike | None],

@@ -13,10 +13,10 @@ from mixpriv.inference.pipeline import (
     PrivateSegmentation,
     check_methods,
 )
+from mixpriv.inference.scans import check_key_for_model
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.validation import InputError
 
 
 class TTAEnsembler(pl.LightningModule):
@@ -40,7 +40,8 @@ class TTAEnsembler(pl.LightningModule):
 
     Example:
         >>> ensembler = TTAEnsembler(model, bank, k=8)  # doctest: +SKIP
-        >>> result = ensembler(image)["learned"]  # doctest: +SKIP
+        >>> scan = prepare_scan("scan.nii.gz", TemplateSpace.of_key(bank))  # doctest: +SKIP
+        >>> result = ensembler(scan.image)["learned"]  # doctest: +SKIP
         >>> result.labels.shape, result.variance.shape  # doctest: +SKIP
     """
 
@@ -57,8 +58,7 @@ class TTAEnsembler(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.methods = check_methods(methods)
-        if bank.num_classes != model.num_classes:
-            raise InputError(f"the bank has {bank.num_classes} labels but the model predicts {model.num_classes}")
+        check_key_for_model(bank, model.num_classes, model.hparams.get("input_spacing"))
         self.model = model
         self.bank = bank
         self.k = k
@@ -68,7 +68,11 @@ class TTAEnsembler(pl.LightningModule):
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def forward(self, image: torch.Tensor) -> dict[str, PrivateSegmentation]:
-        """Segment a preprocessed image (1, D, H, W); returns one result per method."""
+        """Segment an image (1, D, H, W) on the bank's grid; returns one result per method.
+
+        Place a scan on that grid with :func:`mixpriv.inference.scans.prepare_scan` (by its
+        affine, or registered), which also carries the results back onto the scan's voxels.
+        """
         pipeline = PrivatePipeline.of_model(self.model, mixing=self.mixing, patch_size=self.patch_size,
                                             overlap=self.overlap, device=self.device)
         return pipeline(image, self.bank, self.k, self.methods, self.generator).results

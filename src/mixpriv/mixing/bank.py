@@ -5,6 +5,12 @@ execution on load) created with owner-only permissions (0600), and its ``repr`` 
 its size, so printing or logging a bank never leaks a reference image. The file records the
 sha256 of its content, so a changed byte (a damaged disk, an incomplete copy) is detected on
 load; a key that other users can read loads with a warning.
+
+A bank records its *space*: the grid (shape and affine, :class:`~mixpriv.geometry.GridSpace`)
+all its references lie on, so that a scan can be resampled into it by world coordinates before
+it is mixed; and the patient of each reference, so that training never mixes a scan with
+another scan of the same patient. A bank saved before format 3 has neither: it loads with a
+warning, and scans are then mixed with it by array index, as mixpriv did before.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixpriv.files import write_atomically
+from mixpriv.geometry import GridSpace
 from mixpriv.safetensors_metadata import read_format_metadata
 from mixpriv.validation import (
     InputError,
@@ -33,12 +40,16 @@ from mixpriv.validation import (
 log = logging.getLogger(__name__)
 
 _FORMAT = "mixpriv-reference-bank"
-#: 2: the metadata records the sha256 of the content (1: no checksum).
-_FORMAT_VERSION = "2"
+#: 3: the metadata records the references' grid and patients; 2: the sha256 of the content (1: no checksum).
+_FORMAT_VERSION = "3"
+#: Metadata every bank holds, and those of format 3; all of them count in the sha256.
+_METADATA = ("label_names", "ids")
+_SPACE_METADATA = ("space", "patients")
 
 
 def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """The sha256 a bank file records: its tensors (name, dtype, shape, bytes) and its label names and ids.
+    """The sha256 a bank file records: its tensors (name, dtype, shape, bytes), label names and ids,
+    and (format 3) its space and patients.
 
     Example:
         >>> tensors = {"images": torch.zeros(1, 1, 2, 2, 2), "labels": torch.zeros(1, 2, 2, 2, dtype=torch.uint8)}
@@ -51,8 +62,11 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    for key in ("label_names", "ids"):
+    for key in _METADATA:
         digest.update(f"\n{key} {metadata.get(key, '')}".encode())
+    for key in _SPACE_METADATA:
+        if key in metadata:
+            digest.update(f"\n{key} {metadata[key]}".encode())
     return digest.hexdigest()
 
 
@@ -70,6 +84,9 @@ class ReferenceBank:
         labels: integer tensor (N, D, H, W) with values in ``label_names``.
         label_names: name -> integer value, as in ``dataset.json["labels"]``.
         ids: optional identifiers of the references (kept on the client with the key).
+        space: the grid the references lie on (shape and affine); ``None`` for a bank that does
+            not know it (then scans are mixed with it by array index).
+        patient_ids: the patient of each reference (default: each reference its own patient).
 
     Example:
         >>> bank = ReferenceBank(torch.rand(2, 1, 4, 4, 4), torch.zeros(2, 4, 4, 4, dtype=torch.long),
@@ -87,6 +104,8 @@ class ReferenceBank:
         labels: torch.Tensor,
         label_names: Mapping[str, int],
         ids: Sequence[str] | None = None,
+        space: GridSpace | None = None,
+        patient_ids: Sequence[str] | None = None,
     ) -> None:
         if images.ndim != 5 or images.shape[1] != 1:
             raise InputError(f"reference images must have shape (N, 1, D, H, W), got {tuple(images.shape)}")
@@ -110,6 +129,13 @@ class ReferenceBank:
         self.ids = list(ids) if ids is not None else [f"ref{i:03d}" for i in range(len(images))]
         if len(self.ids) != len(images):
             raise InputError(f"{len(self.ids)} ids given for {len(images)} references")
+        self.patient_ids = list(patient_ids) if patient_ids is not None else list(self.ids)
+        if len(self.patient_ids) != len(images) or not all(isinstance(p, str) for p in self.patient_ids):
+            raise InputError(f"{len(images)} references need {len(images)} patient ids (strings)")
+        if space is not None and space.shape != self.spatial_shape:
+            raise InputError(f"the references are {self.spatial_shape} voxels but their space is {space}")
+        self.space = space
+        self._brain_region: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -125,6 +151,13 @@ class ReferenceBank:
     @property
     def num_classes(self) -> int:
         return max(self.label_names.values()) + 1
+
+    @property
+    def brain_region(self) -> torch.Tensor:
+        """Where any reference has a non-background label: a (D, H, W) bool map on the bank's grid."""
+        if self._brain_region is None:
+            self._brain_region = (self.labels > 0).any(0)
+        return self._brain_region
 
     def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return reference ``index`` as (image (1, D, H, W), one-hot label (C, D, H, W))."""
@@ -152,7 +185,10 @@ class ReferenceBank:
             "format_version": _FORMAT_VERSION,
             "label_names": json.dumps(self.label_names),
             "ids": json.dumps(self.ids),
+            "patients": json.dumps(self.patient_ids),
         }
+        if self.space is not None:
+            metadata["space"] = json.dumps(self.space.to_dict())
         metadata["sha256"] = content_sha256(tensors, metadata)
         return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata),
                                 mode=0o600, overwrite=overwrite, what="key")
@@ -200,9 +236,15 @@ class ReferenceBank:
                         "go unnoticed; save it again to add one", path)
         try:
             label_names, ids = json.loads(metadata["label_names"]), json.loads(metadata["ids"])
+            patients = json.loads(metadata["patients"]) if "patients" in metadata else None
+            space = GridSpace.from_dict(json.loads(metadata["space"])) if "space" in metadata else None
         except ValueError as error:
-            raise InputError(f"reference bank {path} has unreadable label names or ids: {error}") from error
-        return cls(tensors["images"].float(), tensors["labels"].long(), label_names, ids)
+            raise InputError(f"reference bank {path} has unreadable metadata: {error}") from error
+        if space is None and not published:
+            log.warning("reference bank %s does not record the grid of its references (saved by an older mixpriv): "
+                        "scans are mixed with it by array index, not in space; make a new key with `mixpriv keygen`",
+                        path)
+        return cls(tensors["images"].float(), tensors["labels"].long(), label_names, ids, space, patients)
 
     @classmethod
     def from_arrays(
@@ -211,8 +253,9 @@ class ReferenceBank:
         labels: Sequence[np.ndarray],
         label_names: Mapping[str, int],
         ids: Sequence[str] | None = None,
+        space: GridSpace | None = None,
     ) -> ReferenceBank:
-        """Build a bank from lists of 3D numpy volumes (D, H, W) of one shape."""
+        """Build a bank from lists of 3D numpy volumes (D, H, W) of one shape, lying on ``space``."""
         image_tensor = torch.stack([torch.as_tensor(np.asarray(i, dtype=np.float32)) for i in images])[:, None]
         label_tensor = torch.stack([torch.as_tensor(np.asarray(lab, dtype=np.int64)) for lab in labels])
-        return cls(image_tensor, label_tensor, label_names, ids)
+        return cls(image_tensor, label_tensor, label_names, ids, space)

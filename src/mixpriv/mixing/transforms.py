@@ -7,8 +7,10 @@ deterministic ``Mix``, which records them on the subject so a result reproduces.
 The subject's ``image`` is replaced by the mixture; the reference's one-hot label is added
 as ``reference_label`` (a ``uint8`` label map of C channels: a quarter of the float one-hot's
 memory for the queue to hold and the sampler to crop) and the weight and reference index as
-subject attributes. Both volumes must live on the same grid (e.g. registered to MNI space): a
-reference of another shape is centre-cropped or padded to the target's shape.
+subject attributes. The reference is moved onto the subject's grid by world coordinates (the
+bank records its space), so both must be in one world space (e.g. registered to MNI space); a
+bank that does not record its space (saved by an older mixpriv) is centre-cropped or padded to
+the subject's shape instead.
 
 K-way mixing (``references_per_mix`` R > 1) mixes the target with a composite of R distinct
 references (see :mod:`mixpriv.mixing.composite`): ``reference_label`` is then the weighted
@@ -30,8 +32,13 @@ from mixpriv.constants import (
     MIX_REFERENCE_WEIGHTS,
     REFERENCE_LABEL,
 )
+from mixpriv.geometry import GridSpace, probabilities_onto, resample_into
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.mixing.composite import check_composite, composite_reference, draw_reference_weights
+from mixpriv.mixing.composite import (
+    check_composite,
+    composite_reference,
+    draw_reference_weights,
+)
 from mixpriv.mixing.functional import fit_one_hot_to_shape, fit_to_shape, mix
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.validation import InputError, check_lambda
@@ -108,8 +115,7 @@ class Mix(tio.Transform):
             reference_image = self.bank.images[self.reference_index]
             reference_label = one_hot_uint8(self.bank.labels[self.reference_index], self.bank.num_classes)
             image_class = tio.LabelMap
-        reference_image = fit_to_shape(reference_image, image.spatial_shape)
-        reference_label = fit_one_hot_to_shape(reference_label, image.spatial_shape)
+        reference_image, reference_label = self._onto(image, reference_image, reference_label)
         image.set_data(mix(image.data.float(), reference_image, self.lam))
         records = {MIX_LAMBDA: self.lam, MIX_REFERENCE_ID: self.reference_index}
         if kway:
@@ -122,6 +128,25 @@ class Mix(tio.Transform):
         })
         mixed.applied_transforms = subject.applied_transforms
         return mixed
+
+    def _onto(self, image: tio.ScalarImage, reference_image: torch.Tensor,
+              reference_label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference image and its one-hot (or mixed) label moved onto the subject's grid.
+
+        By world coordinates when the bank knows its space (labels outside the bank's grid are
+        background); by array index (centre crop or pad) for a bank that does not.
+        """
+        if self.bank.space is None:
+            return (fit_to_shape(reference_image, image.spatial_shape),
+                    fit_one_hot_to_shape(reference_label, image.spatial_shape))
+        grid = GridSpace.of(image)
+        moved_image = resample_into(reference_image, self.bank.space, grid, label=False)
+        if reference_label.dtype == torch.uint8:  # one reference: a one-hot map, moved by nearest neighbour
+            moved_label = resample_into(reference_label, self.bank.space, grid, label=True)
+            moved_label[0][moved_label.sum(0) == 0] = 1
+        else:
+            moved_label = probabilities_onto(reference_label, self.bank.space, grid)
+        return moved_image, moved_label
 
     def is_invertible(self) -> bool:
         return False
@@ -145,8 +170,9 @@ class RandomMix(RandomTransform):
         bank: the client's reference bank.
         lambda_range: (low, high) bounds of the uniform weight, 0 < low <= high <= 1
             (default: that of ``mixing``).
-        exclude_same_id: skip references whose id equals the subject's ``case_id``
-            attribute (never mix a scan with itself during training).
+        exclude_same_patient: skip references that are the subject (their id is its ``case_id``)
+            or another scan of its patient (their patient is its ``patient_id``): training never
+            mixes a scan with itself or with its patient's other scans.
         references_per_mix: R, the number of distinct references mixed with each subject
             (K-way mixing); 1 is the paper's scheme, with the same draws as before K-way mixing.
         dirichlet_alpha: concentration of the symmetric Dirichlet that splits ``1 - lambda``
@@ -174,7 +200,7 @@ class RandomMix(RandomTransform):
         self,
         bank: ReferenceBank,
         lambda_range: Sequence[float] | None = None,
-        exclude_same_id: bool = True,
+        exclude_same_patient: bool = True,
         references_per_mix: int | None = None,
         dirichlet_alpha: float | None = None,
         mixing: MixingSettings | None = None,
@@ -185,8 +211,8 @@ class RandomMix(RandomTransform):
         mixing = (mixing or MixingSettings()).with_(lambda_range=lambda_range, references_per_mix=references_per_mix,
                                                     dirichlet_alpha=dirichlet_alpha)
         self.mixing = mixing.check_bank(len(bank))
-        self.exclude_same_id = exclude_same_id
-        self.args_names = ["lambda_range", "exclude_same_id", "references_per_mix", "dirichlet_alpha"]
+        self.exclude_same_patient = exclude_same_patient
+        self.args_names = ["lambda_range", "exclude_same_patient", "references_per_mix", "dirichlet_alpha"]
 
     @property
     def lambda_range(self) -> tuple[float, float]:
@@ -200,20 +226,25 @@ class RandomMix(RandomTransform):
     def dirichlet_alpha(self) -> float:
         return self.mixing.dirichlet_alpha
 
-    def get_params(self, case_id: str | None) -> tuple[float, int | list[int], list[float] | None]:
-        """Draw lambda, the reference(s) and their weights from torch's global generator (seedable).
+    def get_params(self, case_id: str | None, patient_id: str | None = None,
+                   ) -> tuple[float, int | list[int], list[float] | None]:
+        """Draw lambda, the reference(s) and their weights from torch's global generator (seedable),
+        among the references that are neither the case ``case_id`` nor of the patient ``patient_id``.
 
         Returns ``(lambda, index, None)`` with one reference per mix, else ``(lambda, indices,
         weights)``: R distinct indices and their Dirichlet weights.
         """
         low, high = self.lambda_range
         lam = low + (high - low) * torch.rand(1).item()
-        candidates = [i for i, ref_id in enumerate(self.bank.ids)
-                      if not (self.exclude_same_id and case_id is not None and ref_id == case_id)]
+        candidates = list(range(len(self.bank)))
+        if self.exclude_same_patient:
+            excluded = {case_id, patient_id} - {None}  # a bank without patients has each case its own patient
+            candidates = [i for i in candidates
+                          if self.bank.ids[i] not in excluded and self.bank.patient_ids[i] not in excluded]
         if len(candidates) < self.references_per_mix:
             found = f"only {len(candidates)} references" if candidates else "no reference"
-            raise InputError(f"the reference bank has {found} other than the subject itself "
-                             f"(references_per_mix = {self.references_per_mix})")
+            raise InputError(f"the reference bank has {found} other than the subject itself and its patient's "
+                             f"other scans (references_per_mix = {self.references_per_mix})")
         if self.references_per_mix == 1:
             return lam, candidates[int(torch.randint(len(candidates), (1,)).item())], None
         chosen = torch.randperm(len(candidates))[: self.references_per_mix].tolist()
@@ -221,7 +252,7 @@ class RandomMix(RandomTransform):
         return lam, [candidates[i] for i in chosen], weights.tolist()
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        lam, index, weights = self.get_params(subject.get("case_id"))
+        lam, index, weights = self.get_params(subject.get("case_id"), subject.get("patient_id"))
         # This transform copied the subject already (unless told not to): Mix need not copy it again.
         base_args = {**self._get_base_args(), "copy": False}
         return Mix(lam, index, self.bank, reference_weights=weights, **base_args)(subject)

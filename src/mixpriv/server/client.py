@@ -49,6 +49,7 @@ from mixpriv.inference.pipeline import (
     PrivateSegmentation,
     check_methods,
 )
+from mixpriv.inference.scans import check_key_for_model
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.server.answers import (
@@ -154,8 +155,7 @@ class PrivateClient:
         if not hasattr(model, "unmix"):
             raise InputError(f"the local model must be a Mixup-Privacy model with an unmixer, got "
                              f"{type(model).__name__}")
-        if key.num_classes != model.num_classes:
-            raise InputError(f"the key has {key.num_classes} labels but the model predicts {model.num_classes}")
+        check_key_for_model(key, model.num_classes, model.hparams.get("input_spacing"))
         self.server_url = server_url.rstrip("/")
         self.key = key
         self.model = model.eval()
@@ -301,6 +301,7 @@ class PrivateClient:
         probabilities: str | os.PathLike | None = None,
         variance: str | os.PathLike | None = None,
         inputs: Sequence[str | os.PathLike | None] = (),
+        register: bool = False,
     ) -> WrittenSegmentation:
         """Segment a NIfTI scan and write the label map on its grid, affine and header.
 
@@ -309,20 +310,16 @@ class PrivateClient:
         leaves every earlier output as it was.
 
         Args:
-            path: the scan (read and preprocessed locally: canonical orientation, the card's
-                spacing, intensity normalisation).
-            out: label map to write (uint8).
+            path: the scan, read and placed locally in the key's space
+                (:func:`mixpriv.inference.scans.prepare_scan`).
+            out: label map to write (uint8): the argmax of the probabilities resampled onto the scan's grid.
             probabilities: also write the averaged class probabilities (float32, channels last).
             variance: also write the TTA variance summed over classes (float32).
             inputs: other input files no output may replace (the key, the model).
+            register: register the scan to the key's template first (scans in scanner space).
         """
-        from mixpriv.constants import IMAGE
-        from mixpriv.inference.volume import (
-            load_scan,
-            nifti_outputs,
-            save_like,
-            to_original_grid,
-        )
+        from mixpriv.inference.scans import TemplateSpace, prepare_scan
+        from mixpriv.inference.volume import nifti_outputs, save_like
 
         with nifti_outputs({"--out": out, "--probabilities": probabilities, "--variance": variance},
                            inputs=(path, *inputs)) as outputs:
@@ -332,16 +329,15 @@ class PrivateClient:
             if spacing != local_spacing:
                 raise InputError(f"the server's model expects {spacing} mm voxels but the local model "
                                  f"{local_spacing} mm")
-            subject, original = load_scan(path, spacing)
-            result = self.segment(subject[IMAGE].data.float())
-            affine = subject[IMAGE].affine
-            maps = {"--out": (result.labels[None].to(torch.uint8), True),
-                    "--probabilities": (result.probabilities, False),
-                    "--variance": (result.variance.sum(0, keepdim=True), False)}
+            scan = prepare_scan(path, TemplateSpace.of_key(self.key), spacing=spacing, register=register)
+            result = self.segment(scan.image)
+            native = scan.probabilities_to_native(result.probabilities)
+            maps = {"--out": (native.argmax(0, keepdim=True).to(torch.uint8), np.uint8),
+                    "--probabilities": (native, np.float32),
+                    "--variance": (scan.to_native(result.variance.sum(0, keepdim=True)), np.float32)}
             for name, target in outputs.paths.items():
-                volume, label = maps[name]
-                save_like(to_original_grid(volume, affine, original, label=label), path, target,
-                          dtype=np.uint8 if label else np.float32, outputs=outputs)
+                volume, dtype = maps[name]
+                save_like(volume, path, target, dtype=dtype, outputs=outputs)
             written = outputs.commit()
         return WrittenSegmentation(written["--out"], written.get("--probabilities"), written.get("--variance"),
                                    result)

@@ -54,6 +54,8 @@ def test_settings_round_trip_through_yaml(values):
     assert again == settings
     assert isinstance(settings.control_points, tuple) and all(isinstance(n, int) for n in settings.control_points)
     assert DomainRandomisation.from_dict(None) == DomainRandomisation()
+    assert DomainRandomisation.from_dict({"p_synth": np.float64(1.0), "cortical_atrophy_voxels": 3.0}).to_dict() == {
+        **DomainRandomisation().to_dict(), "p_synth": 1.0, "cortical_atrophy_voxels": 3}
 
 
 @pytest.mark.parametrize("values, field", [
@@ -67,10 +69,17 @@ def test_settings_round_trip_through_yaml(values):
     ({"cortical_atrophy_voxels": True}, "cortical_atrophy_voxels"),
     ({"displacement_mm": [8.0]}, "displacement_mm"),
     ({"p_sinth": 0.5}, "p_sinth"),
+    ({"rotation_degrees": [5.0, 10.0]}, "rotation_degrees"),
+    ({"control_points": []}, "control_points"),
 ])
 def test_settings_reject_bad_values_naming_the_field(values, field):
     with pytest.raises(InputError, match=field):
         DomainRandomisation.from_dict(values)
+
+
+def test_settings_must_be_a_mapping():
+    with pytest.raises(InputError, match="mapping"):
+        DomainRandomisation.from_dict([("p_synth", 1.0)])
 
 
 @pytest.mark.parametrize("values", [{}, ALL_ON, {**ALL_ON, "p_synth": 1.0}])

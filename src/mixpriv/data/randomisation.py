@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -88,8 +89,8 @@ class RandomRicianNoise(RandomTransform):
         return noise(subject)
 
 
-# Inclusive bounds of every number of a field; pairs named *_range (and partial_volume_mm,
-# slice_thickness, blur_mm, noise_std) must also be ordered. Fields starting with p_ are probabilities.
+# Inclusive bounds of every number of a field (fields p_* are probabilities in [0, 1]); the
+# fields of _PAIRS are (low, high) pairs, those of _INTEGERS whole numbers.
 _BOUNDS: dict[str, tuple[float, float]] = {
     "rotation_degrees": (0, 180), "scaling": (0, 0.5), "displacement_mm": (0, 50), "control_points": (2, 64),
     "cortical_atrophy_voxels": (0, 8), "ventricle_growth_voxels": (0, 8), "atrophy_fraction": (0, 1),
@@ -183,7 +184,8 @@ class DomainRandomisation:
 
     def __post_init__(self) -> None:
         for field in fields(self):
-            object.__setattr__(self, field.name, _checked(field.name, getattr(self, field.name)))
+            value = _checked(field.name, getattr(self, field.name), isinstance(field.default, tuple))
+            object.__setattr__(self, field.name, value)
         if len(self.displacement_mm) != len(self.control_points):
             raise InputError(f"randomisation.displacement_mm {list(self.displacement_mm)} and "
                              f"randomisation.control_points {list(self.control_points)} need one value per scale")
@@ -191,6 +193,8 @@ class DomainRandomisation:
     @classmethod
     def from_dict(cls, values: Mapping | None) -> DomainRandomisation:
         """Settings from a recipe's ``randomisation:`` block (missing keys keep their defaults)."""
+        if values is not None and not isinstance(values, Mapping):
+            raise InputError(f"randomisation settings must be a mapping of name -> value, got {values!r}")
         values = dict(values or {})
         unknown = sorted(set(values) - {field.name for field in fields(cls)})
         if unknown:
@@ -229,27 +233,28 @@ class DomainRandomisation:
         return tio.Compose(transforms, copy=copy)
 
 
-def _checked(name: str, value):
-    """``value`` of field ``name`` as stored (tuples of float/int), or an InputError naming the field."""
+def _checked(name: str, value, sequence: bool):
+    """``value`` of field ``name`` as stored (float, int or a tuple of them), or an InputError naming the field."""
     where = f"randomisation.{name}"
     if name.startswith("p_"):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
             raise InputError(f"{where} must be a probability in [0, 1], got {value!r}")
         return float(value)
-    sequence = isinstance(value, Sequence) and not isinstance(value, str)
-    numbers = list(value) if sequence else [value]
-    if not numbers or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+    if sequence and (isinstance(value, str) or not isinstance(value, Sequence) or not value):
+        raise InputError(f"{where} must be a non-empty list of numbers, got {value!r}")
+    items = list(value) if sequence else [value]
+    if any(isinstance(v, bool) or not isinstance(v, Real) for v in items):
         raise InputError(f"{where} must be {'numbers' if sequence else 'a number'}, got {value!r}")
-    if name in _INTEGERS and any(float(v) != int(v) for v in numbers):
+    if name in _INTEGERS and any(float(v) != int(v) for v in items):
         raise InputError(f"{where} must be whole numbers, got {value!r}")
     low, high = _BOUNDS[name]
-    if any(not low <= v <= high for v in numbers):
+    if any(not low <= v <= high for v in items):
         raise InputError(f"{where} must lie in [{low:g}, {high:g}], got {value!r}")
-    if name in _PAIRS and (len(numbers) != 2 or numbers[0] > numbers[1]):
+    if name in _PAIRS and (len(items) != 2 or items[0] > items[1]):
         raise InputError(f"{where} must be a (low, high) pair with low <= high, got {value!r}")
     cast = int if name in _INTEGERS else float
-    numbers = [cast(v) for v in numbers]
-    return tuple(numbers) if sequence else numbers[0]
+    items = [cast(v) for v in items]
+    return tuple(items) if sequence else items[0]
 
 
 def save_preview(path: str | Path, seed: int = 0, settings: DomainRandomisation | None = None, n: int = 6,

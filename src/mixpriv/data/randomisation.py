@@ -16,8 +16,8 @@ only (references stay clean):
    background (:class:`~mixpriv.data.synthesis.RandomSyntheticHead`, ``p_synthetic_head``);
 4. acquisition (TorchIO): gamma, bias field, thick slices on a random axis, blur, motion,
    ghosting, Rician noise (:class:`RandomRicianNoise`); then the project's intensity
-   normalisation again (:func:`mixpriv.data.preprocessing.preprocessing`: 0.5-99.5 percentile
-   min-max to [0, 1]).
+   normalisation again (:func:`mixpriv.data.preprocessing.intensity_normalisation`: 0.5-99.5
+   percentile min-max to [0, 1]).
 
 Label convention: 0 background, 1 CSF, 2 GM, 3 WM, where CSF is everything inside the brain
 mask that is neither GM nor WM (ventricles and sulcal CSF). Results reproduce under
@@ -37,7 +37,7 @@ import torchio as tio
 from torchio.transforms.augmentation.random_transform import RandomTransform
 
 from mixpriv.constants import IMAGE, LABEL
-from mixpriv.data.preprocessing import preprocessing
+from mixpriv.data.preprocessing import intensity_normalisation, preprocessing
 from mixpriv.data.synthesis import (
     RandomAtrophy,
     RandomSyntheticHead,
@@ -228,7 +228,7 @@ class DomainRandomisation:
             tio.RandomMotion(p=self.p_motion, **keys),
             tio.RandomGhosting(p=self.p_ghosting, **keys),
             RandomRicianNoise(self.noise_std, p=self.p_noise, **keys),
-            preprocessing(),
+            intensity_normalisation(),
         ]
         return tio.Compose(transforms, copy=copy)
 

@@ -31,6 +31,7 @@ from mixpriv.constants import (
 )
 from mixpriv.data.folder import DatasetFolder, validate_case
 from mixpriv.data.preprocessing import preprocessing
+from mixpriv.data.randomisation import DomainRandomisation
 from mixpriv.geometry import GridSpace, resample_into
 from mixpriv.mixing import RandomMix, ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
@@ -91,6 +92,10 @@ class MixprivDataModule(pl.LightningDataModule):
         references_per_mix: R, distinct training references mixed with each volume (K-way
             mixing; 1: the paper's scheme). At most the number of training cases minus one.
         dirichlet_alpha: concentration of the Dirichlet weights of the R references.
+        randomisation: domain randomisation of the training volumes (a recipe's ``randomisation``
+            block, :class:`~mixpriv.data.randomisation.DomainRandomisation`; ``{}`` for its
+            defaults, ``None`` for none): applied to each training target before it is mixed, never
+            to validation volumes nor to the references.
 
     Example:
         >>> dm = MixprivDataModule(data_dir=None, patch_size=48, mixing=True)  # doctest: +SKIP
@@ -114,10 +119,12 @@ class MixprivDataModule(pl.LightningDataModule):
         validate_files: bool = True,
         references_per_mix: int = DEFAULT_REFERENCES_PER_MIX,
         dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
+        randomisation: Mapping | None = None,
     ) -> None:
         super().__init__()
         check_lambda_range(lambda_range)
         check_references_per_mix(references_per_mix, dirichlet_alpha)
+        self.randomisation = DomainRandomisation.from_dict(randomisation) if randomisation is not None else None
         self.save_hyperparameters()
         self.folder: DatasetFolder | None = None
         self.bank: ReferenceBank | None = None
@@ -142,10 +149,13 @@ class MixprivDataModule(pl.LightningDataModule):
         """The λ range, references per mixture and Dirichlet α the training volumes are mixed with."""
         return MixingSettings.of_model(self.hparams)
 
-    def _transform(self) -> tio.Compose:
-        """Preprocessing, then mixing; the outer steps do not copy again what the dataset and
-        the preprocessing already copied (``tio.SubjectsDataset`` hands each load a fresh subject)."""
+    def _transform(self, train: bool) -> tio.Compose:
+        """Preprocessing, then (training) domain randomisation, then mixing; the outer steps do not copy
+        again what the dataset and the preprocessing already copied (``tio.SubjectsDataset`` hands each
+        load a fresh subject)."""
         transforms = [preprocessing(self.hparams.spacing)]
+        if train and self.randomisation is not None:
+            transforms.append(self.randomisation.build(copy=False))
         if self.hparams.mixing:
             transforms.append(RandomMix(self.bank, mixing=self.mixing_settings, copy=False))
         return tio.Compose(transforms, copy=False)
@@ -161,7 +171,7 @@ class MixprivDataModule(pl.LightningDataModule):
         subjects = [case.to_subject() for case in self.folder.cases(split)]
         if not subjects:
             raise ValueError(f"split {split!r} of {self.folder.root} is empty")
-        dataset = tio.SubjectsDataset(subjects, transform=self._transform())
+        dataset = tio.SubjectsDataset(subjects, transform=self._transform(train=split == TRAIN))
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         subject_sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
         if subject_sampler is not None:

@@ -81,3 +81,25 @@ def test_train_evaluate_predict_round_trip(tiny_folder, tmp_path):
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 3}
     assert main(["predict", str(tmp_path / "missing.nii.gz"), "--model", str(tmp_path / "mp/checkpoints/last.ckpt"),
                  "--key", str(key), "--out", str(tmp_path / "x.nii.gz")]) == 2
+
+    # A copy in "scanner space": rotated 12 degrees, moved 20 mm, stored in another orientation.
+    angle = np.deg2rad(12)
+    motion = np.eye(4)
+    motion[:3, :3] = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+    motion[:3, 3] = [20.0, -6.0, 4.0]
+    moved = nib.as_closest_canonical(original)
+    flipped = nib.Nifti1Image(np.asarray(moved.dataobj)[::-1].copy(), motion @ moved.affine @ np.array(
+        [[-1, 0, 0, moved.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    native = tmp_path / "native.nii.gz"
+    nib.save(flipped, str(native))
+    for command in (["predict", str(native), "--model", str(tmp_path / "mp/checkpoints/last.ckpt"), "--key", str(key),
+                     "--k", "2"],
+                    ["predict-baseline", str(native), "--model", str(tmp_path / "bl/checkpoints/last.ckpt"),
+                     "--template-data", str(tiny_folder)]):
+        out = tmp_path / f"{command[0]}-native.nii.gz"
+        assert main([*command, "--register", "--out", str(out), "--probabilities", str(tmp_path / "p.nii.gz")]) == 0
+        written = nib.load(str(out))
+        assert written.shape == flipped.shape and np.allclose(written.affine, flipped.affine)
+        probabilities = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
+        assert probabilities.shape == (*flipped.shape, 4) and np.allclose(probabilities.sum(-1), 1, atol=1e-4)
+        (tmp_path / "p.nii.gz").unlink()

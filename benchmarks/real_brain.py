@@ -17,7 +17,9 @@ Each is segmented through the public command line, as a subprocess: ``mixpriv pr
 Learned, Learned+TTA) with a key from ``mixpriv keygen --spacing 2`` (the embedded cohort's
 training split). For ``b`` and ``c`` the commands get ``--register`` when their ``--help`` offers
 it; rows run without it are marked "unregistered". Dice = 2TP / (2TP + FP + FN) per class on the
-input's native grid (NaN when a class is absent from both), mean over CSF, GM and WM.
+input's native grid (NaN when a class is absent from both), mean over CSF, GM and WM; also the
+mean with the prediction cut to the brain mask (what remains when tissue called outside the brain
+is not counted: the whole-head inputs' skull and scalp).
 
 The pseudo-labels are not the models' label convention (their CSF: the MNI template's brain mask −
 GM − WM; here: the dark voxels inside BET's mask), so read the Dice as agreement between two
@@ -157,10 +159,10 @@ def canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def figure_input(path: Path, title: str, scan: np.ndarray, affine: np.ndarray, labels: np.ndarray,
-                 predictions: dict[str, np.ndarray]) -> None:
-    """Axial and coronal slices through the pseudo-labels' centre: scan, pseudo-labels, predictions."""
+                 predictions: dict[str, np.ndarray | None]) -> None:
+    """Axial and coronal slices through the pseudo-labels' centre: scan, pseudo-labels, predictions (None: failed)."""
     panels = {"scan": canonical(scan, affine), "pseudo-labels": canonical(labels, affine)}
-    panels.update({name: canonical(volume, affine) for name, volume in predictions.items()})
+    panels.update({name: None if volume is None else canonical(volume, affine) for name, volume in predictions.items()})
     centre = np.round(np.argwhere(panels["pseudo-labels"] > 0).mean(0)).astype(int)
     figure = Figure(figsize=(3.2 * len(panels), 6.4))
     axes = figure.subplots(2, len(panels))
@@ -168,11 +170,12 @@ def figure_input(path: Path, title: str, scan: np.ndarray, affine: np.ndarray, l
     for row, (view, cut) in enumerate(views):
         for column, (name, volume) in enumerate(panels.items()):
             axis = axes[row, column]
-            image = cut(volume).T
-            if name == "scan":
-                axis.imshow(image, origin="lower", cmap="gray")
+            if volume is None:
+                axis.text(0.5, 0.5, "the command failed", ha="center", va="center", transform=axis.transAxes)
+            elif name == "scan":
+                axis.imshow(cut(volume).T, origin="lower", cmap="gray")
             else:
-                axis.imshow(image, origin="lower", cmap=LABEL_COLOURS, vmin=0, vmax=3, interpolation="nearest")
+                axis.imshow(cut(volume).T, origin="lower", cmap=LABEL_COLOURS, vmin=0, vmax=3, interpolation="nearest")
             axis.set_title(f"{name} ({view})", fontsize=9)
             axis.axis("off")
     figure.suptitle(f"{title}   labels: CSF blue, GM orange, WM white", fontsize=10)
@@ -199,8 +202,9 @@ def figure_csf(path: Path, scan: np.ndarray, affine: np.ndarray, labels: np.ndar
     left.set_title("fraction of each pseudo-label (voxels)", fontsize=9)
     scan_ras, labels_ras, prediction_ras = (canonical(volume, affine) for volume in (scan, labels, prediction))
     centre = np.round(np.argwhere(labels_ras > 0).mean(0)).astype(int)
-    views = ((middle, "axial", lambda v: v[:, :, centre[2] + 10]), (right, "coronal", lambda v: v[:, centre[1], :]))
-    for axis, view, cut in views:  # the axial slice 10 mm above the mask's centre: through the lateral ventricles
+    axial = min(centre[2] + 10, labels_ras.shape[2] - 1)  # 10 voxels (mm) above the centre: the lateral ventricles
+    views = ((middle, "axial", lambda v: v[:, :, axial]), (right, "coronal", lambda v: v[:, centre[1], :]))
+    for axis, view, cut in views:
         pseudo, predicted = cut(labels_ras) == 1, cut(prediction_ras) == 1
         overlay = np.zeros((*pseudo.shape, 4))
         overlay[pseudo & predicted] = (0.1, 0.8, 0.1, 0.9)
@@ -217,20 +221,23 @@ def figure_csf(path: Path, scan: np.ndarray, affine: np.ndarray, labels: np.ndar
 
 def markdown(results: dict, k: int) -> str:
     """The Dice table: one row per input × method, and the gap Learned+TTA − Baseline per input."""
-    lines = [f"| input | row | registered | {' | '.join(CLASSES)} | mean | seconds |",
-             "|---|---|---|" + "---:|" * (len(CLASSES) + 2)]
+    lines = [f"| input | row | registered | {' | '.join(CLASSES)} | mean | mean inside the brain mask¹ | seconds |",
+             "|---|---|---|" + "---:|" * (len(CLASSES) + 3)]
     for key, entry in results.items():
         for row, scores in entry["rows"].items():
             registered = "MNI as shipped" if key == "a" else ("yes" if scores["registered"] else "unregistered")
             if "error" in scores:
-                values = f"failed: `{scores['error'].replace('|', '/')}` | | | | "
+                values = f"failed: `{scores['error'].replace('|', '/')}` | | | | | "
             else:
-                values = " | ".join(f"{scores['dice'][name]:.3f}" for name in (*CLASSES, "mean")) + " | "
+                numbers = [scores["dice"][name] for name in (*CLASSES, "mean")] + [scores["mean_in_brain_mask"]]
+                values = " | ".join(f"{value:.3f}" for value in numbers) + " | "
             lines.append(f"| {key} {entry['name']} | {row} | {registered} | {values}{scores['seconds']:.1f} |")
         if "gap" in entry:
             gap = " | ".join(f"{entry['gap'][name]:+.3f}" for name in (*CLASSES, "mean"))
-            lines.append(f"| {key} {entry['name']} | Learned+TTA − Baseline | | {gap} | |")
-    notes = f"K = {k} for the +TTA rows; Dice against the GMM pseudo-labels on each input's grid."
+            lines.append(f"| {key} {entry['name']} | Learned+TTA − Baseline | | {gap} | | |")
+    notes = (f"K = {k} for the +TTA rows; Dice against the GMM pseudo-labels on each input's grid.\n"
+             "¹ The prediction set to background outside the pseudo-labels' brain mask: what is left when labelling "
+             "skull, scalp or neck as tissue is not counted.")
     return "\n".join(lines) + f"\n\n{notes}\n"
 
 
@@ -310,7 +317,9 @@ def segment_all(inputs: list[Input], models: tuple[str, str], k: int, seed: int,
             seconds = time.perf_counter() - start
             prediction = np.asarray(nib.load(str(out)).dataobj).astype(np.uint8)
             predictions[item.key, row] = prediction
-            entry["rows"][row] = {"dice": dice(prediction, item.labels), "registered": registered, "seconds": seconds}
+            in_mask = dice(np.where(item.labels > 0, prediction, 0), item.labels)["mean"]
+            entry["rows"][row] = {"dice": dice(prediction, item.labels), "mean_in_brain_mask": in_mask,
+                                  "registered": registered, "seconds": seconds}
             log.info("%s %s: mean Dice %.3f (%.0f s)", item.name, row, entry["rows"][row]["dice"]["mean"], seconds)
     for entry in results.values():
         scored = {row: scores["dice"] for row, scores in entry["rows"].items() if "dice" in scores}
@@ -325,11 +334,10 @@ def write_figures(report: Path, inputs: list[Input], predictions: Predictions) -
     for item in inputs:
         scan = nib.load(str(item.scan))
         volume = np.asarray(scan.dataobj)
-        shown = {row: predictions[item.key, row] for row in ("Baseline", "Learned+TTA")
-                 if (item.key, row) in predictions}
+        shown = {row: predictions.get((item.key, row)) for row in ("Baseline", "Learned+TTA")}
         figure_input(report / f"input_{item.key}.png", f"{item.key}: {item.name}", volume, scan.affine, item.labels,
                      shown)
-        if item.key == "a" and "Baseline" in shown:
+        if item.key == "a" and shown["Baseline"] is not None:
             confusion = figure_csf(report / "csf_convention.png", volume, scan.affine, item.labels,
                                    predictions["a", "Baseline"])
     return confusion

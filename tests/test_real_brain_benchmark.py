@@ -196,5 +196,16 @@ def test_a_failing_row_is_recorded_not_scored(tmp_path, monkeypatch):
     assert len(commands) == 1 + len(real_brain.ROWS) and "--register" in commands[1]
     table = real_brain.markdown(results, 8)
     assert "| b ch2 | Baseline | yes | failed: `TypeError: float() argument / not 'list'`" in table
-    assert "| b ch2 | Learned+TTA | yes | nan | 1.000 | 1.000 | 1.000 |" in table
+    assert "| b ch2 | Learned+TTA | yes | nan | 1.000 | 1.000 | 1.000 | 1.000 |" in table
+    assert rows["Learned+TTA"]["mean_in_brain_mask"] == 1.0
     assert "Learned+TTA − Baseline" not in table
+
+
+def test_figures_show_a_failed_prediction_as_text(tmp_path):
+    image, labels = _ball_phantom((20, 24, 18))
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS: drawn in RAS
+    real_brain.figure_input(tmp_path / "input.png", "phantom", image, affine, labels,
+                            {"Baseline": None, "Learned+TTA": labels})
+    confusion = real_brain.figure_csf(tmp_path / "csf.png", image, affine, labels, labels)
+    assert (tmp_path / "input.png").stat().st_size > 0 and (tmp_path / "csf.png").stat().st_size > 0
+    assert np.trace(np.array(confusion["counts"])) == labels.size

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from mixpriv.constants import IMAGE, MIX_REFERENCE_ID, REFERENCE_LABEL
 from mixpriv.data.datamodule import bank_from_cases
 from mixpriv.data.folder import DatasetFolder
-from mixpriv.geometry import GridSpace, probabilities_onto, resample_into
+from mixpriv.geometry import GridSpace, probabilities_onto, resample_into, subject_into
 from mixpriv.inference.mixtures import mix_with_references
 from mixpriv.inference.scans import TemplateSpace, check_key_for_model, prepare_scan
 from mixpriv.mixing.bank import ReferenceBank, content_sha256
@@ -63,6 +63,13 @@ def test_resampling_goes_by_world_coordinates():
     torch.testing.assert_close(onto.sum(0), torch.ones(30, 24, 24))
     assert bool((onto[0, :6] == 1).all()) and bool((onto[1:, :6] == 0).all())
     torch.testing.assert_close(onto[:, 6:], probabilities)
+    # A whole subject (what the evaluation and the audit score) goes onto the key's grid, labels and all.
+    subject = tio.Subject(image=tio.ScalarImage(tensor=volume[:, 3:13, 5:17, 7:15], affine=crop.affine),
+                          label=tio.LabelMap(tensor=volume[:, 3:13, 5:17, 7:15].long(), affine=crop.affine))
+    placed = subject_into(subject, SPACE)
+    assert GridSpace.of(placed["image"]) == SPACE and GridSpace.of(placed["label"]) == SPACE
+    assert torch.equal(placed["label"].data[:, 3:13, 5:17, 7:15], subject["label"].data)
+    assert subject_into(placed, SPACE) is placed and subject_into(subject, None) is subject
 
 
 def test_a_key_records_its_space_and_patients(tmp_path):

@@ -201,3 +201,14 @@ def check_overlap(image: torch.Tensor, brain_region: torch.Tensor, space: GridSp
             f"`register=True` in the API), or check that its affine is right")
     return overlap
 
+
+def subject_into(subject: tio.Subject, space: GridSpace | None) -> tio.Subject:
+    """A subject's images resampled onto ``space`` by world coordinates (labels by nearest neighbour).
+
+    The subject is returned as it is when ``space`` is ``None`` or its images already lie there
+    (the embedded cohort's scans all lie on one grid).
+    """
+    if space is None or all(GridSpace.of(image) == space for image in subject.get_images(intensity_only=False)):
+        return subject
+    return tio.Resample((space.shape, space.affine))(subject)
+

@@ -29,6 +29,7 @@ from mixpriv.evaluation.plots import (
     plot_variance_map,
 )
 from mixpriv.evaluation.report import DiceTable
+from mixpriv.geometry import GridSpace, probabilities_onto, subject_into
 from mixpriv.inference.pipeline import PrivatePipeline, PrivateRun
 from mixpriv.inference.volume import baseline_probabilities, save_like, to_original_grid
 from mixpriv.lightning.baseline import BaselineSegmenter
@@ -74,7 +75,7 @@ def evaluate_models(
     outputs: dict[str, Path] = {}
     transform = preprocessing(spacing)
     for index, case in enumerate(tqdm(cases, desc="evaluating test cases", disable=not progress)):
-        subject = transform(case.to_subject())
+        subject = subject_into(transform(case.to_subject()), bank.space)  # scored on the key's grid
         image, label = subject[IMAGE].data.float(), subject[LABEL].data[0]
         if baseline is not None:
             start = time.perf_counter()
@@ -139,7 +140,8 @@ def _write_case_outputs(case, subject, bank: ReferenceBank, run: PrivateRun, lab
     }
     original = case.to_subject()[IMAGE]
     affine = subject[IMAGE].affine
-    segmentation = to_original_grid(learned.labels[None].to(torch.uint8), affine, original, label=True)
+    native = probabilities_onto(learned.probabilities, GridSpace.of(subject[IMAGE]), GridSpace.of(original))
+    segmentation = native.argmax(0, keepdim=True).to(torch.uint8)
     outputs["segmentation"] = save_like(segmentation, case.image_paths[0], out_dir / f"{case.case_id}_private_seg.nii.gz")
     variance = to_original_grid(learned.variance.sum(0, keepdim=True), affine, original, label=False)
     outputs["variance"] = save_like(variance, case.image_paths[0], out_dir / f"{case.case_id}_tta_variance.nii.gz",

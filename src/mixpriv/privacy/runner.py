@@ -129,7 +129,7 @@ def run_audit(
     spacing = model.hparams.input_spacing
     key_is_train = bank is None
     bank = bank if bank is not None else bank_from_cases(folder, TRAIN, spacing, progress=progress)
-    scans = load_scans(folder, spacing, options.split, options.max_cases, progress=progress)
+    scans = load_scans(folder, spacing, options.split, options.max_cases, progress=progress, space=bank.space)
     setting = MixingSettings.of_model(model.hparams)
     sweep_models = [model, *(_load(source, MixupPrivacyModule) for source in options.sweep_models)]
     sweep_settings = _unique([MixingSettings.of_model(m.hparams) for m in sweep_models] + list(options.sweep_settings))

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from mixpriv.constants import IMAGE, LABEL, TEST
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.data.preprocessing import preprocessing
+from mixpriv.geometry import GridSpace, subject_into
 from mixpriv.validation import InputError
 
 
@@ -40,8 +41,10 @@ def load_scans(
     split: str = TEST,
     max_cases: int | None = None,
     progress: bool = True,
+    space: GridSpace | None = None,
 ) -> AuditScans:
-    """Load and preprocess the scans of ``split`` (at most ``max_cases``, in the folder's order).
+    """Load and preprocess the scans of ``split`` (at most ``max_cases``, in the folder's order),
+    resampled onto ``space`` (the key's grid) when given.
 
     Example:
         >>> from mixpriv.data.cohort import build_cohort  # doctest: +SKIP
@@ -55,7 +58,7 @@ def load_scans(
     transform = preprocessing(spacing)
     scans = AuditScans([], [], [], [])
     for case in tqdm(cases, desc=f"loading {split} scans", disable=not progress):
-        subject = transform(case.to_subject())
+        subject = subject_into(transform(case.to_subject()), space)
         scans.images.append(subject[IMAGE].data.float())
         scans.labels.append(subject[LABEL].data[0] if LABEL in subject else None)
         scans.case_ids.append(case.case_id)

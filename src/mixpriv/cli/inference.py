@@ -149,7 +149,7 @@ class _ScanOutputs:
     error leaves every previous output as it was.
 
     Args:
-        args: the command's arguments (``scan``, ``out``, ``probabilities``).
+        args: the command's arguments (``scan``, ``register``, ``out``, ``probabilities``).
         inputs: the other input files (key, model).
         extra: more optional maps, ``--<name>`` -> path (e.g. ``variance``).
     """

@@ -282,7 +282,8 @@ class PrivateClient:
         return torch.from_numpy(probabilities).float()
 
     def segment(self, image: torch.Tensor) -> PrivateSegmentation:
-        """Privately segment a preprocessed image ``(1, D, H, W)`` (resampled and normalised as the card says).
+        """Privately segment an image ``(1, D, H, W)`` on the key's grid, normalised as the card says
+        (:func:`mixpriv.inference.scans.prepare_scan` places a scan there).
 
         Returns the unmixed per-reference probabilities with their average and variance.
         """

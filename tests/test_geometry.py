@@ -177,3 +177,17 @@ def test_a_key_of_another_voxel_size_is_refused_for_the_model():
         check_key_for_model(key, 4, 1.0)
     with pytest.raises(InputError, match="4 labels but the model predicts 3"):
         check_key_for_model(key, 3, 2.0)
+
+
+def test_without_a_space_results_still_come_back_onto_the_scans_voxels(tmp_path):
+    image, _ = phantom(6, (30, 28, 26))
+    scan = tio.ScalarImage(tensor=torch.from_numpy(image[None]), affine=np.diag([1.0, 1.0, 1.0, 1.0]))
+    prepared = prepare_scan(scan, None, spacing=2.0)  # a baseline's path: canonical, resampled to 2 mm
+    assert prepared.space.spacing == (2.0, 2.0, 2.0) and prepared.image.shape[1:] == (15, 14, 13)
+    inside = (prepared.image > 0.45).float()
+    probabilities = torch.cat([1 - inside, inside])
+    labels = prepared.labels_to_native(probabilities)[0]
+    assert labels.shape == (30, 28, 26)
+    truth = torch.from_numpy(image > 0.45)
+    agreement = float((labels.bool() == truth).float().mean())
+    assert agreement > 0.9, agreement  # in place on the 1 mm grid, not squeezed into a corner

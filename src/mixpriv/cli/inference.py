@@ -126,8 +126,9 @@ def _predict_baseline(args: argparse.Namespace) -> None:
         model = load_model(args.model, kind="baseline")
         spacing = model.hparams.input_spacing
         space = None  # a baseline segments any field of view; a registered scan goes to the template's
-        if args.register:
-            space = TemplateSpace.of_cases(DatasetFolder(resolve_data_dir(args.template_data, spacing or 2.0)), spacing)
+        if args.register:  # the embedded cohort is built at the model's (isotropic) voxel size
+            side = spacing if isinstance(spacing, (int, float)) or spacing is None else max(spacing)
+            space = TemplateSpace.of_cases(DatasetFolder(resolve_data_dir(args.template_data, side or 2.0)), spacing)
         outputs.save(baseline_probabilities(model, outputs.load_scan(space, spacing)))
 
 

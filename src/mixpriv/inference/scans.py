@@ -145,7 +145,7 @@ def prepare_scan(
             raise InputError("registration needs a template space: a key made by `mixpriv keygen` records one")
         subject = preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=native.data, affine=native.affine)}))
         image = subject[IMAGE]
-        return PreparedScan(image.data.float(), GridSpace.of(image), native, image.affine)
+        return PreparedScan(image.data.float(), GridSpace.of(image), native, native.affine)
     transform = None
     placement = native.affine
     if register:

@@ -56,13 +56,13 @@ def scanner_space(image: tio.ScalarImage, label: tio.LabelMap) -> tio.Subject:
     return tio.ToOrientation("LPI")(tio.Crop((4, 10, 6, 2, 10, 0))(moved))
 
 
+@torch.no_grad()
 def native_space_dice(baseline, private, folder: DatasetFolder, k: int = 2, seed: int = 0,
                       progress: bool = False) -> dict[str, dict[str, list[float]]]:
     """Mean foreground Dice per held-out scan: ``{"Baseline"|"Learned": {"in place"|"scanner space": [...]}}``.
 
     The key is the folder's training split; the scanner-space copies are registered, the others not.
     """
-    torch.set_grad_enabled(False)
     key = bank_from_cases(folder, "train", private.hparams.input_spacing, progress=False)
     space = TemplateSpace.of_key(key)
     names = private.hparams.label_names

@@ -177,7 +177,8 @@ def test_datamodule_mixes_with_its_mixing_settings(tiny_folder):
     data = datamodule(tiny_folder, mixing=True, dirichlet_alpha=0.5)
     data.setup("fit")
     assert data.mixing_settings == MixingSettings(LAMBDA_RANGE, 1, 0.5)
-    assert [t.mixing for t in data._transform().transforms if isinstance(t, RandomMix)] == [data.mixing_settings]
+    assert [t.mixing for t in data._transform(train=True).transforms if isinstance(t, RandomMix)] == [
+        data.mixing_settings]
     batch = next(iter(data.train_dataloader()))
     reference = batch[REFERENCE_LABEL]["data"]
     assert reference.dtype == torch.uint8 and torch.equal(reference.sum(1), torch.ones_like(reference[:, 0]))
@@ -253,3 +254,16 @@ def test_mixed_precision_on_gpu(tiny_folder, precision):
     trainer.fit(module, datamodule=datamodule(tiny_folder, mixing=True))
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert next(module.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_domain_randomisation_reaches_training_targets_only(tiny_folder):
+    """A recipe's randomisation block goes before the mixing of training volumes, never into validation."""
+    data = datamodule(tiny_folder, mixing=True, randomisation={"p_synth": 1.0})
+    data.setup("fit")
+    subject = data.folder.cases("train")[0].to_subject()
+    applied = {flag: [step.name for step in data._transform(train=flag)(subject).history] for flag in (True, False)}
+    assert "SynthesiseIntensities" in applied[True] and "SynthesiseIntensities" not in applied[False]
+    assert applied[True][-1] == applied[False][-1] == "Mix"  # randomised first, then mixed
+    with pytest.raises(InputError, match="randomisation.p_synth"):
+        datamodule(tiny_folder, mixing=True, randomisation={"p_synth": 2.0})
+

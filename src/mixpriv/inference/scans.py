@@ -24,7 +24,7 @@ import torchio as tio
 from scipy import ndimage
 
 from mixpriv.constants import IMAGE
-from mixpriv.data.preprocessing import intensity_normalisation, preprocessing
+from mixpriv.data.preprocessing import intensity_normalisation
 from mixpriv.geometry import (
     GridSpace,
     Overlap,
@@ -32,7 +32,7 @@ from mixpriv.geometry import (
     probabilities_onto,
     resample_into,
 )
-from mixpriv.inference.volume import check_scan, read_scan
+from mixpriv.inference.volume import check_scan, preprocess_scan, read_scan
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.registration import register_affine, registered_affine
 from mixpriv.validation import InputError
@@ -143,8 +143,7 @@ def prepare_scan(
     if space is None:
         if register:
             raise InputError("registration needs a template space: a key made by `mixpriv keygen` records one")
-        subject = preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=native.data, affine=native.affine)}))
-        image = subject[IMAGE]
+        image = preprocess_scan(native, spacing)[IMAGE]
         return PreparedScan(image.data.float(), GridSpace.of(image), native, native.affine)
     transform = None
     placement = native.affine

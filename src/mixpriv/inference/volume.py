@@ -74,8 +74,13 @@ def load_scan(path: str | Path, spacing: float | None = None) -> tuple[tio.Subje
     the key's space (and can register it).
     """
     original = read_scan(path)
-    subject = preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=original.data, affine=original.affine)}))
-    return subject, original
+    return preprocess_scan(original, spacing), original
+
+
+def preprocess_scan(image: tio.ScalarImage, spacing: float | None = None) -> tio.Subject:
+    """A copy of ``image`` preprocessed as the models expect (:func:`mixpriv.data.preprocessing.preprocessing`),
+    as a subject with the key ``image``."""
+    return preprocessing(spacing)(tio.Subject({IMAGE: tio.ScalarImage(tensor=image.data, affine=image.affine)}))
 
 
 def to_original_grid(volume: torch.Tensor, affine: np.ndarray, original: tio.ScalarImage, label: bool) -> torch.Tensor:

@@ -28,8 +28,10 @@ Example:
     >>> shift = np.eye(4); shift[:3, 3] = (6.0, -4.0, 2.0)  # the scan lies 6 mm right, 4 mm back, 2 mm up
     >>> scan = tio.ScalarImage(tensor=template.data, affine=shift @ template.affine)
     >>> transform = register_affine(scan, template)
-    >>> np.round(transform[:3, 3], 1).tolist(), bool(np.allclose(transform[:3, :3], np.eye(3), atol=0.01))
-    ([-6.0, 4.0, -2.0], True)
+    >>> bool(np.allclose(transform[:3, 3], (-6.0, 4.0, -2.0), atol=0.25))  # within an eighth of a voxel
+    True
+    >>> bool(np.allclose(transform[:3, :3], np.eye(3), atol=0.01))
+    True
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def register_affine(
             template's brain, dilated; ``None``: everywhere.
         stages: ``("rigid", "affine")`` (default: 6, then 12 degrees of freedom) or ``("rigid",)``.
         iterations: most optimiser steps per resolution level.
-        seed: seed of the metric's random sampling (the result is deterministic for a seed).
+        seed: seed of the metric's random sampling (for a seed and a number of ITK threads the
+            result is the same; across thread counts it can differ by about a tenth of a mm).
 
     Raises:
         InputError: an unknown stage, or a registration that failed (e.g. images with no overlap).

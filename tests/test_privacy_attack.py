@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import phantom
 
-from mixpriv.privacy.attack import (
+from mixpriv.privacy.bss import (
     ATTACKS,
     TRAINING_FILE,
     SeparationOptions,

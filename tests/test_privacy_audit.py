@@ -15,7 +15,7 @@ from mixpriv.inference import pipeline as pipeline_module
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.privacy.attack import SeparationOptions
+from mixpriv.privacy.bss import SeparationOptions
 from mixpriv.privacy.report import write_report
 from mixpriv.privacy.runner import AuditOptions, run_audit
 from mixpriv.validation import InputError

@@ -51,7 +51,7 @@ def _control_lambda(text: str) -> float | None:
 
 def _audit(args: argparse.Namespace) -> None:
     from mixpriv.mixing.bank import ReferenceBank
-    from mixpriv.privacy.attack import SeparationOptions
+    from mixpriv.privacy.bss import SeparationOptions
     from mixpriv.privacy.runner import AuditOptions, run_audit
 
     options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases or None, seed=args.seed,

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from mixpriv.evaluation.report import markdown_table
 from mixpriv.files import write_text_atomically
-from mixpriv.privacy.attack import (
+from mixpriv.privacy.audit import ReidentificationAudit, SweepAudit, TestRetestAudit
+from mixpriv.privacy.bss import (
     CONTROL,
     LAMBDA_ESTIMATED,
     LAMBDA_KNOWN,
     AttackResult,
     SeparationAudit,
 )
-from mixpriv.privacy.audit import ReidentificationAudit, SweepAudit, TestRetestAudit
 from mixpriv.privacy.figures import (
     plot_privacy_utility,
     plot_separation,

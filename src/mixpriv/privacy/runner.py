@@ -24,12 +24,6 @@ from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.privacy.attack import (
-    SeparationOptions,
-    attack_setting,
-    audit_separation,
-    train_score_prior,
-)
 from mixpriv.privacy.audit import (
     ReidentificationAudit,
     SweepAudit,
@@ -37,6 +31,12 @@ from mixpriv.privacy.audit import (
     audit_reidentification,
     audit_test_retest,
     learned_tta_dice,
+)
+from mixpriv.privacy.bss import (
+    SeparationOptions,
+    attack_setting,
+    audit_separation,
+    train_score_prior,
 )
 from mixpriv.privacy.report import (
     reidentification_section,

@@ -15,19 +15,24 @@ from mixpriv.inference import pipeline as pipeline_module
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.settings import MixingSettings
+from mixpriv.privacy.attackers import ATTACKERS, AttackerOptions, LearnedAttackerOptions
 from mixpriv.privacy.bss import SeparationOptions
 from mixpriv.privacy.report import write_report
 from mixpriv.privacy.runner import AuditOptions, run_audit
 from mixpriv.validation import InputError
 
 TEST_PATIENTS = 4
+ATTACKER_PATIENTS = 2  # the attacker's own public scans (the val split), two per patient
+TINY_ATTACKERS = AttackerOptions(k=2, learned=LearnedAttackerOptions(steps=2, patients_per_step=2, channels=(4, 8),
+                                                                      embedding_dim=8, downsample=1))
 TINY_SEPARATION = SeparationOptions(patch_size=16, num_patches=2, inits=2, score_steps=2, batch_size=2, num_levels=2,
                                     steps_per_level=2, lambda_candidates=(0.6, 0.8), lambda_steps_per_level=1,
                                     network={"channels": [4, 8], "embedding_dim": 8}, min_mean=0.01)
 
 
 def write_patient_folder(root: Path, n_train: int = 4) -> Path:
-    """nnU-Net folder whose test split holds two scans (same anatomy, other noise) of each patient."""
+    """nnU-Net folder whose test split (and val split, the attacker's own scans) holds two scans
+    (same anatomy, other noise) of each patient."""
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     cases = {}
@@ -35,16 +40,20 @@ def write_patient_folder(root: Path, n_train: int = 4) -> Path:
         image, label = phantom(100 + i)
         nib.save(nib.Nifti1Image(image, AFFINE), str(root / "imagesTr" / f"train{i:02d}_0000.nii.gz"))
         nib.save(nib.Nifti1Image(label, AFFINE), str(root / "labelsTr" / f"train{i:02d}.nii.gz"))
+        cases[f"train{i:02d}"] = {"patient": f"train{i:02d}", "split": "train"}
     rng = np.random.default_rng(0)
-    for patient in range(TEST_PATIENTS):
-        image, label = phantom(patient)
-        for scan in range(2):
-            case_id = f"p{patient}s{scan}"
-            noisy = image + rng.normal(0, 0.02, image.shape).astype(np.float32)
-            nib.save(nib.Nifti1Image(noisy, AFFINE), str(root / "imagesTs" / f"{case_id}_0000.nii.gz"))
-            nib.save(nib.Nifti1Image(label, AFFINE), str(root / "labelsTs" / f"{case_id}.nii.gz"))
-            cases[case_id] = {"patient": f"patient{patient}"}
-    meta = {"channel_names": {"0": "T1"}, "labels": LABELS, "numTraining": n_train, "file_ending": ".nii.gz",
+    for split, patients, folder in (("test", range(TEST_PATIENTS), "Ts"),
+                                    ("val", range(200, 200 + ATTACKER_PATIENTS), "Tr")):
+        for patient in patients:
+            image, label = phantom(patient)
+            for scan in range(2):
+                case_id = f"p{patient}s{scan}"
+                noisy = image + rng.normal(0, 0.02, image.shape).astype(np.float32)
+                nib.save(nib.Nifti1Image(noisy, AFFINE), str(root / f"images{folder}" / f"{case_id}_0000.nii.gz"))
+                nib.save(nib.Nifti1Image(label, AFFINE), str(root / f"labels{folder}" / f"{case_id}.nii.gz"))
+                cases[case_id] = {"patient": f"patient{patient}", **({"split": split} if split == "val" else {})}
+    meta = {"channel_names": {"0": "T1"}, "labels": LABELS, "numTraining": n_train + 2 * ATTACKER_PATIENTS,
+            "file_ending": ".nii.gz",
             "mixpriv": {"cases": cases}}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
@@ -61,18 +70,25 @@ def tiny_model() -> MixupPrivacyModule:
 
 
 def test_reidentification_and_test_retest_report(patient_folder, tiny_model, tmp_path):
-    options = AuditOptions(parts=("reid", "icc"), extra_settings=(MixingSettings((0.5, 0.6)),))
+    options = AuditOptions(parts=("reid", "icc"), extra_settings=(MixingSettings((0.5, 0.6)),),
+                           attackers=TINY_ATTACKERS)
     paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
     report = json.loads(paths["json"].read_text())
-    results = report["reidentification"]["results"]
-    assert list(results) == ["No proxy", "λ∈[0.65, 0.95]", "λ∈[0.5, 0.6]"]
-    assert results["No proxy"]["map"] == 1.0  # two noisy copies of one anatomy are each other's nearest
-    assert results["No proxy"]["num_queries"] == 2 * TEST_PATIENTS
+    reid = report["reidentification"]
+    assert reid["no_proxy"]["map"] == 1.0  # two noisy copies of one anatomy are each other's nearest
+    assert reid["msssim_same_patient"] > reid["msssim_other_patient"]
+    rows = {row["setting"]: row for row in reid["settings"]}
+    assert list(rows) == ["λ∈[0.65, 0.95]", "λ∈[0.5, 0.6]"]
+    for row in rows.values():
+        assert list(row["attackers"]) == list(ATTACKERS)
+        maps = {name: scores["map"] for name, scores in row["attackers"].items()}
+        assert row["worst_case_map"] == max(maps.values()) and maps[row["worst_case_attacker"]] == row["worst_case_map"]
+        assert set(row["msssim_estimate_vs_patient"]) == set(ATTACKERS) - {"learned", "learned-request"}
     assert set(report["test_retest"]["icc"]) == {"CSF", "GM", "WM"}
     assert len(report["test_retest"]["dice_first"]["GM"]) == 2 * TEST_PATIENTS
     markdown = paths["markdown"].read_text()
-    assert "| No proxy | 1.000 | 1.000 | 1.000 |" in markdown and "ICC(A,1)" in markdown
-    for png in ("reidentification.png", "test_retest.png"):
+    assert "| No proxy (raw scans) | 1.000 |" in markdown and "ICC(A,1)" in markdown and "worst-case mAP" in markdown
+    for png in ("attackers.png", "reidentification.png", "test_retest.png"):
         assert (tmp_path / "audit" / png).stat().st_size > 5_000
 
 
@@ -94,14 +110,14 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
                                lambda_range=(0.5, 0.8)).eval()
     baseline = BaselineSegmenter(LABELS, TINY_SEGMENTER, patch_size=16, input_spacing=2.0).eval()
     options = AuditOptions(parts=("sweep",), sweep_settings=(MixingSettings((0.35, 0.65)),), sweep_models=(other,),
-                           baseline=baseline, k=2, dice_cases=2, separation=TINY_SEPARATION)
+                           baseline=baseline, k=2, dice_cases=2, separation=TINY_SEPARATION, attackers=TINY_ATTACKERS)
     paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
     report = json.loads(paths["json"].read_text())
     assert "reidentification" not in report  # the sweep alone: its re-identification runs, its section does not
     rows = {row["setting"]: row for row in report["sweep"]["rows"]}
     assert list(rows) == ["λ∈[0.65, 0.95]", "λ∈[0.5, 0.8]", "λ∈[0.35, 0.65]"]
     assert rows["λ∈[0.5, 0.8]"]["dice"] is not None and rows["λ∈[0.35, 0.65]"]["dice"] is None
-    assert all(0.0 <= row["map"] <= 1.0 for row in rows.values())
+    assert all(0.0 <= row["worst_case_map"] <= 1.0 and row["worst_case_attacker"] in ATTACKERS for row in rows.values())
     assert all(0.0 <= row["bss"] <= 1.0 and 0.0 <= row["bss_trivial"] <= 1.0 for row in rows.values())
     # the mixture resembles its target less as the target's weight falls
     assert rows["λ∈[0.35, 0.65]"]["bss_trivial"] < rows["λ∈[0.65, 0.95]"]["bss_trivial"]

@@ -17,8 +17,9 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
         ('test', 8, 3, None)
     """
     from mixpriv.constants import AUDIT_PARTS
+    from mixpriv.privacy.attackers import ATTACKERS
 
-    p = sub.add_parser("audit", help="privacy audit: re-identification, test-retest ICC, blind source separation, "
+    p = sub.add_parser("audit", help="privacy audit: re-identification (attacker suite), test-retest ICC, blind source separation, "
                                      "privacy-utility sweep -> report.md, report.json, figures")
     p.add_argument("--model", required=True, help="Mixup-Privacy model: name, folder or URL")
     p.add_argument("--data", type=Path, default=None, help="nnU-Net v2 folder (default: the embedded cohort)")
@@ -27,12 +28,20 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
                    help="parts to run (default: all)")
     p.add_argument("--key", type=Path, default=None, help="reference bank (default: the data's training split)")
     p.add_argument("--split", default="test", help="split whose scans are attacked")
+    p.add_argument("--attacker-split", default="val",
+                   help="split of the attacker's own public scans (population mean, learned attacker's training)")
+    p.add_argument("--attacker-data", type=Path, default=None,
+                   help="another nnU-Net folder holding the attacker's scans (default: the audited data)")
+    p.add_argument("--attackers", nargs="+", choices=ATTACKERS, default=list(ATTACKERS),
+                   help="re-identification attackers (default: all; the worst case leads the report)")
+    p.add_argument("--learned-steps", type=int, default=600, help="training steps of the learned attacker")
     p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep-models", nargs="*", default=[],
                    help="models trained for other mixing settings (names or folders), for the sweep's Dice")
     p.add_argument("--baseline", default="tissue-baseline-2mm", help="non-private model the sweep compares with")
-    p.add_argument("--k", type=int, default=8, help="TTA references for the sweep's Dice")
+    p.add_argument("--k", type=int, default=8,
+                   help="the client's K: mixtures per request the attackers see, and TTA references of the sweep's Dice")
     p.add_argument("--dice-cases", type=int, default=8, help="test scans for the sweep's Dice (0: all)")
     p.add_argument("--bss-patches", type=int, default=8, help="patches attacked by source separation")
     p.add_argument("--bss-inits", type=int, default=3, help="random initialisations of each separation")
@@ -51,10 +60,14 @@ def _control_lambda(text: str) -> float | None:
 
 def _audit(args: argparse.Namespace) -> None:
     from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.privacy.attackers import AttackerOptions, LearnedAttackerOptions
     from mixpriv.privacy.bss import SeparationOptions
     from mixpriv.privacy.runner import AuditOptions, run_audit
 
-    options = AuditOptions(parts=args.parts, split=args.split, max_cases=args.max_cases or None, seed=args.seed,
+    attackers = AttackerOptions(tuple(args.attackers), args.k, LearnedAttackerOptions(steps=args.learned_steps))
+    options = AuditOptions(parts=args.parts, split=args.split, attacker_split=args.attacker_split,
+                           attacker_data=args.attacker_data, attackers=attackers,
+                           max_cases=args.max_cases or None, seed=args.seed,
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
                            dice_cases=args.dice_cases or None,
                            separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,

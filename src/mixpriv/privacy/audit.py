@@ -1,4 +1,6 @@
-"""The privacy audit's parts: re-identification, test-retest reliability, privacy-utility sweep.
+"""The privacy audit's parts: test-retest reliability and the privacy-utility sweep.
+
+Re-identification is the attacker suite's (:mod:`mixpriv.privacy.attackers`).
 
 Each part runs alone on :class:`~mixpriv.privacy.scans.AuditScans` and returns a small result object
 that :mod:`mixpriv.privacy.report` writes out; :func:`mixpriv.privacy.runner.run_audit` chains them.
@@ -22,65 +24,13 @@ from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.reidentification import (
-    ReidResult,
     draw_other_references,
-    encode_scans,
-    retrieval_metrics,
 )
 from mixpriv.privacy.reliability import ICCResult, test_retest
 from mixpriv.privacy.scans import AuditScans
-from mixpriv.privacy.similarity import MSSSIMSettings, settings_for, similarity_matrix
 from mixpriv.validation import InputError
 
 NO_PROXY = "No proxy"
-
-
-@dataclass
-class ReidentificationAudit:
-    """Re-identification of patients from their encoded scans (paper Table 2).
-
-    Attributes:
-        results: per encoding (``"No proxy"`` first), the retrieval scores.
-        similarities: per encoding, the (N, N) MS-SSIM matrix the attacker ranked.
-        patient_ids: the patient of each scan (rows of the matrices).
-        msssim: the MS-SSIM setting used.
-    """
-
-    results: dict[str, ReidResult]
-    similarities: dict[str, torch.Tensor]
-    patient_ids: list[str]
-    msssim: MSSSIMSettings
-
-
-def audit_reidentification(
-    scans: AuditScans,
-    bank: ReferenceBank,
-    settings: Sequence[MixingSettings] = (MixingSettings(),),
-    seed: int = 0,
-    progress: bool = True,
-) -> ReidentificationAudit:
-    """Retrieve each scan's patient from the most similar other scan, raw and encoded.
-
-    Every scan is encoded as each setting mixes (one randomly drawn reference of ``bank``, or R of
-    them with Dirichlet weights; never the scan itself);
-    the attacker ranks the other encoded scans by 3D MS-SSIM.
-
-    Example:
-        >>> audit = audit_reidentification(scans, bank)  # doctest: +SKIP
-        >>> audit.results["No proxy"].mean_average_precision  # doctest: +SKIP
-        0.98
-    """
-    msssim = settings_for(scans.images[0].shape[1:])
-    results, similarities = {}, {}
-    encodings = {NO_PROXY: list(scans.images)}
-    for setting in settings:
-        generator = torch.Generator().manual_seed(seed)
-        encodings[setting.name] = encode_scans(scans.images, bank, setting, generator, case_ids=scans.case_ids)
-    for name, volumes in encodings.items():
-        similarity = similarity_matrix([v.reshape(1, *v.shape[-3:]) for v in volumes], msssim, progress=progress)
-        similarities[name] = similarity
-        results[name] = retrieval_metrics(similarity, scans.patient_ids)
-    return ReidentificationAudit(results, similarities, list(scans.patient_ids), msssim)
 
 
 @dataclass
@@ -113,7 +63,7 @@ def audit_test_retest(
     """Segment every labelled scan twice, each time with another reference, and measure agreement.
 
     Each prediction mixes as ``mixing`` says (default: as the model was trained: its λ range,
-    references per mixture and Dirichlet weights), never with the scan's own case.
+    references per mixture and Dirichlet weights), never with a scan of the same patient.
 
     Example:
         >>> audit = audit_test_retest(model, scans, bank)  # doctest: +SKIP
@@ -131,7 +81,7 @@ def audit_test_retest(
     if len(labelled) < 3:
         raise InputError(f"test-retest needs at least 3 labelled scans, got {len(labelled)}")
     for i in tqdm(labelled, desc="test-retest (two references per scan)", disable=not progress):
-        drawn = draw_other_references(bank, scans.case_ids[i], 2 * r, generator)
+        drawn = draw_other_references(bank, scans.case_ids[i], 2 * r, generator, scans.patient_ids[i])
         mixtures = pipeline.mix(scans.images[i], bank, 2, generator, reference_indices=[drawn[:r], drawn[r:]])
         predictions = pipeline.run(mixtures)["learned"].per_reference.argmax(1).cpu()  # one label map per reference
         for dice_lists, prediction in zip((audit.first, audit.second), predictions):
@@ -149,8 +99,9 @@ class SweepRow:
 
     Attributes:
         setting: the mixing setting.
-        reid_map: re-identification mAP of scans encoded this way (lower = more private).
-        reid_f1: re-identification F1.
+        reid_map: worst-case re-identification mAP of scans encoded this way, the highest of the
+            attacker suite's (lower = more private).
+        reid_attacker: the attacker that reached it.
         dice: Learned+TTA mean foreground Dice of a model trained for this setting, if one was given.
         model: that model's name.
         bss: mean MS-SSIM of the target recovered by the "λ known" separation attack, if run.
@@ -159,7 +110,7 @@ class SweepRow:
 
     setting: MixingSettings
     reid_map: float
-    reid_f1: float
+    reid_attacker: str
     dice: float | None = None
     model: str | None = None
     bss: float | None = None
@@ -183,13 +134,13 @@ class SweepAudit:
     k: int = 8
 
     def recommended(self, tolerance: float = 0.01) -> SweepRow | None:
-        """The most private setting (lowest re-identification mAP) whose Dice is within ``tolerance`` of
+        """The most private setting (lowest worst-case re-identification mAP) whose Dice is within ``tolerance`` of
         the baseline; ``None`` when no setting with a measured Dice qualifies.
 
         Example:
-            >>> rows = [SweepRow(MixingSettings((0.65, 0.95)), 0.9, 0.9, dice=0.90),
-            ...         SweepRow(MixingSettings((0.5, 0.8)), 0.4, 0.4, dice=0.895),
-            ...         SweepRow(MixingSettings((0.35, 0.65)), 0.2, 0.2, dice=0.85)]
+            >>> rows = [SweepRow(MixingSettings((0.65, 0.95)), 0.9, "paper", dice=0.90),
+            ...         SweepRow(MixingSettings((0.5, 0.8)), 0.4, "learned", dice=0.895),
+            ...         SweepRow(MixingSettings((0.35, 0.65)), 0.2, "learned", dice=0.85)]
             >>> SweepAudit(rows, baseline_dice=0.903).recommended().setting.name
             'λ∈[0.5, 0.8]'
         """

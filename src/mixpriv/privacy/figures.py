@@ -109,20 +109,20 @@ def plot_separation(target: torch.Tensor, reference: torch.Tensor, mixture: torc
 
 
 def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dice: float | None = None) -> Path:
-    """Sweep rows (``setting``, ``map``, ``dice``, optional ``bss``): each privacy score against Dice.
+    """Sweep rows (``setting``, ``worst_case_map``, ``dice``, optional ``bss``): each privacy score against Dice.
 
-    Left: re-identification mAP; right (when any row has one): the separation attack's MS-SSIM.
+    Left: worst-case re-identification mAP; right (when any row has one): the separation attack's MS-SSIM.
     Rows without a Dice are drawn as a dotted vertical line (their privacy was measured, their
     utility not).
 
     Example:
         >>> import tempfile, os
-        >>> rows = [{"setting": "a", "map": 0.5, "bss": 0.6, "dice": 0.9},
-        ...         {"setting": "b", "map": 0.3, "bss": 0.4, "dice": None}]
+        >>> rows = [{"setting": "a", "worst_case_map": 0.5, "bss": 0.6, "dice": 0.9},
+        ...         {"setting": "b", "worst_case_map": 0.3, "bss": 0.4, "dice": None}]
         >>> plot_privacy_utility(rows, os.path.join(tempfile.mkdtemp(), "sweep.png"), 0.91).name
         'sweep.png'
     """
-    panels = [("map", "re-identification mAP (lower = more private)")]
+    panels = [("worst_case_map", "worst-case re-identification mAP (lower = more private)")]
     if any(row.get("bss") is not None for row in rows):
         panels.append(("bss", "separation attack MS-SSIM, λ known (lower = more private)"))
     figure = Figure(figsize=(6 * len(panels), 4.2))

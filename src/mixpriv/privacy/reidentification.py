@@ -134,11 +134,13 @@ def encode_scans(
     references_per_scan: int = 1,
     *,
     case_ids: Sequence[str],
+    patient_ids: Sequence[str] | None = None,
 ) -> list[torch.Tensor]:
     """Encode each scan as the client would: mix it with randomly drawn references of the bank.
 
     The references are drawn uniformly among the bank's references whose id differs from the scan's
-    case id (a scan mixed with itself would not be encoded at all), distinct unless more are asked
+    case id (a scan mixed with itself would not be encoded at all) and, given ``patient_ids``, whose
+    patient differs from the scan's (:func:`draw_other_references`), distinct unless more are asked
     than the bank holds; each weight is drawn uniformly in ``mixing.lambda_range``, and each mixture
     takes ``mixing.references_per_mix`` references with Dirichlet weights
     (:func:`mixpriv.inference.mixtures.mix_with_references`).
@@ -150,6 +152,7 @@ def encode_scans(
         generator: random generator for the references and the weights (reproducible encodings).
         references_per_scan: mixtures per scan (1 in the paper's protocol; K as the server sees with TTA).
         case_ids: each scan's case id, compared with ``bank.ids``.
+        patient_ids: each scan's patient, compared with ``bank.patient_ids`` (``None``: not compared).
 
     Returns:
         The mixtures of each scan (references_per_scan, D, H, W), the only data the attacker sees.
@@ -171,12 +174,15 @@ def encode_scans(
     """
     if len(case_ids) != len(images):
         raise InputError(f"{len(case_ids)} case ids given for {len(images)} scans")
+    if patient_ids is not None and len(patient_ids) != len(images):
+        raise InputError(f"{len(patient_ids)} patient ids given for {len(images)} scans")
     if references_per_scan < 1:
         raise InputError(f"references_per_scan must be at least 1, got {references_per_scan}")
     encoded = []
     r = mixing.references_per_mix
-    for image, case_id in zip(images, case_ids):
-        drawn = draw_other_references(bank, str(case_id), references_per_scan * r, generator)
+    for index, (image, case_id) in enumerate(zip(images, case_ids)):
+        patient = None if patient_ids is None else str(patient_ids[index])
+        drawn = draw_other_references(bank, str(case_id), references_per_scan * r, generator, patient)
         indices = [tuple(drawn[i:i + r]) for i in range(0, len(drawn), r)]
         mixtures = mix_with_references(image, bank, references_per_scan, mixing, generator, reference_indices=indices)
         encoded.append(mixtures.mixtures[:, 0])
@@ -242,20 +248,28 @@ def _query_result(scores: np.ndarray, ids: list[str], query: int) -> QueryResult
                        average_precision=float(precision_at_hits.mean()), num_relevant=int(relevant.sum()))
 
 
-def draw_other_references(bank: ReferenceBank, case_id: str, k: int, generator: torch.Generator | None) -> list[int]:
-    """``k`` reference indices of the bank whose id is not ``case_id`` (distinct while the bank allows).
+def draw_other_references(bank: ReferenceBank, case_id: str, k: int, generator: torch.Generator | None,
+                          patient_id: str | None = None) -> list[int]:
+    """``k`` reference indices of the bank that are neither case ``case_id`` nor a scan of
+    ``patient_id`` (distinct while the bank allows).
 
-    The client never mixes a scan with itself, which a key holding the scan's own case would allow.
+    The client never mixes a scan with itself or with another scan of the same patient, which a key
+    holding the patient's cases would allow (their difference would leave the patient in the clear).
 
     Example:
         >>> bank = ReferenceBank(torch.rand(3, 1, 4, 4, 4), torch.zeros(3, 4, 4, 4, dtype=torch.long),
-        ...                      {"background": 0}, ids=["a", "b", "c"])
+        ...                      {"background": 0}, ids=["a", "b", "c"], patient_ids=["p0", "p1", "p1"])
         >>> sorted(draw_other_references(bank, "b", 2, torch.Generator().manual_seed(0)))
         [0, 2]
+        >>> draw_other_references(bank, "x", 2, torch.Generator().manual_seed(0), patient_id="p1")
+        [0, 0]
     """
-    allowed = [index for index, reference_id in enumerate(bank.ids) if str(reference_id) != case_id]
+    allowed = [index for index, (reference_id, patient) in enumerate(zip(bank.ids, bank.patient_ids))
+               if str(reference_id) != case_id and (patient_id is None or patient != patient_id)]
     if not allowed:
-        raise InputError(f"the reference bank holds no reference other than case {case_id!r} itself")
+        raise InputError(f"the reference bank holds no reference other than case {case_id!r}"
+                         + (f" and the other scans of patient {patient_id!r}" if patient_id is not None else "")
+                         + " itself")
     if k <= len(allowed):
         picks = torch.randperm(len(allowed), generator=generator)[:k]
     else:

@@ -17,18 +17,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mixpriv.constants import AUDIT_PARTS, TEST, TRAIN
+from mixpriv.constants import AUDIT_PARTS, TEST, TRAIN, VAL
 from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
+from mixpriv.privacy.attackers import AttackerAudit, AttackerOptions, audit_attackers
+from mixpriv.privacy.attackers.report import attackers_section
 from mixpriv.privacy.audit import (
-    ReidentificationAudit,
     SweepAudit,
     SweepRow,
-    audit_reidentification,
     audit_test_retest,
     learned_tta_dice,
 )
@@ -39,7 +39,6 @@ from mixpriv.privacy.bss import (
     train_score_prior,
 )
 from mixpriv.privacy.report import (
-    reidentification_section,
     reliability_section,
     separation_section,
     sweep_section,
@@ -60,10 +59,15 @@ class AuditOptions:
     """What the audit runs and how big it is (the defaults are the embedded cohort's full audit).
 
     Attributes:
-        parts: any of ``reid`` (re-identification), ``icc`` (test-retest), ``bss`` (blind source
-            separation with its positive control), ``sweep`` (privacy-utility sweep: re-identification,
-            separation attack and Dice per mixing setting).
+        parts: any of ``reid`` (re-identification by the attacker suite, worst case first), ``icc``
+            (test-retest), ``bss`` (blind source separation with its positive control), ``sweep``
+            (privacy-utility sweep: worst-case re-identification, separation attack and Dice per
+            mixing setting).
         split: the split whose scans are attacked.
+        attacker_split: the split of the attacker's own public scans (never the key's, never the
+            attacked ones): the population attacker's mean and the learned attacker's training data.
+        attacker_data: or another nnU-Net folder of the attacker's scans (its ``attacker_split``).
+        attackers: which attackers and how big (K mixtures per request, the learned attacker).
         max_cases: at most this many scans (``None``: all).
         seed: seed of every random draw (references, λ, attack initialisations).
         extra_settings: mixing settings re-identified besides the model's own.
@@ -79,6 +83,9 @@ class AuditOptions:
 
     parts: Sequence[str] = AUDIT_PARTS
     split: str = TEST
+    attacker_split: str = VAL
+    attacker_data: str | Path | None = None
+    attackers: AttackerOptions = field(default_factory=AttackerOptions)
     max_cases: int | None = None
     seed: int = 0
     extra_settings: Sequence[MixingSettings] = field(default_factory=tuple)
@@ -137,9 +144,12 @@ def run_audit(
     if "reid" in options.parts or "sweep" in options.parts:
         reid_settings = _unique([setting, *options.extra_settings,
                                  *(sweep_settings if "sweep" in options.parts else [])])
-        reid = audit_reidentification(scans, bank, reid_settings, options.seed, progress)
+        attacker_folder = DatasetFolder(resolve_data_dir(options.attacker_data)) if options.attacker_data else folder
+        attacker_scans = load_scans(attacker_folder, spacing, options.attacker_split, progress=progress,
+                                    space=bank.space)
+        reid = audit_attackers(scans, bank, reid_settings, attacker_scans, options.attackers, options.seed, progress)
         if "reid" in options.parts:
-            sections["reidentification"] = reidentification_section(reid, out_dir)
+            sections["reidentification"] = attackers_section(reid, out_dir)
     if "icc" in options.parts:
         retest = audit_test_retest(model, scans, bank, setting, options.seed, progress)
         sections["test_retest"] = reliability_section(retest, out_dir)
@@ -165,21 +175,22 @@ def run_audit(
     return write_report(sections, metadata, out_dir)
 
 
-def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSettings], reid: ReidentificationAudit,
+def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSettings], reid: AttackerAudit,
            options: AuditOptions, folder: DatasetFolder, bank: ReferenceBank, out_dir: Path,
            progress: bool) -> SweepAudit:
-    """One sweep row per setting: its re-identification scores and, where a model was trained for it, its Dice."""
+    """One sweep row per setting: its worst-case re-identification and, where a model was trained for it, its Dice."""
     baseline = _load(options.baseline, BaselineSegmenter) if options.baseline is not None else None
     dice, baseline_dice = learned_tta_dice(models, baseline, folder, bank, out_dir / "sweep", options.k,
                                            options.dice_cases, options.seed, progress)
     measured: dict[MixingSettings, tuple[float, str]] = {}
     for model, value in zip(models, dice):
         measured.setdefault(MixingSettings.of_model(model.hparams), (value, _name(model)))
+    attacked = {row.setting: row for row in reid.settings}
     rows = []
     for setting in settings:
         value, name = measured.get(setting, (None, None))
-        result = reid.results[setting.name]
-        rows.append(SweepRow(setting, result.mean_average_precision, result.f1, dice=value, model=name))
+        row = attacked[setting]
+        rows.append(SweepRow(setting, row.worst_case_map, row.worst_attacker, dice=value, model=name))
     labelled = sum(case.label_path is not None for case in folder.cases(TEST))
     return SweepAudit(rows, baseline_dice, min(options.dice_cases or labelled, labelled), options.k)
 

@@ -1,0 +1,197 @@
+"""The learned attacker: a small 3D embedding network trained contrastively on mixtures it makes itself.
+
+The attacker owns public scans with known patients (two or more scans per patient; never the key).
+It mixes them as the client would (the model's published λ range, R references and Dirichlet α),
+with references drawn from its own scans of other patients, and trains an embedding so that two
+scans of one patient land close together whatever they were mixed with (NT-Xent, Chen et al. 2020).
+Half of its training views are single mixtures, half the mean of a K-mixture request, so one
+network attacks both. At audit time it embeds what the server received and retrieves by cosine
+similarity.
+
+Example:
+    >>> import torch
+    >>> from mixpriv.mixing.settings import MixingSettings
+    >>> g = torch.Generator().manual_seed(0)
+    >>> scans = [torch.rand(1, 16, 16, 16, generator=g) for _ in range(6)]
+    >>> options = LearnedAttackerOptions(steps=2, patients_per_step=2, channels=(4, 8), embedding_dim=16, downsample=1)
+    >>> network = train_embedding(scans, ["a", "a", "b", "b", "c", "c"], MixingSettings((0.2, 0.5)), 2,
+    ...                           options, seed=0, progress=False)
+    >>> tuple(embed(network, [torch.rand(2, 16, 16, 16)] * 3, options.downsample).shape)
+    (3, 16)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
+from mixpriv.privacy.reidentification import encode_scans
+from mixpriv.validation import InputError
+
+__all__ = ["EmbeddingNetwork", "LearnedAttackerOptions", "embed", "train_embedding"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnedAttackerOptions:
+    """Size and training of the learned attacker.
+
+    Attributes:
+        steps: optimisation steps.
+        patients_per_step: patients per step (two scans each: 2× this many views).
+        channels: channels of the strided convolutions (each halves the grid).
+        embedding_dim: size of the embedding.
+        downsample: average-pool the views by this factor first (2: a 2 mm scan seen at 4 mm).
+        temperature: of the NT-Xent loss.
+        lr: Adam's learning rate.
+        request_fraction: fraction of training views that are a request's mean rather than one mixture.
+    """
+
+    steps: int = 600
+    patients_per_step: int = 8
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    embedding_dim: int = 64
+    downsample: int = 2
+    temperature: float = 0.1
+    lr: float = 1e-3
+    request_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.patients_per_step < 2 or self.downsample < 1 or not self.channels:
+            raise InputError("learned attacker: steps >= 1, patients_per_step >= 2, downsample >= 1 and at least "
+                             f"one convolution are needed, got {self}")
+        if not 0 <= self.request_fraction <= 1 or self.temperature <= 0:
+            raise InputError(f"learned attacker: request_fraction in [0, 1] and temperature > 0, got {self}")
+
+
+class EmbeddingNetwork(nn.Module):
+    """Strided 3D convolutions, a 2×2×2 adaptive pool (it keeps coarse layout), a linear head, L2-normalised.
+
+    Example:
+        >>> EmbeddingNetwork((4, 8), 16)(torch.rand(3, 1, 12, 12, 12)).norm(dim=1).round(decimals=4).tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 64), embedding_dim: int = 64) -> None:
+        super().__init__()
+        layers, previous = [], 1
+        for width in channels:
+            layers += [nn.Conv3d(previous, width, 3, stride=2, padding=1), nn.InstanceNorm3d(width, affine=True),
+                       nn.LeakyReLU(0.1)]
+            previous = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool3d(2), nn.Flatten())
+        self.head = nn.Linear(previous * 8, embedding_dim)
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.features(volumes)), dim=1)
+
+
+def _prepare(views: torch.Tensor, downsample: int) -> torch.Tensor:
+    """Views (N, D, H, W) as the network's input (N, 1, D', H', W')."""
+    views = views[:, None].float()
+    return F.avg_pool3d(views, downsample) if downsample > 1 else views
+
+
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent loss of N positive pairs (``first[i]``, ``second[i]``) of unit embeddings; the rest are negatives.
+
+    Example:
+        >>> z = F.normalize(torch.eye(3), dim=1)
+        >>> bool(nt_xent(z, z, 0.1) < nt_xent(z, z.roll(1, 0), 0.1))
+        True
+    """
+    embeddings = torch.cat([first, second])
+    similarity = embeddings @ embeddings.T / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    n = first.shape[0]
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(similarity, targets)
+
+
+def train_embedding(
+    images: Sequence[torch.Tensor],
+    patient_ids: Sequence[str],
+    setting: MixingSettings,
+    k: int,
+    options: LearnedAttackerOptions | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> EmbeddingNetwork:
+    """Train the attacker's embedding on mixtures of its own scans (1, D, H, W) of known patients.
+
+    Args:
+        images: the attacker's scans, on the key's grid.
+        patient_ids: their patients; those with two or more scans give the positive pairs.
+        setting: how the client mixes (the model's published mixing).
+        k: mixtures per request (the client's K).
+        options: network and training sizes.
+        seed: seed of the draws and of the initialisation.
+        progress: show a progress bar.
+
+    Raises:
+        InputError: fewer than two patients with two scans, or too few other patients to mix with.
+    """
+    options = options or LearnedAttackerOptions()
+    if len(images) != len(patient_ids):
+        raise InputError(f"{len(patient_ids)} patient ids given for {len(images)} attacker scans")
+    by_patient: dict[str, list[int]] = defaultdict(list)
+    for index, patient in enumerate(patient_ids):
+        by_patient[str(patient)].append(index)
+    repeated = [scans for scans in by_patient.values() if len(scans) >= 2]
+    if len(repeated) < 2:
+        raise InputError(f"the learned attacker needs two patients with two scans each, got {len(repeated)}")
+    stack = torch.stack([image.reshape(1, *image.shape[-3:]).float() for image in images])
+    own = ReferenceBank(stack, torch.zeros(stack.shape[0], *stack.shape[2:], dtype=torch.uint8), {"background": 0},
+                        ids=[f"attacker{i}" for i in range(len(images))], patient_ids=[str(p) for p in patient_ids])
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    network = EmbeddingNetwork(options.channels, options.embedding_dim)
+    optimiser = torch.optim.Adam(network.parameters(), lr=options.lr)
+    per_step = min(options.patients_per_step, len(repeated))
+    network.train()
+    losses = []
+    for _ in tqdm(range(options.steps), desc="learned attacker: training", disable=not progress):
+        chosen = torch.randperm(len(repeated), generator=generator)[:per_step].tolist()
+        pairs = [[repeated[c][j] for j in torch.randperm(len(repeated[c]), generator=generator)[:2].tolist()]
+                 for c in chosen]
+        views = [_training_views([p[side] for p in pairs], own, setting, k, options, generator) for side in (0, 1)]
+        first, second = (network(_prepare(v, options.downsample)) for v in views)
+        loss = nt_xent(first, second, options.temperature)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    tail = losses[-max(1, len(losses) // 10):]
+    log.info("learned attacker: NT-Xent %.3f at the start, %.3f over the last tenth of %d steps",
+             losses[0], sum(tail) / len(tail), options.steps)
+    return network.eval()
+
+
+def _training_views(indices: Sequence[int], own: ReferenceBank, setting: MixingSettings, k: int,
+                    options: LearnedAttackerOptions, generator: torch.Generator) -> torch.Tensor:
+    """One view (D, H, W) of each of the attacker's scans: one mixture, or a K-mixture request's mean."""
+    views = []
+    for index in indices:
+        request = float(torch.rand((), generator=generator)) < options.request_fraction
+        mixtures = encode_scans([own.images[index]], own, setting, generator, k if request else 1,
+                                case_ids=[own.ids[index]], patient_ids=[own.patient_ids[index]])[0]
+        views.append(mixtures.mean(0))
+    return torch.stack(views)
+
+
+@torch.no_grad()
+def embed(network: EmbeddingNetwork, requests: Sequence[torch.Tensor], downsample: int,
+          use_mean: bool = True) -> torch.Tensor:
+    """Embeddings (N, E) of N requests (K, D, H, W): of their mean, or (``use_mean=False``) of their first mixture."""
+    views = torch.stack([request.mean(0) if use_mean else request[0] for request in requests])
+    return torch.cat([network(_prepare(views[i:i + 8], downsample)) for i in range(0, len(views), 8)])

@@ -1,0 +1,121 @@
+"""The attacker suite in the audit report: the worst-case table, the MS-SSIM calibration, two figures.
+
+Example:
+    >>> data, lines = attackers_section(audit, Path("audit"))  # doctest: +SKIP
+    >>> data["settings"][0]["worst_case_map"]  # doctest: +SKIP
+    0.98
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mixpriv.evaluation.report import markdown_table
+from mixpriv.plotting import save_figure
+from mixpriv.privacy.attackers.suite import ATTACKERS, AttackerAudit
+from mixpriv.privacy.figures import plot_similarity_matrices
+
+__all__ = ["PAPER_TABLE_2_MAP", "attackers_section", "plot_attackers"]
+
+#: mAP of the paper's Table 2 (PPMI, the paper's own attacker), for comparison in the figure.
+PAPER_TABLE_2_MAP = {"Mixup-Privacy (paper)": 0.352, "Privacy-Net (paper)": 0.202, "Deformation-Proxy (paper)": 0.147}
+
+_DESCRIPTIONS = {
+    "paper": "one mixture per scan, MS-SSIM retrieval (the paper's Table 2 attacker)",
+    "request-mean": "the mean of the request's K mixtures",
+    "population": "one mixture minus the expected reference (1 − λ̂)·μ, divided by λ̂",
+    "request-population": "the request mean minus the expected reference",
+    "request-rank1": "least-squares rank-1 fit of the K mixtures about the population mean (their shared component)",
+    "learned": "3D embedding trained contrastively on mixtures of the attacker's own scans, one mixture",
+    "learned-request": "the same embedding of the request's mean",
+}
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def plot_attackers(rows: Sequence[Mapping], no_proxy_map: float, path: str | Path) -> Path:
+    """Grouped bars: each attacker's mAP per setting, the raw scans' mAP and the paper's Table 2 rows as lines.
+
+    Example:
+        >>> import tempfile, os
+        >>> rows = [{"setting": "a", "attackers": {"paper": {"map": 0.9}, "learned": {"map": 0.5}}}]
+        >>> plot_attackers(rows, 1.0, os.path.join(tempfile.mkdtemp(), "attackers.png")).name
+        'attackers.png'
+    """
+    names = [name for name in ATTACKERS if any(name in row["attackers"] for row in rows)]
+    figure = Figure(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.2))
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        values = [row["attackers"].get(name, {}).get("map", np.nan) for row in rows]
+        ax.bar(np.arange(len(rows)) + (j - (len(names) - 1) / 2) * width, values, width, label=name)
+    ax.axhline(no_proxy_map, color="black", lw=0.8, label="no proxy (raw scans)")
+    for (label, value), style in zip(PAPER_TABLE_2_MAP.items(), ("--", "-.", ":")):
+        ax.axhline(value, color="grey", lw=0.8, ls=style, label=label)
+    ax.set_xticks(np.arange(len(rows)), [row["setting"] for row in rows], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("re-identification mAP (lower = more private)")
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    figure.suptitle("Re-identification by every attacker; a setting is as private as its highest bar", fontsize=10)
+    return save_figure(figure, path, dpi=110, bbox_inches="tight")
+
+
+def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[str]]:
+    """The suite as report JSON (per setting ``worst_case_map`` and each attacker's scores) and Markdown."""
+    rows = []
+    for row in audit.settings:
+        rows.append({
+            "setting": row.setting.name, "lambda_range": list(row.setting.lambda_range),
+            "references_per_mix": row.setting.references_per_mix, "dirichlet_alpha": row.setting.dirichlet_alpha,
+            "worst_case_map": row.worst_case_map, "worst_case_attacker": row.worst_attacker,
+            "attackers": {name: {"map": r.mean_average_precision, "f1": r.f1, "top1_accuracy": r.top1_accuracy}
+                          for name, r in row.results.items()},
+            "msssim_estimate_vs_patient": row.patient_msssim,
+        })
+    no_proxy = {"map": audit.no_proxy.mean_average_precision, "f1": audit.no_proxy.f1,
+                "top1_accuracy": audit.no_proxy.top1_accuracy}
+    bars = plot_attackers(rows, no_proxy["map"], out_dir / "attackers.png")
+    matrices = plot_similarity_matrices(
+        {"No proxy": audit.no_proxy_similarity,
+         **{f"{row.setting.name}\n{row.worst_attacker}": row.similarities[row.worst_attacker]
+            for row in audit.settings}},
+        audit.patient_ids, out_dir / "reidentification.png")
+    names = [name for name in ATTACKERS if any(name in row["attackers"] for row in rows)]
+    table = [["No proxy (raw scans)", _fmt(no_proxy["map"]), "—", *(["—"] * len(names))]]
+    table += [[r["setting"], f"**{_fmt(r['worst_case_map'])}**", r["worst_case_attacker"],
+               *(_fmt(r["attackers"].get(name, {}).get("map")) for name in names)] for r in rows]
+    other, same = audit.other_patient_msssim, audit.same_patient_msssim
+    calibration = [[r["setting"], *(_fmt(r["msssim_estimate_vs_patient"].get(name)) for name in names
+                                    if any(name in x["msssim_estimate_vs_patient"] for x in rows)),
+                    "no" if max(r["msssim_estimate_vs_patient"].values(), default=math.nan) > other else "yes"]
+                   for r in rows]
+    estimating = [name for name in names if any(name in r["msssim_estimate_vs_patient"] for r in rows)]
+    queries = audit.no_proxy.num_queries
+    lines = ["## Patient re-identification: the attacker suite (worst case)", "",
+             (f"The server receives each scan's request: K = {audit.k} mixtures (K = 1: what the paper attacks), "
+              "each with references never of the scan's own patient. Every attacker below re-identifies patients "
+              f"by retrieval over the {len(audit.patient_ids)} scans ({queries} queries from "
+              f"{len(set(audit.patient_ids))} patients); a setting's privacy is its **worst-case mAP**, the highest "
+              f"of any attacker. Estimates are ranked by 3D MS-SSIM ({audit.msssim.describe()}); the population "
+              f"and learned attackers learnt from {audit.attacker_data}."), "",
+             *(f"- **{name}**: {_DESCRIPTIONS[name]}" for name in names), "",
+             *markdown_table(["Setting", "worst-case mAP", "worst attacker", *names], table), "",
+             f"![attackers]({bars.name})", "",
+             ("**Is the server's view closer to the patient than another patient is?** Mean MS-SSIM of each "
+              "attacker's estimate of a scan against that scan, next to a scan against the scans of other "
+              f"patients ({_fmt(other)}) and against its patient's other scan ({_fmt(same)}). Privacy means no "
+              "estimate beats another patient."), "",
+             *markdown_table(["Setting", *estimating, f"no estimate above another patient ({_fmt(other)})?"],
+                             calibration), "",
+             f"![similarity matrices of the worst attackers]({matrices.name})", ""]
+    data = {"k": audit.k, "msssim": audit.msssim.describe(), "attacker_data": audit.attacker_data,
+            "no_proxy": no_proxy, "msssim_other_patient": other, "msssim_same_patient": same, "settings": rows,
+            "figures": [bars.name, matrices.name]}
+    return data, lines

@@ -1,0 +1,209 @@
+"""The attacker suite: every re-identification attacker against each mixing setting; the worst case leads.
+
+For each setting the client's requests are drawn once (K mixtures per scan, references never of the
+scan's own patient); every attacker of :mod:`~mixpriv.privacy.attackers.estimates` (MS-SSIM
+retrieval of its estimate) and the learned attacker of :mod:`~mixpriv.privacy.attackers.learned`
+(cosine retrieval of its embedding, of one mixture and of the request) then re-identify patients,
+scored by F1, mAP and top-1 (:func:`~mixpriv.privacy.reidentification.retrieval_metrics`). A
+setting's privacy is its **worst case**: the highest mAP over the attackers, and which one set it.
+
+Next to it, MS-SSIM(estimate, the patient's own scan) of each estimating attacker against
+MS-SSIM(another patient's scan, the patient's scan): the server's view protects the patient only
+if the first is no higher than the second.
+
+Example:
+    >>> audit = audit_attackers(scans, bank, [MixingSettings((0.2, 0.5))], attacker_scans)  # doctest: +SKIP
+    >>> row = audit.settings[0]  # doctest: +SKIP
+    >>> row.worst_attacker, round(row.worst_case_map, 3)  # doctest: +SKIP
+    ('request-population', 0.912)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from mixpriv.mixing.bank import ReferenceBank
+from mixpriv.mixing.settings import MixingSettings
+from mixpriv.privacy.attackers.estimates import VOLUME_ATTACKERS, Population
+from mixpriv.privacy.attackers.learned import (
+    LearnedAttackerOptions,
+    embed,
+    train_embedding,
+)
+from mixpriv.privacy.reidentification import ReidResult, encode_scans, retrieval_metrics
+from mixpriv.privacy.scans import AuditScans
+from mixpriv.privacy.similarity import (
+    MSSSIMSettings,
+    ms_ssim_3d,
+    settings_for,
+    similarity_matrix,
+)
+from mixpriv.validation import InputError
+
+__all__ = ["ATTACKERS", "AttackerAudit", "AttackerOptions", "SettingAttacks", "audit_attackers"]
+
+LEARNED_SINGLE, LEARNED_REQUEST = "learned", "learned-request"
+#: Every attacker of the suite, in report order.
+ATTACKERS = (*VOLUME_ATTACKERS, LEARNED_SINGLE, LEARNED_REQUEST)
+
+
+@dataclass(frozen=True)
+class AttackerOptions:
+    """Which attackers run and how big they are.
+
+    Attributes:
+        attackers: names from :data:`ATTACKERS` (default: all).
+        k: mixtures per request, as the client sends them (its TTA K; 1 without TTA).
+        learned: the learned attacker's network and training.
+    """
+
+    attackers: tuple[str, ...] = ATTACKERS
+    k: int = 8
+    learned: LearnedAttackerOptions = field(default_factory=LearnedAttackerOptions)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.attackers) - set(ATTACKERS))
+        if unknown or not self.attackers:
+            raise InputError(f"unknown or no attacker(s) {unknown}; choose from {list(ATTACKERS)}")
+        if self.k < 1:
+            raise InputError(f"requests hold at least one mixture, got k = {self.k}")
+
+
+@dataclass
+class SettingAttacks:
+    """Every attacker's re-identification of the scans encoded by one setting.
+
+    Attributes:
+        setting: the client's mixing.
+        results: per attacker, its retrieval scores.
+        similarities: per attacker, the (N, N) matrix it ranked.
+        patient_msssim: per estimating attacker, the mean MS-SSIM of its estimate of each scan
+            against that scan.
+    """
+
+    setting: MixingSettings
+    results: dict[str, ReidResult]
+    similarities: dict[str, torch.Tensor]
+    patient_msssim: dict[str, float]
+
+    @property
+    def worst_attacker(self) -> str:
+        """The attacker with the highest mAP (then F1; then report order)."""
+        return max(self.results, key=lambda name: (self.results[name].mean_average_precision, self.results[name].f1))
+
+    @property
+    def worst_case_map(self) -> float:
+        """The setting's privacy: the highest mAP of any attacker."""
+        return self.results[self.worst_attacker].mean_average_precision
+
+
+@dataclass
+class AttackerAudit:
+    """The suite's results over the settings, with the unencoded scans for calibration.
+
+    Attributes:
+        no_proxy: retrieval over the raw scans (what the server would learn without privacy).
+        no_proxy_similarity: its (N, N) MS-SSIM matrix.
+        settings: one entry per mixing setting.
+        patient_ids: the patient of each scan.
+        k: mixtures per request.
+        msssim: the MS-SSIM setting used.
+        attacker_data: what the population and learned attackers learnt from.
+    """
+
+    no_proxy: ReidResult
+    no_proxy_similarity: torch.Tensor
+    settings: list[SettingAttacks]
+    patient_ids: list[str]
+    k: int
+    msssim: MSSSIMSettings
+    attacker_data: str
+
+    def _pairs(self, same: bool) -> float:
+        ids = self.patient_ids
+        values = [float(self.no_proxy_similarity[i, j]) for i in range(len(ids)) for j in range(len(ids))
+                  if i != j and (ids[i] == ids[j]) == same]
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def other_patient_msssim(self) -> float:
+        """Mean MS-SSIM of a scan against the scans of *other* patients: what no information looks like."""
+        return self._pairs(same=False)
+
+    @property
+    def same_patient_msssim(self) -> float:
+        """Mean MS-SSIM of a scan against its patient's other scans (another acquisition)."""
+        return self._pairs(same=True)
+
+
+def audit_attackers(
+    scans: AuditScans,
+    bank: ReferenceBank,
+    settings: Sequence[MixingSettings],
+    attacker_scans: AuditScans,
+    options: AttackerOptions | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> AttackerAudit:
+    """Run the suite on ``scans`` encoded with ``bank`` by each setting.
+
+    Args:
+        scans: the attacked scans (two or more per patient for some patients).
+        bank: the client's key.
+        settings: the mixing settings attacked.
+        attacker_scans: the attacker's own public scans of the same kind with their patients
+            (never the key's): the population mean and the learned attacker's training data.
+        options: attackers and sizes.
+        seed: seed of the client's draws and of the learned attacker.
+        progress: show progress bars.
+
+    Raises:
+        InputError: attacker scans that share a patient with the key or the attacked scans, or as
+            the parts raise.
+    """
+    options = options or AttackerOptions()
+    leaked = set(attacker_scans.patient_ids) & (set(bank.patient_ids) | set(scans.patient_ids))
+    if leaked:
+        raise InputError(f"the attacker's own scans must not include the key's or the attacked patients: "
+                         f"{sorted(leaked)[:5]} are shared")
+    msssim = settings_for(scans.images[0].shape[1:])
+    no_proxy_similarity = similarity_matrix(list(scans.images), msssim, progress=progress)
+    rows = []
+    for index, setting in enumerate(settings):
+        generator = torch.Generator().manual_seed(seed + index)
+        requests = encode_scans(scans.images, bank, setting, generator, options.k, case_ids=scans.case_ids,
+                                patient_ids=scans.patient_ids)
+        rows.append(_attack_setting(setting, requests, scans, attacker_scans, options, msssim, seed, progress))
+    data = (f"the attacker's own {len(attacker_scans)} scans of {len(set(attacker_scans.patient_ids))} patients "
+            "(no patient of the key or of the attacked scans)")
+    return AttackerAudit(retrieval_metrics(no_proxy_similarity, scans.patient_ids), no_proxy_similarity, rows,
+                         list(scans.patient_ids), options.k, msssim, data)
+
+
+def _attack_setting(setting: MixingSettings, requests: list[torch.Tensor], scans: AuditScans,
+                    attacker_scans: AuditScans, options: AttackerOptions, msssim: MSSSIMSettings, seed: int,
+                    progress: bool) -> SettingAttacks:
+    """Every chosen attacker on one setting's requests."""
+    population = Population.of_scans(attacker_scans.images, setting.lambda_range)
+    results, similarities, patient_msssim = {}, {}, {}
+    network = None  # the learned attacker, trained on first use for this setting
+    chosen = [name for name in ATTACKERS if name in options.attackers]
+    for name in tqdm(chosen, desc=f"attackers on {setting.name}", disable=not progress):
+        if name in VOLUME_ATTACKERS:
+            estimates = [VOLUME_ATTACKERS[name](request, population)[None] for request in requests]
+            similarities[name] = similarity_matrix(estimates, msssim, progress=False)
+            patient_msssim[name] = float(torch.cat([ms_ssim_3d(e[None], s[None], msssim)
+                                                    for e, s in zip(estimates, scans.images)]).mean())
+        else:
+            if network is None:
+                network = train_embedding(attacker_scans.images, attacker_scans.patient_ids, setting, options.k,
+                                          options.learned, seed, progress)
+            embeddings = embed(network, requests, options.learned.downsample, use_mean=name == LEARNED_REQUEST)
+            similarities[name] = embeddings @ embeddings.T
+        results[name] = retrieval_metrics(similarities[name], scans.patient_ids)
+    return SettingAttacks(setting, results, similarities, patient_msssim)

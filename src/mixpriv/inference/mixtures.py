@@ -10,6 +10,8 @@ labels stay integer (uint8) maps; their one-hot mixture is made per patch, where
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +32,32 @@ from mixpriv.validation import (
     check_lambda,
     check_lambda_range,
 )
+
+log = logging.getLogger(__name__)
+
+
+def client_generator(seed: int | None = None) -> torch.Generator:
+    """The source of a client's draws (references, λ, composite weights).
+
+    Without a seed it starts from fresh operating-system entropy, so no two runs, sessions or
+    notebooks share draws, whatever ``torch.manual_seed`` was set to. A fixed seed is for
+    reproducing a run only, and is warned about: two scans mixed with the same draws let the
+    server cancel the key, ``m_A − m_B = λ·(x_A − x_B)``, and see the patients' difference in the
+    clear. One generator serves one run: its draws differ from scan to scan and request to request.
+
+    Example:
+        >>> a, b = client_generator(), client_generator()
+        >>> bool(torch.rand(3, generator=a).ne(torch.rand(3, generator=b)).all())
+        True
+        >>> torch.rand(2, generator=client_generator(0)).tolist() == torch.rand(2, generator=client_generator(0)).tolist()
+        True
+    """
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    log.warning("mixing with the fixed seed %d: every run with this seed draws the same references and weights, and "
+                "two scans mixed with equal draws let the server cancel the key (m_A - m_B = λ·(x_A - x_B)); "
+                "use a seed only to reproduce a run", seed)
+    return torch.Generator().manual_seed(seed)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from mixpriv.inference.pipeline import (
     PrivateSegmentation,
     check_methods,
 )
+from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.scans import check_key_for_model
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
@@ -36,7 +37,8 @@ class TTAEnsembler(pl.LightningModule):
             changes one of them.
         patch_size: grid patch side; defaults to the training patch size.
         overlap: least overlap of the grid's patches; default a quarter of a patch.
-        seed: seed of the draws of references and weights (``None``: fresh randomness).
+        seed: seed of the draws of references and weights (``None``: fresh randomness; a fixed seed
+            only reproduces a run, and is warned about: see :func:`~mixpriv.inference.mixtures.client_generator`).
 
     Example:
         >>> ensembler = TTAEnsembler(model, bank, k=8)  # doctest: +SKIP
@@ -65,7 +67,7 @@ class TTAEnsembler(pl.LightningModule):
         self.mixing = (mixing or MixingSettings.of_model(model.hparams)).check_bank(len(bank))
         self.patch_size = patch_size or model.hparams.patch_size
         self.overlap = overlap
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.generator = client_generator(seed)
 
     def forward(self, image: torch.Tensor) -> dict[str, PrivateSegmentation]:
         """Segment an image (1, D, H, W) on the bank's grid; returns one result per method.

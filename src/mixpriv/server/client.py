@@ -49,6 +49,7 @@ from mixpriv.inference.pipeline import (
     PrivateSegmentation,
     check_methods,
 )
+from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.scans import check_key_for_model
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
@@ -108,7 +109,8 @@ class PrivateClient:
         mixing: how to mix (λ range, references per mixture, Dirichlet α); default the model's
             training settings.
         overlap: least patch-grid overlap of the local unmixing.
-        seed: seed of the draws of references and λ (``None``: fresh randomness).
+        seed: seed of the draws of references and λ (``None``: fresh randomness; a fixed seed
+            only reproduces a run, and is warned about: see :func:`~mixpriv.inference.mixtures.client_generator`).
         wire_dtype: dtype of the mixtures sent (``float32``, or ``float16`` for half the bytes).
         timeout: seconds a request may take, from connecting to its answer's last byte.
         transport: an ``httpx`` transport (tests, proxies).
@@ -166,7 +168,7 @@ class PrivateClient:
             mixing=(mixing or MixingSettings.of_model(model.hparams)).check_bank(len(key)), overlap=overlap)
         self.wire_dtype = wire_dtype
         self.compress_answers = not _is_loopback(self.server_url) if compress_answers is None else compress_answers
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.generator = client_generator(seed)
         token = token if token is not None else read_token()
         if urlsplit(self.server_url).scheme != "https" and not _is_loopback(self.server_url):
             log.warning("%s is not https: the token and the mixtures travel unencrypted", self.server_url)

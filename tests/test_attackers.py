@@ -18,6 +18,7 @@ from mixpriv.privacy.attackers import (
     LearnedAttackerOptions,
     Population,
     audit_attackers,
+    link_by_clustering,
 )
 from mixpriv.privacy.attackers.estimates import rank_one
 from mixpriv.privacy.attackers.learned import nt_xent, train_embedding
@@ -78,7 +79,7 @@ def test_request_estimates_resemble_the_target_more_than_one_mixture():
 
 
 def test_the_suite_reports_every_attacker_and_the_worst_case(caplog):
-    scans, attacker = scans_of(range(0, 4), "p"), scans_of(range(50, 53), "a")
+    scans, attacker = scans_of(range(4), "p"), scans_of(range(50, 53), "a")
     bank = bank_of(range(100, 106))
     options = AttackerOptions(k=4, learned=LearnedAttackerOptions(steps=3, patients_per_step=3, channels=(4, 8),
                                                                   embedding_dim=8, downsample=1))
@@ -97,12 +98,48 @@ def test_the_suite_reports_every_attacker_and_the_worst_case(caplog):
     assert high.patient_msssim["paper"] > low.patient_msssim["paper"]
 
 
+def test_shuffled_mixtures_are_linked_by_clustering_and_attacked_as_requests():
+    scans, attacker = scans_of(range(4), "p"), scans_of(range(50, 53), "a")
+    options = AttackerOptions(attackers=("paper", "request-mean"), k=4, designs=("request", "shuffled"))
+    audit = audit_attackers(scans, bank_of(range(100, 106)), [MixingSettings((0.8, 0.9))], attacker, options,
+                            progress=False)
+    request, shuffled = audit.settings
+    assert (request.design, request.linking_ari, shuffled.design) == ("request", None, "shuffled")
+    assert shuffled.name == "λ∈[0.8, 0.9] · shuffled"
+    # a dominant target: clusters hold a scan's mixtures, merged with its patient's other scan (nearly the same)
+    assert 0.3 < shuffled.linking_ari <= 1.0
+    assert shuffled.results["request-mean"].mean_average_precision == 1.0
+    # the paper's attacker sees one mixture under either design
+    assert torch.equal(shuffled.similarities["paper"], request.similarities["paper"])
+
+
+def test_linking_regroups_mixtures_whose_target_dominates():
+    targets = [smooth_volume(i)[0] for i in range(4)]
+    requests = [torch.stack([0.85 * x + 0.15 * smooth_volume(100 + 4 * i + k)[0] for k in range(4)])
+                for i, x in enumerate(targets)]
+    linked = link_by_clustering(requests, torch.stack(targets).mean(0), downsample=1)
+    assert linked.adjusted_rand_index == 1.0
+    assert all(torch.equal(request[0], mine[0]) for request, mine in zip(linked.requests, requests))
+
+
+def test_linking_fails_when_the_references_dominate():
+    """With λ small, mixtures that share a reference look more alike than mixtures that share a target."""
+    targets = [smooth_volume(i)[0] for i in range(4)]
+    references = [smooth_volume(100 + i)[0] for i in range(4)]
+    requests = [torch.stack([0.15 * x + 0.85 * references[(i + k) % 4] for k in range(4)])
+                for i, x in enumerate(targets)]
+    linked = link_by_clustering(requests, torch.stack(references).mean(0), downsample=1)
+    assert linked.adjusted_rand_index < 0.2
+
+
 def test_the_suite_refuses_an_attacker_who_owns_the_key_or_the_attacked_scans():
-    scans, bank = scans_of(range(0, 2), "p"), bank_of(range(100, 103))
+    scans, bank = scans_of(range(2), "p"), bank_of(range(100, 103))
     with pytest.raises(InputError, match="must not include"):
         audit_attackers(scans, bank, [MixingSettings()], scans, AttackerOptions(attackers=("paper",)), progress=False)
     with pytest.raises(InputError, match="unknown or no attacker"):
         AttackerOptions(attackers=("oracle",))
+    with pytest.raises(InputError, match="unknown or no request design"):
+        AttackerOptions(designs=("carrier pigeon",))
 
 
 def test_the_learned_attacker_learns_to_pair_scans_of_one_patient():

@@ -236,6 +236,28 @@ def test_private_segmentation_matches_in_process(server, model, token):
     torch.testing.assert_close(remote, expected, atol=1e-3, rtol=0)
 
 
+def test_shuffled_batches_mix_the_scans_of_every_request_and_unmix_each_scan_as_alone(server, model, token,
+                                                                                       monkeypatch):
+    key, images = make_key(1), [make_image(1), make_image(2), make_image(3)]
+    with PrivateClient(server.url, key, model, token=token[0], k=2, seed=21) as client:
+        mixed_runs = []
+        mix = client.pipeline.mix
+        monkeypatch.setattr(client.pipeline, "mix", lambda *a, **kw: mixed_runs.append(mix(*a, **kw)) or mixed_runs[-1])
+        sent = []
+        send = client.segment_mixtures
+        monkeypatch.setattr(client, "segment_mixtures", lambda batch: sent.append(batch) or send(batch))
+        results = client.segment_batch(images)
+        with pytest.raises(InputError, match="at least two scans"):
+            client.segment_batch(images[:1])
+    assert [len(batch) for batch in sent] == [2, 2, 2]
+    owner = {float(m.sum()): i for i, run in enumerate(mixed_runs) for m in run.mixtures}
+    assert any(len({owner[float(m.sum())] for m in batch}) > 1 for batch in sent)  # requests hold mixtures of 2 scans
+    for run, result in zip(mixed_runs, results):  # each scan unmixed from its own mixtures' answers
+        local = segment_mixtures(model.segment_mixture, run.mixtures, 16)
+        expected = PrivatePipeline.of_model(model).unmix_answer(run, local)["learned"]
+        assert_same_segmentation(result, expected)
+
+
 def test_kway_client_mixes_as_its_model_was_trained(server, model, token):
     """A model trained with K-way mixing is used K-way by default; only the (composite) mixtures are sent."""
     key, image = make_key(3), make_image(3)

@@ -17,7 +17,7 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
         ('test', 8, 3, None)
     """
     from mixpriv.constants import AUDIT_PARTS
-    from mixpriv.privacy.attackers import ATTACKERS
+    from mixpriv.privacy.attackers import ATTACKERS, REQUEST_DESIGNS
 
     p = sub.add_parser("audit", help="privacy audit: re-identification (attacker suite), test-retest ICC, blind source separation, "
                                      "privacy-utility sweep -> report.md, report.json, figures")
@@ -35,6 +35,9 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attackers", nargs="+", choices=ATTACKERS, default=list(ATTACKERS),
                    help="re-identification attackers (default: all; the worst case leads the report)")
     p.add_argument("--learned-steps", type=int, default=600, help="training steps of the learned attacker")
+    p.add_argument("--request-designs", nargs="+", choices=REQUEST_DESIGNS, default=["request"],
+                   help="how the client sends each scan's K mixtures: in one request, or shuffled with the "
+                        "mixtures of the other scans of the batch (attacked by clustering); the first is the sweep's")
     p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep-models", nargs="*", default=[],
@@ -64,7 +67,8 @@ def _audit(args: argparse.Namespace) -> None:
     from mixpriv.privacy.bss import SeparationOptions
     from mixpriv.privacy.runner import AuditOptions, run_audit
 
-    attackers = AttackerOptions(tuple(args.attackers), args.k, LearnedAttackerOptions(steps=args.learned_steps))
+    attackers = AttackerOptions(tuple(args.attackers), args.k, tuple(args.request_designs),
+                                LearnedAttackerOptions(steps=args.learned_steps))
     options = AuditOptions(parts=args.parts, split=args.split, attacker_split=args.attacker_split,
                            attacker_data=args.attacker_data, attackers=attackers,
                            max_cases=args.max_cases or None, seed=args.seed,

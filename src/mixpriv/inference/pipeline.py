@@ -208,25 +208,45 @@ class PrivatePipeline:
     @torch.no_grad()
     def run(self, mixtures: Mixtures, methods: Sequence[str] = ("learned",)) -> PrivateRun:
         """Segment the mixtures once and unmix them with each method (no gradients are kept)."""
-        methods = check_methods(methods)
-        learned = "learned" in methods
-        if learned and self.unmix is None:
-            raise InputError("learned unmixing needs an unmixer")
-        unmix = self.unmix if learned else None
-        options = (self.patch_size, self.overlap, self.batch_size, self.device, self.progress)
         if self.segment_volumes is not None:
-            mixed = self.segment_volumes(mixtures.mixtures).float()
-            unmixed = _grid_pass(None, unmix, mixed, mixtures, *options)[1] if learned else None
-        else:
-            mixed, unmixed = _grid_pass(self.segment_patches, unmix, mixtures.mixtures, mixtures, *options)
-        if learned and self.unmix_volume is not None:
+            return self.unmix_answer(mixtures, self.segment_volumes(mixtures.mixtures), methods)
+        methods = self._checked(methods)
+        unmix = self.unmix if "learned" in methods else None
+        mixed, unmixed = _grid_pass(self.segment_patches, unmix, mixtures.mixtures, mixtures, *self._grid_options())
+        return self._results(mixtures, mixed, unmixed, methods)
+
+    @torch.no_grad()
+    def unmix_answer(self, mixtures: Mixtures, mixed: torch.Tensor, methods: Sequence[str] = ("learned",)) -> PrivateRun:
+        """Unmix the server's class probabilities ``mixed`` (K, C, D, H, W) of ``mixtures`` with each method.
+
+        The client half of a remote run, for answers that came back some other way than through
+        ``segment_volumes`` (e.g. :meth:`mixpriv.server.PrivateClient.segment_batch`, which sends
+        the mixtures of several scans shuffled together).
+        """
+        methods = self._checked(methods)
+        mixed = mixed.float()
+        unmixed = (_grid_pass(None, self.unmix, mixed, mixtures, *self._grid_options())[1]
+                   if "learned" in methods else None)
+        return self._results(mixtures, mixed, unmixed, methods)
+
+    def _checked(self, methods: Sequence[str]) -> tuple[str, ...]:
+        methods = check_methods(methods)
+        if "learned" in methods and self.unmix is None:
+            raise InputError("learned unmixing needs an unmixer")
+        return methods
+
+    def _grid_options(self) -> tuple:
+        return self.patch_size, self.overlap, self.batch_size, self.device, self.progress
+
+    def _results(self, mixtures: Mixtures, mixed: torch.Tensor, unmixed: torch.Tensor | None,
+                 methods: Sequence[str]) -> PrivateRun:
+        if unmixed is not None and self.unmix_volume is not None:
             unmixed = self._finish(mixed.to(self.device), mixtures, unmixed)
         results = {}
         for method in methods:
             per_reference = unmixed if method == "learned" else _naive(mixed.to(self.device), mixtures)
             results[method] = PrivateSegmentation(per_reference)
         return PrivateRun(mixtures, mixed, results)
-
 
     def _finish(self, mixed: torch.Tensor, mixtures: Mixtures, first_stage: torch.Tensor) -> torch.Tensor:
         """The two-stage unmixer's second stage on each whole mixture, written over ``first_stage``."""

@@ -8,12 +8,12 @@ import pytorch_lightning as pl
 import torch
 
 from mixpriv.constants import IMAGE
+from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.pipeline import (
     PrivatePipeline,
     PrivateSegmentation,
     check_methods,
 )
-from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.scans import check_key_for_model
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank

@@ -24,7 +24,12 @@ from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.privacy.attackers import AttackerAudit, AttackerOptions, audit_attackers
+from mixpriv.privacy.attackers import (
+    AttackerAudit,
+    AttackerOptions,
+    SettingAttacks,
+    audit_attackers,
+)
 from mixpriv.privacy.attackers.report import attackers_section
 from mixpriv.privacy.audit import (
     SweepAudit,
@@ -185,7 +190,9 @@ def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSettin
     measured: dict[MixingSettings, tuple[float, str]] = {}
     for model, value in zip(models, dice):
         measured.setdefault(MixingSettings.of_model(model.hparams), (value, _name(model)))
-    attacked = {row.setting: row for row in reid.settings}
+    attacked: dict[MixingSettings, SettingAttacks] = {}
+    for row in reid.settings:  # the first request design attacked is the client's
+        attacked.setdefault(row.setting, row)
     rows = []
     for setting in settings:
         value, name = measured.get(setting, (None, None))

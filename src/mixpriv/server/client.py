@@ -44,12 +44,12 @@ import torch
 
 from mixpriv import __version__
 from mixpriv.hub.download import Deadline
+from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.pipeline import (
     PrivatePipeline,
     PrivateSegmentation,
     check_methods,
 )
-from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.scans import check_key_for_model
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
@@ -296,6 +296,33 @@ class PrivateClient:
             log.warning("mixing with λ in %s, not the range %s the server's model was trained on", lambda_range,
                         tuple(server_range))
         return self.pipeline(image.float(), self.key, self.k, (self.method,), self.generator)[self.method]
+
+    def segment_batch(self, images: Sequence[torch.Tensor], request_size: int | None = None) -> list[PrivateSegmentation]:
+        """Privately segment several images (1, D, H, W), their mixtures sent shuffled together.
+
+        The ``shuffled`` request design: the K mixtures of every image are pooled, put in a random
+        order (the client's secret, like λ) and sent ``request_size`` at a time (default K), so no
+        request holds the K mixtures of one scan and their mean is not there for the taking. A
+        server can still try to regroup them by content: ``mixpriv audit --request-designs
+        shuffled`` measures how well it does, and what that leaves of privacy.
+
+        Raises:
+            InputError: fewer than two images (nothing to shuffle with), or a ``request_size`` below 1.
+        """
+        if len(images) < 2:
+            raise InputError("the shuffled design needs at least two scans to shuffle together; "
+                             "use segment() for one")
+        size = request_size or self.k
+        if size < 1:
+            raise InputError(f"request_size must be at least 1, got {size}")
+        mixed_runs = [self.pipeline.mix(image.float(), self.key, self.k, self.generator) for image in images]
+        mixtures = torch.cat([run.mixtures for run in mixed_runs])
+        order = torch.randperm(len(mixtures), generator=self.generator)
+        answers = torch.cat([self.segment_mixtures(mixtures[order[i:i + size]]) for i in range(0, len(order), size)])
+        mixed = torch.empty_like(answers)
+        mixed[order] = answers
+        return [self.pipeline.unmix_answer(run, mixed[i * self.k:(i + 1) * self.k], (self.method,))[self.method]
+                for i, run in enumerate(mixed_runs)]
 
     def segment_file(
         self,

@@ -3,18 +3,22 @@
 - :mod:`~mixpriv.privacy.attackers.estimates`: attackers that estimate the patient's scan from one
   mixture or a whole request (mean, population-corrected, rank-1 least squares), retrieved by MS-SSIM;
 - :mod:`~mixpriv.privacy.attackers.learned`: a contrastively trained 3D embedding, retrieved by cosine;
+- :mod:`~mixpriv.privacy.attackers.linking`: regrouping mixtures sent shuffled, by clustering;
 - :mod:`~mixpriv.privacy.attackers.suite`: all of them on each mixing setting; the worst case leads.
 """
 
 from mixpriv.privacy.attackers.estimates import VOLUME_ATTACKERS, Population
 from mixpriv.privacy.attackers.learned import LearnedAttackerOptions
+from mixpriv.privacy.attackers.linking import LinkedRequests, link_by_clustering
 from mixpriv.privacy.attackers.suite import (
-           ATTACKERS,
-           AttackerAudit,
-           AttackerOptions,
-           SettingAttacks,
-           audit_attackers,
+    ATTACKERS,
+    REQUEST_DESIGNS,
+    AttackerAudit,
+    AttackerOptions,
+    SettingAttacks,
+    audit_attackers,
 )
 
-__all__ = ["ATTACKERS", "VOLUME_ATTACKERS", "AttackerAudit", "AttackerOptions", "LearnedAttackerOptions",
-           "Population", "SettingAttacks", "audit_attackers"]
+__all__ = ["ATTACKERS", "REQUEST_DESIGNS", "VOLUME_ATTACKERS", "AttackerAudit", "AttackerOptions",
+           "LearnedAttackerOptions", "LinkedRequests", "Population", "SettingAttacks", "audit_attackers",
+           "link_by_clustering"]

@@ -72,7 +72,8 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
     rows = []
     for row in audit.settings:
         rows.append({
-            "setting": row.setting.name, "lambda_range": list(row.setting.lambda_range),
+            "setting": row.name, "design": row.design, "linking_ari": row.linking_ari,
+            "lambda_range": list(row.setting.lambda_range),
             "references_per_mix": row.setting.references_per_mix, "dirichlet_alpha": row.setting.dirichlet_alpha,
             "worst_case_map": row.worst_case_map, "worst_case_attacker": row.worst_attacker,
             "attackers": {name: {"map": r.mean_average_precision, "f1": r.f1, "top1_accuracy": r.top1_accuracy}
@@ -84,12 +85,12 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
     bars = plot_attackers(rows, no_proxy["map"], out_dir / "attackers.png")
     matrices = plot_similarity_matrices(
         {"No proxy": audit.no_proxy_similarity,
-         **{f"{row.setting.name}\n{row.worst_attacker}": row.similarities[row.worst_attacker]
+         **{f"{row.name}\n{row.worst_attacker}": row.similarities[row.worst_attacker]
             for row in audit.settings}},
         audit.patient_ids, out_dir / "reidentification.png")
     names = [name for name in ATTACKERS if any(name in row["attackers"] for row in rows)]
-    table = [["No proxy (raw scans)", _fmt(no_proxy["map"]), "—", *(["—"] * len(names))]]
-    table += [[r["setting"], f"**{_fmt(r['worst_case_map'])}**", r["worst_case_attacker"],
+    table = [["No proxy (raw scans)", _fmt(no_proxy["map"]), "—", "—", *(["—"] * len(names))]]
+    table += [[r["setting"], f"**{_fmt(r['worst_case_map'])}**", r["worst_case_attacker"], _fmt(r["linking_ari"]),
                *(_fmt(r["attackers"].get(name, {}).get("map")) for name in names)] for r in rows]
     other, same = audit.other_patient_msssim, audit.same_patient_msssim
     calibration = [[r["setting"], *(_fmt(r["msssim_estimate_vs_patient"].get(name)) for name in names
@@ -99,14 +100,18 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
     estimating = [name for name in names if any(name in r["msssim_estimate_vs_patient"] for r in rows)]
     queries = audit.no_proxy.num_queries
     lines = ["## Patient re-identification: the attacker suite (worst case)", "",
-             (f"The server receives each scan's request: K = {audit.k} mixtures (K = 1: what the paper attacks), "
-              "each with references never of the scan's own patient. Every attacker below re-identifies patients "
+             (f"The client sends K = {audit.k} mixtures of each scan (K = 1: what the paper attacks), each with "
+              "references never of the scan's own patient: all K in one request (design `request`), or the "
+              "mixtures of the whole batch of scans shuffled (`shuffled`; the server then links them by "
+              "clustering, and the request attackers see the cluster of each scan's first mixture; the adjusted "
+              "Rand index (ARI) says how well the clusters found the scans). Every attacker below re-identifies "
+              "patients "
               f"by retrieval over the {len(audit.patient_ids)} scans ({queries} queries from "
               f"{len(set(audit.patient_ids))} patients); a setting's privacy is its **worst-case mAP**, the highest "
               f"of any attacker. Estimates are ranked by 3D MS-SSIM ({audit.msssim.describe()}); the population "
               f"and learned attackers learnt from {audit.attacker_data}."), "",
              *(f"- **{name}**: {_DESCRIPTIONS[name]}" for name in names), "",
-             *markdown_table(["Setting", "worst-case mAP", "worst attacker", *names], table), "",
+             *markdown_table(["Setting", "worst-case mAP", "worst attacker", "linking ARI", *names], table), "",
              f"![attackers]({bars.name})", "",
              ("**Is the server's view closer to the patient than another patient is?** Mean MS-SSIM of each "
               "attacker's estimate of a scan against that scan, next to a scan against the scans of other "

@@ -1,7 +1,9 @@
 """The attacker suite: every re-identification attacker against each mixing setting; the worst case leads.
 
 For each setting the client's requests are drawn once (K mixtures per scan, references never of the
-scan's own patient); every attacker of :mod:`~mixpriv.privacy.attackers.estimates` (MS-SSIM
+scan's own patient). Under the ``request`` design the server holds each scan's K mixtures together;
+under ``shuffled`` it holds the mixtures of a whole batch in random order and first links them by
+clustering (:mod:`~mixpriv.privacy.attackers.linking`). Every attacker of :mod:`~mixpriv.privacy.attackers.estimates` (MS-SSIM
 retrieval of its estimate) and the learned attacker of :mod:`~mixpriv.privacy.attackers.learned`
 (cosine retrieval of its embedding, of one mixture and of the request) then re-identify patients,
 scored by F1, mAP and top-1 (:func:`~mixpriv.privacy.reidentification.retrieval_metrics`). A
@@ -31,10 +33,12 @@ from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.attackers.estimates import VOLUME_ATTACKERS, Population
 from mixpriv.privacy.attackers.learned import (
+    EmbeddingNetwork,
     LearnedAttackerOptions,
     embed,
     train_embedding,
 )
+from mixpriv.privacy.attackers.linking import link_by_clustering
 from mixpriv.privacy.reidentification import ReidResult, encode_scans, retrieval_metrics
 from mixpriv.privacy.scans import AuditScans
 from mixpriv.privacy.similarity import (
@@ -45,11 +49,14 @@ from mixpriv.privacy.similarity import (
 )
 from mixpriv.validation import InputError
 
-__all__ = ["ATTACKERS", "AttackerAudit", "AttackerOptions", "SettingAttacks", "audit_attackers"]
+__all__ = ["ATTACKERS", "REQUEST_DESIGNS", "AttackerAudit", "AttackerOptions", "SettingAttacks", "audit_attackers"]
 
 LEARNED_SINGLE, LEARNED_REQUEST = "learned", "learned-request"
 #: Every attacker of the suite, in report order.
 ATTACKERS = (*VOLUME_ATTACKERS, LEARNED_SINGLE, LEARNED_REQUEST)
+#: How the client sends its mixtures: each scan's K in one request, or the K of every scan of a
+#: batch shuffled together (the server then links them by clustering, :mod:`~mixpriv.privacy.attackers.linking`).
+REQUEST_DESIGNS = ("request", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,14 @@ class AttackerOptions:
 
     Attributes:
         attackers: names from :data:`ATTACKERS` (default: all).
-        k: mixtures per request, as the client sends them (its TTA K; 1 without TTA).
+        k: mixtures per scan, as the client sends them (its TTA K; 1 without TTA).
+        designs: request designs attacked (:data:`REQUEST_DESIGNS`); each setting is attacked under each.
         learned: the learned attacker's network and training.
     """
 
     attackers: tuple[str, ...] = ATTACKERS
     k: int = 8
+    designs: tuple[str, ...] = ("request",)
     learned: LearnedAttackerOptions = field(default_factory=LearnedAttackerOptions)
 
     def __post_init__(self) -> None:
@@ -72,6 +81,9 @@ class AttackerOptions:
             raise InputError(f"unknown or no attacker(s) {unknown}; choose from {list(ATTACKERS)}")
         if self.k < 1:
             raise InputError(f"requests hold at least one mixture, got k = {self.k}")
+        unknown = sorted(set(self.designs) - set(REQUEST_DESIGNS))
+        if unknown or not self.designs:
+            raise InputError(f"unknown or no request design(s) {unknown}; choose from {list(REQUEST_DESIGNS)}")
 
 
 @dataclass
@@ -80,16 +92,26 @@ class SettingAttacks:
 
     Attributes:
         setting: the client's mixing.
+        design: the client's request design.
         results: per attacker, its retrieval scores.
         similarities: per attacker, the (N, N) matrix it ranked.
         patient_msssim: per estimating attacker, the mean MS-SSIM of its estimate of each scan
             against that scan.
+        linking_ari: with the shuffled design, how well the server's clusters found the scans
+            (adjusted Rand index); ``None`` otherwise.
     """
 
     setting: MixingSettings
+    design: str
     results: dict[str, ReidResult]
     similarities: dict[str, torch.Tensor]
     patient_msssim: dict[str, float]
+    linking_ari: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The setting's name, with the design unless it is the plain request."""
+        return self.setting.name if self.design == "request" else f"{self.setting.name} · {self.design}"
 
     @property
     def worst_attacker(self) -> str:
@@ -109,7 +131,7 @@ class AttackerAudit:
     Attributes:
         no_proxy: retrieval over the raw scans (what the server would learn without privacy).
         no_proxy_similarity: its (N, N) MS-SSIM matrix.
-        settings: one entry per mixing setting.
+        settings: one entry per mixing setting and request design.
         patient_ids: the patient of each scan.
         k: mixtures per request.
         msssim: the MS-SSIM setting used.
@@ -178,22 +200,28 @@ def audit_attackers(
         generator = torch.Generator().manual_seed(seed + index)
         requests = encode_scans(scans.images, bank, setting, generator, options.k, case_ids=scans.case_ids,
                                 patient_ids=scans.patient_ids)
-        rows.append(_attack_setting(setting, requests, scans, attacker_scans, options, msssim, seed, progress))
+        population = Population.of_scans(attacker_scans.images, setting.lambda_range)
+        network = None  # the learned attacker of this setting, trained on first use
+        for design in options.designs:
+            linked = link_by_clustering(requests, population.mean) if design == "shuffled" else None
+            row, network = _attack_setting(setting, design, linked.requests if linked else requests, scans,
+                                           attacker_scans, population, network, options, msssim, seed, progress)
+            row.linking_ari = linked.adjusted_rand_index if linked else None
+            rows.append(row)
     data = (f"the attacker's own {len(attacker_scans)} scans of {len(set(attacker_scans.patient_ids))} patients "
             "(no patient of the key or of the attacked scans)")
     return AttackerAudit(retrieval_metrics(no_proxy_similarity, scans.patient_ids), no_proxy_similarity, rows,
                          list(scans.patient_ids), options.k, msssim, data)
 
 
-def _attack_setting(setting: MixingSettings, requests: list[torch.Tensor], scans: AuditScans,
-                    attacker_scans: AuditScans, options: AttackerOptions, msssim: MSSSIMSettings, seed: int,
-                    progress: bool) -> SettingAttacks:
-    """Every chosen attacker on one setting's requests."""
-    population = Population.of_scans(attacker_scans.images, setting.lambda_range)
+def _attack_setting(setting: MixingSettings, design: str, requests: list[torch.Tensor], scans: AuditScans,
+                    attacker_scans: AuditScans, population: Population, network: EmbeddingNetwork | None,
+                    options: AttackerOptions, msssim: MSSSIMSettings, seed: int,
+                    progress: bool) -> tuple[SettingAttacks, EmbeddingNetwork | None]:
+    """Every chosen attacker on what the server holds of each scan (its request, or the cluster it linked)."""
     results, similarities, patient_msssim = {}, {}, {}
-    network = None  # the learned attacker, trained on first use for this setting
     chosen = [name for name in ATTACKERS if name in options.attackers]
-    for name in tqdm(chosen, desc=f"attackers on {setting.name}", disable=not progress):
+    for name in tqdm(chosen, desc=f"attackers on {setting.name} ({design})", disable=not progress):
         if name in VOLUME_ATTACKERS:
             estimates = [VOLUME_ATTACKERS[name](request, population)[None] for request in requests]
             similarities[name] = similarity_matrix(estimates, msssim, progress=False)
@@ -206,4 +234,4 @@ def _attack_setting(setting: MixingSettings, requests: list[torch.Tensor], scans
             embeddings = embed(network, requests, options.learned.downsample, use_mean=name == LEARNED_REQUEST)
             similarities[name] = embeddings @ embeddings.T
         results[name] = retrieval_metrics(similarities[name], scans.patient_ids)
-    return SettingAttacks(setting, results, similarities, patient_msssim)
+    return SettingAttacks(setting, design, results, similarities, patient_msssim), network

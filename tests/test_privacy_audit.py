@@ -119,6 +119,7 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
     assert rows["λ∈[0.5, 0.8]"]["dice"] is not None and rows["λ∈[0.35, 0.65]"]["dice"] is None
     assert all(0.0 <= row["worst_case_map"] <= 1.0 and row["worst_case_attacker"] in ATTACKERS for row in rows.values())
     assert all(0.0 <= row["bss"] <= 1.0 and 0.0 <= row["bss_trivial"] <= 1.0 for row in rows.values())
+    assert all(0.0 <= row["bss_request"] <= 1.0 and 0.0 <= row["bss_request_trivial"] <= 1.0 for row in rows.values())
     # the mixture resembles its target less as the target's weight falls
     assert rows["λ∈[0.35, 0.65]"]["bss_trivial"] < rows["λ∈[0.65, 0.95]"]["bss_trivial"]
     assert report["sweep"]["baseline_dice"] is not None and report["sweep"]["dice_cases"] == 2

@@ -24,6 +24,7 @@ from mixpriv.privacy.score_network import build_score_network, geometric_sigmas
 from mixpriv.privacy.separation import (
     Separation,
     basis_separate,
+    basis_separate_request,
     estimate_lambda,
     match_sources,
 )
@@ -298,3 +299,26 @@ def test_control_volumes_are_structured_and_reproducible():
     noise = torch.rand(6, 1, 16, 16, 16)
     a, b = noise.narrow(2, 0, 15).flatten() - 0.5, noise.narrow(2, 1, 15).flatten() - 0.5
     assert abs(float((a * b).mean() / (a.std() * b.std()))) < 0.1  # the check above would fail on noise
+
+
+def test_separating_a_whole_request_recovers_the_shared_target_better_than_one_mixture():
+    """Gaussian sources (the exact score): K mixtures of one target pin it down better than one."""
+    mean, std = 0.5, 0.1
+    gaussian = lambda x, sigma: -(x - mean) / (std**2 + sigma**2)
+    generator = torch.Generator().manual_seed(0)
+    target = mean + std * torch.randn(4, 1, 4, 4, 4, generator=generator)
+    references = mean + std * torch.randn(4, 8, 1, 4, 4, 4, generator=generator)
+    lam = 0.2 + 0.3 * torch.rand(4, 8, generator=generator)
+    weight = lam.reshape(4, 8, 1, 1, 1, 1)
+    mixtures = weight * target[:, None] + (1 - weight) * references
+    levels = [1.0, 0.3, 0.1, 0.03, 0.01]
+    joint = basis_separate_request(mixtures, gaussian, lam, levels, steps_per_level=100, progress=False,
+                                   generator=torch.Generator().manual_seed(1))
+    single = basis_separate(mixtures[:, 0], gaussian, gaussian, lam[:, 0], levels, steps_per_level=100,
+                            progress=False, generator=torch.Generator().manual_seed(1))
+    joint_error = (joint.source_1 - target).square().mean()
+    single_error = (single.source_1 - target).square().mean()
+    assert joint.source_2.shape == references.shape
+    assert joint_error < 0.5 * single_error
+    with pytest.raises(InputError, match="one weight per mixture"):
+        basis_separate_request(mixtures, gaussian, lam[:, :3], levels, progress=False)

@@ -106,6 +106,9 @@ class SweepRow:
         model: that model's name.
         bss: mean MS-SSIM of the target recovered by the "λ known" separation attack, if run.
         bss_trivial: mean MS-SSIM of the mixture itself against the target on the same patches.
+        bss_request: mean MS-SSIM of the target recovered by separating each target's K mixtures
+            jointly (the whole request), if run.
+        bss_request_trivial: mean MS-SSIM of the request's mean against the target.
     """
 
     setting: MixingSettings
@@ -115,6 +118,8 @@ class SweepRow:
     model: str | None = None
     bss: float | None = None
     bss_trivial: float | None = None
+    bss_request: float | None = None
+    bss_request_trivial: float | None = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ from mixpriv.privacy.audit import (
 )
 from mixpriv.privacy.bss import (
     SeparationOptions,
+    attack_requests,
     attack_setting,
     audit_separation,
     train_score_prior,
@@ -205,13 +206,19 @@ def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSettin
 def _separate_sweep(sweep: SweepAudit, images: Sequence[torch.Tensor], bank: ReferenceBank,
                     attacker_images: Sequence[torch.Tensor], options: AuditOptions, out_dir: Path,
                     progress: bool) -> None:
-    """Fill each sweep row's separation score: the "λ known" attack on that setting's mixtures."""
+    """Fill each sweep row's separation scores: the "λ known" attack on that setting's single mixtures
+    and, when the client sends K > 1 mixtures per scan, on its whole requests."""
     prior = train_score_prior(attacker_images, out_dir / "bss" / "prior-brain", options.separation,
                               progress=progress, seed=options.seed)
+    k = options.attackers.k
     for row in tqdm(sweep.rows, desc="sweep: separation per setting", disable=not progress):
         result = attack_setting(images, list(bank.images), prior, row.setting.lambda_range,
                                 row.setting.references_per_mix, options.separation, options.seed, progress)
         row.bss, row.bss_trivial = result.mean, result.trivial_mean
+        if k > 1:  # the server holds each scan's K mixtures together: separate them jointly too
+            request = attack_requests(images, list(bank.images), prior, row.setting.lambda_range, k,
+                                      row.setting.references_per_mix, options.separation, options.seed, progress)
+            row.bss_request, row.bss_request_trivial = request.mean, request.trivial_mean
 
 
 def _attacker_data(images: Sequence[torch.Tensor], key_is_train: bool) -> str:

@@ -111,9 +111,10 @@ def _uniform_init(
     return low + (high - low) * draw
 
 
-def _langevin_step(x: torch.Tensor, drift: torch.Tensor, eta: float, generator: torch.Generator | None) -> torch.Tensor:
+def _langevin_step(x: torch.Tensor, drift: torch.Tensor, eta: float | torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + eta * drift + math.sqrt(2 * eta) * noise
+    return x + eta * drift + (2 * eta) ** 0.5 * noise
 
 
 def _check_clamp(clamp: tuple[float, float] | None) -> None:
@@ -178,6 +179,73 @@ def basis_separate(
     if clamp is not None:
         x1, x2 = x1.clamp(*clamp), x2.clamp(*clamp)
     return Separation(x1, x2)
+
+
+def basis_separate_request(
+    mixtures: torch.Tensor,
+    score: ScoreFn,
+    lam: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    steps_per_level: int = 100,
+    delta: float = 3e-5,
+    generator: torch.Generator | None = None,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+    progress: bool = True,
+) -> Separation:
+    """BASIS on a whole request: K mixtures ``m_k = lam_k * x + (1 - lam_k) * r_k`` that share one target.
+
+    The attacker who holds a request separates its K mixtures jointly: one target ``x`` and K
+    references ``r_k``, all with the brain prior ``score``, each mixture a Gaussian likelihood
+    as in :func:`basis_separate`. The target's likelihood is K times as sharp, so its Langevin
+    step is divided by ``sum_k lam_k^2`` (a constant preconditioner: the same posterior, and a
+    step as stable as the single-mixture one).
+
+    Args:
+        mixtures: N requests of K mixtures, (N, K, C, D, H, W).
+        score: the prior score ``(x, sigma) -> grad log p_sigma(x)`` of target and references.
+        lam: the target's weight in each mixture, (N, K), in (0, 1].
+        sigmas, steps_per_level, delta, generator, clamp, progress: as for :func:`basis_separate`.
+
+    Returns:
+        ``source_1``: the targets (N, C, D, H, W); ``source_2``: the references (N, K, C, D, H, W).
+
+    Example:
+        >>> gaussian = lambda x, sigma: -(x - 0.5) / (0.1 ** 2 + sigma ** 2)
+        >>> m = torch.full((1, 3, 1, 2, 2, 2), 0.5)
+        >>> out = basis_separate_request(m, gaussian, torch.tensor([[0.3, 0.4, 0.5]]), [1.0, 0.1, 0.01],
+        ...                              steps_per_level=50, generator=torch.Generator().manual_seed(0), progress=False)
+        >>> out.source_1.shape, out.source_2.shape
+        (torch.Size([1, 1, 2, 2, 2]), torch.Size([1, 3, 1, 2, 2, 2]))
+    """
+    if mixtures.ndim != 6:
+        raise InputError(f"requests must have shape (N, K, C, D, H, W), got {tuple(mixtures.shape)}")
+    n, k = mixtures.shape[:2]
+    check_finite(mixtures, "requests")
+    _check_clamp(clamp)
+    levels = _check_sigmas(sigmas).tolist()
+    lam = torch.as_tensor(lam, dtype=mixtures.dtype, device=mixtures.device)
+    if lam.shape != (n, k):
+        raise InputError(f"lam must hold one weight per mixture, shape {(n, k)}, got {tuple(lam.shape)}")
+    check_lambda(lam, "lam")
+    check_stability(delta, levels[-1], lam.flatten())
+    a = lam.reshape(n, k, 1, 1, 1, 1)
+    b = 1 - a
+    precondition = 1 / a.square().sum(1).clamp_min(1.0)  # (N, 1, 1, 1, 1)
+    x = _uniform_init(mixtures[:, 0], clamp, generator)
+    references = _uniform_init(mixtures, clamp, generator)
+    with torch.no_grad(), tqdm(total=len(levels) * steps_per_level, desc="BASIS (request)", disable=not progress) as bar:
+        for sigma in levels:
+            eta, weight = delta * (sigma / levels[-1]) ** 2, 1.0 / sigma**2
+            for _ in range(steps_per_level):
+                residual = a * x[:, None] + b * references - mixtures
+                x = _langevin_step(x, score(x, sigma) - weight * (a * residual).sum(1), eta * precondition, generator)
+                residual = a * x[:, None] + b * references - mixtures
+                prior = score(references.flatten(0, 1), sigma).reshape(references.shape)
+                references = _langevin_step(references, prior - weight * b * residual, eta, generator)
+                bar.update()
+    if clamp is not None:
+        x, references = x.clamp(*clamp), references.clamp(*clamp)
+    return Separation(x, references)
 
 
 def prior_energy(

@@ -34,19 +34,24 @@ Example:
     >>> data, lines = separation_section(audit, Path("audit"))  # doctest: +SKIP
 """
 
-from mixpriv.privacy.bss.audit import attack_setting, audit_separation
+from mixpriv.privacy.bss.audit import attack_requests, attack_setting, audit_separation
 from mixpriv.privacy.bss.options import SeparationOptions
-from mixpriv.privacy.bss.patches import draw_mixtures, draw_patches
+from mixpriv.privacy.bss.patches import (
+    draw_mixtures,
+    draw_patches,
+    draw_request_mixtures,
+)
 from mixpriv.privacy.bss.prior import TRAINING_FILE, denoising_check, train_score_prior
 from mixpriv.privacy.bss.results import (
     ATTACKS,
     CONTROL,
     LAMBDA_ESTIMATED,
     LAMBDA_KNOWN,
+    REQUEST_KNOWN,
     AttackResult,
     SeparationAudit,
 )
 
-__all__ = ["ATTACKS", "CONTROL", "LAMBDA_ESTIMATED", "LAMBDA_KNOWN", "TRAINING_FILE", "AttackResult",
-           "SeparationAudit", "SeparationOptions", "attack_setting", "audit_separation", "denoising_check",
-           "draw_mixtures", "draw_patches", "train_score_prior"]
+__all__ = ["ATTACKS", "CONTROL", "LAMBDA_ESTIMATED", "LAMBDA_KNOWN", "REQUEST_KNOWN", "TRAINING_FILE", "AttackResult",
+           "SeparationAudit", "SeparationOptions", "attack_requests", "attack_setting", "audit_separation",
+           "denoising_check", "draw_mixtures", "draw_patches", "draw_request_mixtures", "train_score_prior"]

@@ -10,7 +10,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mixpriv.privacy.bss.options import SeparationOptions
-from mixpriv.privacy.bss.patches import _check_images, draw_mixtures
+from mixpriv.privacy.bss.patches import (
+    _check_images,
+    draw_mixtures,
+    draw_request_mixtures,
+)
 from mixpriv.privacy.bss.prior import (
     _same_sigmas,
     _score_fn,
@@ -21,6 +25,7 @@ from mixpriv.privacy.bss.results import (
     CONTROL,
     LAMBDA_ESTIMATED,
     LAMBDA_KNOWN,
+    REQUEST_KNOWN,
     AttackResult,
     SeparationAudit,
 )
@@ -29,6 +34,7 @@ from mixpriv.privacy.score_matching import read_score_network_card
 from mixpriv.privacy.score_network import ScoreFn
 from mixpriv.privacy.separation import (
     basis_separate,
+    basis_separate_request,
     check_stability,
     estimate_lambda,
     match_sources,
@@ -197,18 +203,67 @@ def attack_setting(
         True
     """
     options = options or SeparationOptions()
-    low, high = check_lambda_range(lambda_range)
-    check_stability(options.delta, options.sigma_min, torch.tensor([low, high]))
-    prior = Path(prior)
-    card = read_score_network_card(prior)
-    sigmas = options.sigmas().tolist()
-    if not _same_sigmas(card["sigmas"], sigmas):
-        raise InputError(f"the prior in {prior} was trained for noise levels {card['sigmas']}, not the options' {sigmas}")
-    scans = _check_images(scans_images, "scans_images", options.patch_size)
-    bank = _check_images(bank_images, "bank_images", options.patch_size)
+    scans, bank, lambda_range = _sweep_inputs(scans_images, bank_images, prior, lambda_range, options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target, reference, lam, mixture = draw_mixtures(scans, bank, (low, high), options, seed, references_per_mix)
-    brain = _score_fn(prior, device)
+    target, reference, lam, mixture = draw_mixtures(scans, bank, lambda_range, options, seed, references_per_mix)
+    brain = _score_fn(Path(prior), device)
     return _run_basis(LAMBDA_KNOWN, target, reference, mixture, lam, lam, brain, brain, options,
                       settings_for((options.patch_size,) * 3), torch.Generator(device=device).manual_seed(seed + 1),
                       device, True, progress, options.sweep_inits)
+
+
+def attack_requests(
+    scans_images: Sequence[torch.Tensor],
+    bank_images: Sequence[torch.Tensor],
+    prior: str | Path,
+    lambda_range: tuple[float, float],
+    k: int,
+    references_per_mix: int = 1,
+    options: SeparationOptions | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> AttackResult:
+    """The "λ known" separation attack on whole requests: each target patch with its K mixtures.
+
+    The K mixtures share the target, so BASIS separates them jointly (one target, K references:
+    :func:`~mixpriv.privacy.separation.basis_separate_request`); the target needs no matching,
+    it is the one source all mixtures share. The targets are those of :func:`attack_setting` with
+    the same ``seed``. In the result, ``mixture`` is the request's mean and ``trivial`` its
+    MS-SSIM against the target (what averaging alone already gives); ``reference`` is the first
+    mixture's reference, ``lam`` the request's mean λ.
+
+    Example:
+        >>> result = attack_requests(scans, bank, "audit/bss/prior-brain", (0.2, 0.5), k=8)  # doctest: +SKIP
+        >>> result.mean, result.trivial_mean  # doctest: +SKIP
+        (0.83, 0.90)
+    """
+    options = options or SeparationOptions()
+    scans, bank, lambda_range = _sweep_inputs(scans_images, bank_images, prior, lambda_range, options)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target, references, lam, mixtures = draw_request_mixtures(scans, bank, lambda_range, options, seed, k,
+                                                              references_per_mix)
+    separation = basis_separate_request(mixtures.to(device), _score_fn(Path(prior), device), lam.to(device),
+                                        options.sigmas(), options.steps_per_level, options.delta,
+                                        torch.Generator(device=device).manual_seed(seed + 1), progress=progress)
+    recovered = _finite(separation.source_1.float().cpu(), REQUEST_KNOWN)
+    first_reference = _finite(separation.source_2[:, 0].float().cpu(), REQUEST_KNOWN)
+    msssim = settings_for((options.patch_size,) * 3)
+    mean = mixtures.mean(1)
+    reference = references[:, 0]
+    return AttackResult(REQUEST_KNOWN, ms_ssim_3d(recovered, target, msssim)[:, None], ms_ssim_3d(mean, target, msssim),
+                        lam.mean(1), lam.mean(1), target, reference, mean, recovered[:, None],
+                        ms_ssim_3d(first_reference, reference, msssim)[:, None], ms_ssim_3d(mean, reference, msssim))
+
+
+def _sweep_inputs(scans_images: Sequence[torch.Tensor], bank_images: Sequence[torch.Tensor], prior: str | Path,
+                  lambda_range: tuple[float, float],
+                  options: SeparationOptions) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[float, float]]:
+    """Checked scans, references and λ range of a sweep attack with a trained prior of the options' noise levels."""
+    low, high = check_lambda_range(lambda_range)
+    check_stability(options.delta, options.sigma_min, torch.tensor([low, high]))
+    card = read_score_network_card(Path(prior))
+    sigmas = options.sigmas().tolist()
+    if not _same_sigmas(card["sigmas"], sigmas):
+        raise InputError(f"the prior in {prior} was trained for noise levels {card['sigmas']}, not the options' {sigmas}")
+    return (_check_images(scans_images, "scans_images", options.patch_size),
+            _check_images(bank_images, "bank_images", options.patch_size), (low, high))

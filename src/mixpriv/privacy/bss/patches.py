@@ -58,6 +58,14 @@ def draw_patches(
         >>> targets.shape, refs.shape
         (torch.Size([2, 1, 4, 4, 4]), torch.Size([2, 1, 4, 4, 4]))
     """
+    located = _locate_targets(scans, num_patches, patch, generator, min_mean, max_tries)
+    references = _references_at(located, bank, patch, generator, references_per_mix, dirichlet_alpha)
+    return torch.stack([target for *_, target in located]), references
+
+
+def _locate_targets(scans: Sequence[torch.Tensor], num_patches: int, patch: int, generator: torch.Generator,
+                    min_mean: float, max_tries: int) -> list[tuple]:
+    """(scan shape, corner, target patch) of ``num_patches`` random brain-containing patches."""
     located = []
     for _ in range(num_patches):
         for _ in range(max_tries):
@@ -70,6 +78,12 @@ def draw_patches(
         else:
             raise InputError(f"no {patch}³ patch with mean intensity >= {min_mean} in {max_tries} tries: "
                              "are the scans mostly background?")
+    return located
+
+
+def _references_at(located: Sequence[tuple], bank: Sequence[torch.Tensor], patch: int, generator: torch.Generator,
+                   references_per_mix: int, dirichlet_alpha: float) -> torch.Tensor:
+    """One (composite) reference patch (P, 1, p, p, p) at each located target's corner."""
     references = []
     for shape, corner, _ in located:
         compatible = [r for r in bank if r.shape == shape]
@@ -79,7 +93,7 @@ def draw_patches(
         chosen = torch.randperm(len(compatible), generator=generator)[:references_per_mix].tolist()
         weights = draw_reference_weights(references_per_mix, dirichlet_alpha, generator)
         references.append(sum(w * _crop(compatible[i], corner, patch) for i, w in zip(chosen, weights.tolist())))
-    return torch.stack([target for *_, target in located]), torch.stack(references)
+    return torch.stack(references)
 
 
 def draw_mixtures(
@@ -106,3 +120,32 @@ def draw_mixtures(
     lam = low + (high - low) * torch.rand(options.num_patches, generator=generator)
     weight = lam.reshape(-1, 1, 1, 1, 1)
     return target, reference, lam, weight * target + (1 - weight) * reference
+
+
+def draw_request_mixtures(
+    scans: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], lambda_range: tuple[float, float],
+    options: SeparationOptions, seed: int, k: int, references_per_mix: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attacked patches of whole requests: each target with K references, λ's and mixtures.
+
+    The targets are those of :func:`draw_mixtures` with the same ``seed``.
+
+    Returns:
+        target (P, 1, p, p, p), references (P, K, 1, p, p, p), λ (P, K), mixtures (P, K, 1, p, p, p).
+
+    Example:
+        >>> scans, bank = [torch.rand(1, 8, 8, 8)], [torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 8)]
+        >>> options = SeparationOptions(patch_size=4, num_patches=2, min_mean=0.0)
+        >>> target, references, lam, mixtures = draw_request_mixtures(scans, bank, (0.2, 0.5), options, seed=0, k=3)
+        >>> mixtures.shape, torch.equal(target, draw_mixtures(scans, bank, (0.2, 0.5), options, seed=0)[0])
+        (torch.Size([2, 3, 1, 4, 4, 4]), True)
+    """
+    low, high = lambda_range
+    generator = torch.Generator().manual_seed(seed)
+    located = _locate_targets(scans, options.num_patches, options.patch_size, generator, options.min_mean, 1000)
+    references = torch.stack([_references_at(located, bank, options.patch_size, generator, references_per_mix,
+                                             DEFAULT_DIRICHLET_ALPHA) for _ in range(k)], dim=1)
+    lam = low + (high - low) * torch.rand(options.num_patches, k, generator=generator)
+    target = torch.stack([t for *_, t in located])
+    weight = lam.reshape(*lam.shape, 1, 1, 1, 1)
+    return target, references, lam, weight * target[:, None] + (1 - weight) * references

@@ -10,6 +10,8 @@ from mixpriv.privacy.bss.options import SeparationOptions
 from mixpriv.privacy.similarity import MSSSIMSettings
 
 LAMBDA_KNOWN = "λ known"
+#: The λ-known attack on a whole request (the K mixtures of one scan separated jointly), run in the sweep.
+REQUEST_KNOWN = "λ known, whole request"
 LAMBDA_ESTIMATED = "λ estimated"
 CONTROL = "control: brain + grating"
 ATTACKS = (LAMBDA_KNOWN, LAMBDA_ESTIMATED, CONTROL)

@@ -40,6 +40,9 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
                         "mixtures of the other scans of the batch (attacked by clustering); the first is the sweep's")
     p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep-settings", nargs="*", type=_mixing_setting, default=None, metavar="LOW:HIGH[:R]",
+                   help="mixing settings the sweep attacks besides its models' (default: the five of the paper's "
+                        "sweep), e.g. 0.35:0.65 0.5:0.8:3 (R references per mixture)")
     p.add_argument("--sweep-models", nargs="*", default=[],
                    help="models trained for other mixing settings (names or folders), for the sweep's Dice")
     p.add_argument("--baseline", default="tissue-baseline-2mm", help="non-private model the sweep compares with")
@@ -54,6 +57,25 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
                    help="brain weight in the positive control's brain + grating mixtures (default 0.5: equal "
                         "weights); 'client' mixes with the attacked mixtures' λ draws")
     p.set_defaults(func=_audit)
+
+
+def _mixing_setting(text: str):
+    """``--sweep-settings``: ``LOW:HIGH`` or ``LOW:HIGH:R`` as a :class:`~mixpriv.mixing.settings.MixingSettings`.
+
+    Example:
+        >>> _mixing_setting("0.2:0.5:3").name
+        'λ∈[0.2, 0.5], 3 refs'
+    """
+    from mixpriv.mixing.settings import MixingSettings
+    from mixpriv.validation import InputError
+
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return MixingSettings((float(parts[0]), float(parts[1])), int(parts[2]) if len(parts) == 3 else 1)
+    except (ValueError, InputError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW:HIGH[:R] with 0 < LOW <= HIGH <= 1 ({error})") from None
 
 
 def _control_lambda(text: str) -> float | None:
@@ -73,6 +95,7 @@ def _audit(args: argparse.Namespace) -> None:
                            attacker_data=args.attacker_data, attackers=attackers,
                            max_cases=args.max_cases or None, seed=args.seed,
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
+                           **({"sweep_settings": tuple(args.sweep_settings)} if args.sweep_settings is not None else {}),
                            dice_cases=args.dice_cases or None,
                            separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,
                                                         score_steps=args.bss_score_steps,

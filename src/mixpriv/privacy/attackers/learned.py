@@ -2,7 +2,8 @@
 
 The attacker owns public scans with known patients (two or more scans per patient; never the key).
 It mixes them as the client would (the model's published λ range, R references and Dirichlet α),
-with references drawn from its own scans of other patients, and trains an embedding so that two
+with references drawn from its own scans of other patients, and trains an embedding (of the views
+minus its population mean) so that two
 scans of one patient land close together whatever they were mixed with (NT-Xent, Chen et al. 2020).
 Half of its training views are single mixtures, half the mean of a K-mixture request, so one
 network attacks both. At audit time it embeds what the server received and retrieves by cosine
@@ -77,13 +78,18 @@ class LearnedAttackerOptions:
 class EmbeddingNetwork(nn.Module):
     """Strided 3D convolutions, a 2×2×2 adaptive pool (it keeps coarse layout), a linear head, L2-normalised.
 
+    ``centre`` (1, 1, D, H, W), when given, is subtracted from every input first: the attacker's
+    population mean, so that the network sees how a view departs from the average brain.
+
     Example:
         >>> EmbeddingNetwork((4, 8), 16)(torch.rand(3, 1, 12, 12, 12)).norm(dim=1).round(decimals=4).tolist()
         [1.0, 1.0, 1.0]
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 64), embedding_dim: int = 64) -> None:
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 64), embedding_dim: int = 64,
+                 centre: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.register_buffer("centre", centre if centre is not None else torch.zeros(()))
         layers, previous = [], 1
         for width in channels:
             layers += [nn.Conv3d(previous, width, 3, stride=2, padding=1), nn.InstanceNorm3d(width, affine=True),
@@ -93,7 +99,7 @@ class EmbeddingNetwork(nn.Module):
         self.head = nn.Linear(previous * 8, embedding_dim)
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.features(volumes)), dim=1)
+        return F.normalize(self.head(self.features(volumes - self.centre)), dim=1)
 
 
 def _prepare(views: torch.Tensor, downsample: int) -> torch.Tensor:
@@ -155,7 +161,8 @@ def train_embedding(
                         ids=[f"attacker{i}" for i in range(len(images))], patient_ids=[str(p) for p in patient_ids])
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    network = EmbeddingNetwork(options.channels, options.embedding_dim)
+    centre = _prepare(stack[:, 0].mean(0, keepdim=True), options.downsample)  # the attacker's population mean
+    network = EmbeddingNetwork(options.channels, options.embedding_dim, centre)
     optimiser = torch.optim.Adam(network.parameters(), lr=options.lr)
     per_step = min(options.patients_per_step, len(repeated))
     network.train()

@@ -86,6 +86,18 @@ def check_composite(
     return indices, weights
 
 
+def weighted_sum(volumes: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[j] * volumes[j]``: the composite of R volumes of one shape.
+
+    Example:
+        >>> weighted_sum([torch.zeros(2), torch.ones(2)], [0.25, 0.75]).tolist()
+        [0.75, 0.75]
+    """
+    stacked = torch.stack(list(volumes))
+    weights = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    return (weights.reshape(-1, *([1] * (stacked.ndim - 1))) * stacked).sum(0)
+
+
 def composite_reference(
     bank: ReferenceBank, indices: Sequence[int], weights: Sequence[float] | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +116,7 @@ def composite_reference(
     """
     indices, weights = check_composite(indices, weights, len(bank))
     images, labels = zip(*(bank.get(i) for i in indices))
-    per_reference = weights.reshape(-1, 1, 1, 1, 1)
-    return (per_reference * torch.stack(images)).sum(0), (per_reference * torch.stack(labels)).sum(0)
+    return weighted_sum(images, weights), weighted_sum(labels, weights)
 
 
 def label_mixture(labels: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA
-from mixpriv.mixing.composite import draw_reference_weights
+from mixpriv.mixing.composite import draw_reference_weights, weighted_sum
 from mixpriv.privacy.bss.options import SeparationOptions
 from mixpriv.validation import InputError, check_finite, check_spatial_dims
 
@@ -92,7 +92,7 @@ def _references_at(located: Sequence[tuple], bank: Sequence[torch.Tensor], patch
                              f"{references_per_mix} needed: the client mixes volumes of one shape")
         chosen = torch.randperm(len(compatible), generator=generator)[:references_per_mix].tolist()
         weights = draw_reference_weights(references_per_mix, dirichlet_alpha, generator)
-        references.append(sum(w * _crop(compatible[i], corner, patch) for i, w in zip(chosen, weights.tolist())))
+        references.append(weighted_sum([_crop(compatible[i], corner, patch) for i in chosen], weights))
     return torch.stack(references)
 
 

@@ -100,10 +100,12 @@ def test_the_suite_reports_every_attacker_and_the_worst_case(caplog):
 
 def test_shuffled_mixtures_are_linked_by_clustering_and_attacked_as_requests():
     scans, attacker = scans_of(range(4), "p"), scans_of(range(50, 53), "a")
-    options = AttackerOptions(attackers=("paper", "request-mean"), k=4, designs=("request", "shuffled"))
+    options = AttackerOptions(attackers=("paper", "request-mean"), k=4, designs=("request", "shuffled", "single"))
     audit = audit_attackers(scans, bank_of(range(100, 106)), [MixingSettings((0.8, 0.9))], attacker, options,
                             progress=False)
-    request, shuffled = audit.settings
+    request, shuffled, single = audit.settings
+    # one mixture per scan: the request attacker has nothing to average, it is the paper's attacker
+    assert torch.equal(single.similarities["request-mean"], single.similarities["paper"])
     assert (request.design, request.linking_ari, shuffled.design) == ("request", None, "shuffled")
     assert shuffled.name == "λ∈[0.8, 0.9] · shuffled"
     # a dominant target: clusters hold a scan's mixtures, merged with its patient's other scan (nearly the same)

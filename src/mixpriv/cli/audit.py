@@ -36,8 +36,9 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
                    help="re-identification attackers (default: all; the worst case leads the report)")
     p.add_argument("--learned-steps", type=int, default=600, help="training steps of the learned attacker")
     p.add_argument("--request-designs", nargs="+", choices=REQUEST_DESIGNS, default=["request"],
-                   help="how the client sends each scan's K mixtures: in one request, or shuffled with the "
-                        "mixtures of the other scans of the batch (attacked by clustering); the first is the sweep's")
+                   help="how the client sends each scan's K mixtures: in one request, shuffled with the mixtures "
+                        "of the other scans of the batch (attacked by clustering), or only one (no TTA); the "
+                        "first is the sweep's")
     p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep-settings", nargs="*", type=_mixing_setting, default=None, metavar="LOW:HIGH[:R]",

@@ -101,10 +101,11 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
     queries = audit.no_proxy.num_queries
     lines = ["## Patient re-identification: the attacker suite (worst case)", "",
              (f"The client sends K = {audit.k} mixtures of each scan (K = 1: what the paper attacks), each with "
-              "references never of the scan's own patient: all K in one request (design `request`), or the "
+              "references never of the scan's own patient: all K in one request (design `request`); the "
               "mixtures of the whole batch of scans shuffled (`shuffled`; the server then links them by "
               "clustering, and the request attackers see the cluster of each scan's first mixture; the adjusted "
-              "Rand index (ARI) says how well the clusters found the scans). Every attacker below re-identifies "
+              "Rand index (ARI) says how well the clusters found the scans); or only the first mixture, no TTA "
+              "(`single`). Every attacker below re-identifies "
               "patients "
               f"by retrieval over the {len(audit.patient_ids)} scans ({queries} queries from "
               f"{len(set(audit.patient_ids))} patients); a setting's privacy is its **worst-case mAP**, the highest "

@@ -54,9 +54,10 @@ __all__ = ["ATTACKERS", "REQUEST_DESIGNS", "AttackerAudit", "AttackerOptions", "
 LEARNED_SINGLE, LEARNED_REQUEST = "learned", "learned-request"
 #: Every attacker of the suite, in report order.
 ATTACKERS = (*VOLUME_ATTACKERS, LEARNED_SINGLE, LEARNED_REQUEST)
-#: How the client sends its mixtures: each scan's K in one request, or the K of every scan of a
-#: batch shuffled together (the server then links them by clustering, :mod:`~mixpriv.privacy.attackers.linking`).
-REQUEST_DESIGNS = ("request", "shuffled")
+#: How the client sends its mixtures: each scan's K in one request; the K of every scan of a batch
+#: shuffled together (the server then links them by clustering, :mod:`~mixpriv.privacy.attackers.linking`);
+#: or one mixture per scan, without test-time augmentation (what the paper attacks).
+REQUEST_DESIGNS = ("request", "shuffled", "single")
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,9 @@ def audit_attackers(
         network = None  # the learned attacker of this setting, trained on first use
         for design in options.designs:
             linked = link_by_clustering(requests, population.mean) if design == "shuffled" else None
-            row, network = _attack_setting(setting, design, linked.requests if linked else requests, scans,
-                                           attacker_scans, population, network, options, msssim, seed, progress)
+            seen = linked.requests if linked else [r[:1] for r in requests] if design == "single" else requests
+            row, network = _attack_setting(setting, design, seen, scans, attacker_scans, population, network,
+                                           options, msssim, seed, progress)
             row.linking_ari = linked.adjusted_rand_index if linked else None
             rows.append(row)
     data = (f"the attacker's own {len(attacker_scans)} scans of {len(set(attacker_scans.patient_ids))} patients "

@@ -41,12 +41,10 @@ class LinkedRequests:
     Attributes:
         requests: per scan, the cluster holding the scan's first mixture, that mixture first
             (K', D, H, W): what the request attackers then see in place of the true request.
-        clusters: the cluster of each mixture, scan by scan (B, K).
         adjusted_rand_index: agreement of the clusters with the scans (1: every scan found; ~0: chance).
     """
 
     requests: list[torch.Tensor]
-    clusters: np.ndarray
     adjusted_rand_index: float
 
 
@@ -86,5 +84,4 @@ def link_by_clustering(requests: Sequence[torch.Tensor], population_mean: torch.
     for start in starts:
         members = [int(start)] + [j for j in np.flatnonzero(labels == labels[start]).tolist() if j != start]
         linked.append(mixtures[members])
-    clusters = labels.reshape(len(requests), -1) if len(set(sizes)) == 1 else labels[None]
-    return LinkedRequests(linked, clusters, float(adjusted_rand_score(scans, labels)))
+    return LinkedRequests(linked, float(adjusted_rand_score(scans, labels)))

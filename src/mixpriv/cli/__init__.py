@@ -4,7 +4,7 @@ One module per command group; each command is a pair: ``add_<command>(sub)`` dec
 sub-parser (flags, defaults, help) and ``_<command>(args)`` runs it, importing the heavy parts
 of the library (torch, matplotlib, the server) only then, so that ``mixpriv --help`` stays fast.
 
-- :mod:`mixpriv.cli.data`: ``build-cohort``, ``keygen``
+- :mod:`mixpriv.cli.data`: ``build-cohort``, ``convert-brats``, ``keygen``
 - :mod:`mixpriv.cli.training`: ``train``, ``finetune``
 - :mod:`mixpriv.cli.inference`: ``evaluate``, ``predict``, ``predict-baseline``
 - :mod:`mixpriv.cli.service`: ``serve``, ``segment``
@@ -23,7 +23,7 @@ import logging
 
 from mixpriv import __version__
 from mixpriv.cli.audit import add_audit
-from mixpriv.cli.data import add_build_cohort, add_keygen
+from mixpriv.cli.data import add_build_cohort, add_convert_brats, add_keygen
 from mixpriv.cli.demo import add_demo
 from mixpriv.cli.hub import add_models, add_publish
 from mixpriv.cli.inference import add_evaluate, add_predict, add_predict_baseline
@@ -35,7 +35,7 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("mixpriv")
 
 # The order of the commands in ``mixpriv --help``.
-_COMMANDS = (add_build_cohort, add_train, add_finetune, add_evaluate, add_keygen, add_predict,
+_COMMANDS = (add_build_cohort, add_convert_brats, add_train, add_finetune, add_evaluate, add_keygen, add_predict,
              add_predict_baseline, add_serve, add_segment, add_models, add_publish, add_audit, add_demo)
 
 

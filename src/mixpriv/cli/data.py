@@ -1,4 +1,7 @@
-"""``mixpriv build-cohort`` and ``mixpriv keygen``: the data commands (the synthetic cohort, a secret key)."""
+"""``mixpriv build-cohort``, ``mixpriv keygen`` and ``mixpriv convert-brats``: the data commands.
+
+The synthetic cohort, a secret key, and BraTS 2021 folders to and from the nnU-Net v2 layout.
+"""
 
 from __future__ import annotations
 
@@ -67,3 +70,49 @@ def _keygen(args: argparse.Namespace) -> None:
     bank = bank_from_cases(DatasetFolder(resolve_data_dir(args.data)), args.split, spacing, args.n)
     path = bank.save(args.out, overwrite=args.overwrite)
     print(f"wrote {bank!r} to {path} (mode 600)")
+
+
+def add_convert_brats(sub: argparse._SubParsersAction) -> None:
+    """Declare ``mixpriv convert-brats``: BraTS 2021 challenge layout <-> nnU-Net v2 folder.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_convert_brats(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["convert-brats", "BraTS2021", "nnUNet_raw", "--modalities", "t1ce", "flair"])
+        >>> args.to, args.modalities, args.dataset_id, args.seed, args.func.__name__
+        ('nnunet', ['t1ce', 'flair'], None, None, '_convert_brats')
+    """
+    p = sub.add_parser("convert-brats",
+                       help="convert a BraTS 2021 folder to an nnU-Net v2 folder (Dataset<ID>_BraTS2021), or back")
+    p.add_argument("src", type=Path,
+                   help="BraTS folder (BraTS2021_XXXXX/...), or the nnU-Net dataset folder with --to brats")
+    p.add_argument("out", type=Path, help="folder receiving Dataset<ID>_BraTS2021 (nnUNet_raw), or the BraTS folder "
+                                          "to write with --to brats (new or empty)")
+    p.add_argument("--to", choices=("nnunet", "brats"), default="nnunet", help="layout to write (default: nnunet)")
+    p.add_argument("--modalities", nargs="+", default=None, metavar="MODALITY",
+                   help="modalities among t1, t1ce, t2, flair, one channel each, in order (default: t1ce)")
+    p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id, 1 to 999 (default: 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the split by case (default: 0)")
+    p.add_argument("--split-fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the cases (default: 0.6 0.2 0.2)")
+    p.set_defaults(func=_convert_brats)
+
+
+def _convert_brats(args: argparse.Namespace) -> None:
+    from mixpriv.data import brats
+    from mixpriv.validation import InputError
+
+    options = {"modalities": args.modalities, "dataset_id": args.dataset_id, "seed": args.seed,
+               "fractions": args.split_fractions}
+    if args.to == "brats":
+        flags = {"modalities": "--modalities", "dataset_id": "--dataset-id", "seed": "--seed",
+                 "fractions": "--split-fractions"}
+        given = [flags[name] for name, value in options.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to --to nnunet (the dataset records them)")
+        print(brats.nnunet_to_brats(args.src, args.out))
+        return
+    defaults = {"modalities": brats.DEFAULT_MODALITIES, "dataset_id": 1, "seed": 0,
+                "fractions": brats.DEFAULT_FRACTIONS}
+    chosen = {name: defaults[name] if value is None else value for name, value in options.items()}
+    print(brats.brats_to_nnunet(args.src, args.out, **chosen))

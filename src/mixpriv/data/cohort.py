@@ -174,8 +174,13 @@ def _make_scan(template: _Template, patient: _Patient, rng: np.random.Generator,
     return _acquire(rng, t1, support, spacing), label
 
 
-def _split_patients(n_patients: int, fractions: tuple[float, float, float], seed: int) -> list[str]:
-    """Split name of each patient, from a seeded permutation (train, then val, then test)."""
+def split_patients(n_patients: int, fractions: tuple[float, float, float], seed: int) -> list[str]:
+    """Split name of each patient, from a seeded permutation (train, then val, then test).
+
+    Example:
+        >>> split_patients(5, (0.6, 0.2, 0.2), seed=0).count("train")
+        3
+    """
     n_val, n_test = (round(f * n_patients) for f in fractions[1:])
     n_train = n_patients - n_val - n_test
     if n_train < 1:
@@ -242,7 +247,7 @@ def _write_cohort(folder: Path, params: dict, progress: bool, workers: int) -> N
     template = _load_template(spacing)
     shape, affine = _output_grid(spacing, template.centre)
     _WORKER_STATE.update(template=template, shape=shape, affine=affine)
-    splits = _split_patients(params["n_patients"], tuple(params["split_fractions"]), seed)
+    splits = split_patients(params["n_patients"], tuple(params["split_fractions"]), seed)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir()
     tasks = [(folder, params, p, split) for p, split in enumerate(splits)]
@@ -286,7 +291,7 @@ def _parameters(n_patients: int, scans_per_patient: int, spacing: float, seed: i
         raise ValueError(f"spacing must be >= 1 mm (the template's resolution), got {spacing}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    _split_patients(n_patients, tuple(fractions), seed)  # raises if no patient is left to train on
+    split_patients(n_patients, tuple(fractions), seed)  # raises if no patient is left to train on
     return {"seed": int(seed), "spacing_mm": float(spacing), "n_patients": int(n_patients),
             "scans_per_patient": int(scans_per_patient), "split_fractions": fractions}
 

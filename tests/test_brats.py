@@ -1,0 +1,392 @@
+"""BraTS 2021 folders: the challenge layout, label mapping, splits by case, nnU-Net v2 conversion both ways."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mixpriv.cli.data import add_convert_brats
+from mixpriv.constants import IMAGE, LABEL, SPLITS, TEST, TRAIN, VAL
+from mixpriv.data.brats import (
+    BRATS_LABELS,
+    CLASS_LABELS,
+    MODALITIES,
+    BratsFolder,
+    brats_to_classes,
+    brats_to_nnunet,
+    check_modalities,
+    classes_to_brats,
+    nnunet_to_brats,
+    recorded_label_mapping,
+    recorded_modalities,
+    remap_labels,
+    split_cases,
+)
+from mixpriv.data.folder import DatasetFolder
+from mixpriv.files import OutputError
+from mixpriv.validation import InputError
+
+SHAPE = (8, 8, 8)
+
+
+def _affine() -> np.ndarray:
+    """An oblique affine with anisotropic voxels and an off-grid origin (kept exactly, or the tests fail)."""
+    angle = np.deg2rad(10.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([1.0, 1.2, 0.9])
+    affine[:3, 3] = [-3.217, 11.5, -7.03125]
+    return affine
+
+
+AFFINE = _affine()
+
+
+def _save(array: np.ndarray, path: Path, affine: np.ndarray = AFFINE) -> None:
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def _seg(index: int) -> np.ndarray:
+    """Oedema around an enhancing rim around a necrotic core; the last of every three cases has no ET."""
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[1:7, 1:7, 1:7] = 2
+    seg[2:6, 2:6, 2:6] = 4 if index % 3 != 2 else 1
+    seg[3:5, 3:5, 3 + index % 2:5] = 1
+    return seg
+
+
+def _case_id(index: int) -> str:
+    return f"BraTS2021_{index:05d}"
+
+
+def write_brats(root: Path, n_cases: int = 3, modalities=MODALITIES) -> Path:
+    """A BraTS-layout folder: per case one file per modality (each its own values) and a seg file."""
+    for i in range(n_cases):
+        case_id = _case_id(i)
+        folder = root / case_id
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(i)
+        for m, modality in enumerate(modalities):
+            data = (rng.normal(100 * (m + 1), 10, SHAPE)).astype(np.int16 if modality == "t1" else np.float32)
+            _save(data, folder / f"{case_id}_{modality}.nii.gz")
+        _save(_seg(i), folder / f"{case_id}_seg.nii.gz")
+    (root / "BraTS2021_name_mapping.csv").write_text("BraTS2021,BraTS2020\n")  # top-level files are ignored
+    return root
+
+
+def _data(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
+@pytest.fixture()
+def brats_root(tmp_path: Path) -> Path:
+    return write_brats(tmp_path / "BraTS2021_Training_Data")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_label_mapping_both_ways():
+    brats = np.array([[0, 1], [2, 4]], dtype=np.float64)
+    classes = brats_to_classes(brats)
+    assert classes.dtype == np.uint8
+    np.testing.assert_array_equal(classes, [[0, 1], [2, 3]])
+    np.testing.assert_array_equal(classes_to_brats(classes), [[0, 1], [2, 4]])
+    assert {name: CLASS_LABELS[name] for name in BRATS_LABELS} == {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
+    with pytest.raises(InputError, match=r"x_seg.nii.gz has values \[3, 5\] .*\[0, 1, 2, 4\]"):
+        brats_to_classes(np.array([0, 3, 5, 4]), "x_seg.nii.gz")
+    with pytest.raises(InputError, match=r"has values \[4\]"):
+        classes_to_brats(np.array([0, 4]))
+    with pytest.raises(InputError, match="non-integer"):
+        brats_to_classes(np.array([0.0, 1.5]))
+    np.testing.assert_array_equal(remap_labels(np.array([2, 0]), {0: 5, 2: 7}), [7, 5])
+
+
+def test_recorded_mapping_and_modalities():
+    meta = {"labels": {"background": 0, "ET": 1}, "channel_names": {"0": "FLAIR", "1": "t1"},
+            "mixpriv": {"brats_labels": {"background": 0, "ET": 4}}}
+    assert recorded_label_mapping(meta) == {0: 0, 1: 4}
+    assert recorded_modalities(meta) == ("flair", "t1")
+    with pytest.raises(InputError, match="record no BraTS values"):
+        recorded_label_mapping({"labels": {"background": 0, "CSF": 1}})
+    with pytest.raises(InputError, match=r"values \[0, 3\] must be distinct values of \[0, 1, 2, 4\]"):
+        recorded_label_mapping({"labels": {"background": 0, "ET": 1}, "mixpriv": {"brats_labels": {"background": 0,
+                                                                                                   "ET": 3}}})
+    with pytest.raises(InputError, match=r"channel names \['T1w'\] are not among \['T1', 'T1ce', 'T2', 'FLAIR'\]"):
+        recorded_modalities({"channel_names": {"0": "T1w"}})
+    with pytest.raises(InputError, match="records modalities"):
+        recorded_modalities({"channel_names": {"0": "T1ce"}, "mixpriv": {"modalities": ["t1ce", "t2"]}})
+
+
+# ----------------------------------------------------------------------------- the BraTS folder
+
+
+def test_folder_reads_t1ce_by_default(brats_root):
+    folder = BratsFolder(brats_root)
+    assert folder.modalities == ("t1ce",)
+    assert folder.case_ids == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+    image, label, affine = folder.load("BraTS2021_00001")
+    case_dir = brats_root / "BraTS2021_00001"
+    assert image.shape == (1, *SHAPE) and image.dtype == np.float32
+    np.testing.assert_array_equal(image[0], _data(case_dir / "BraTS2021_00001_t1ce.nii.gz"))
+    np.testing.assert_array_equal(label, brats_to_classes(_seg(1)))
+    assert sorted(np.unique(label).tolist()) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(affine, nib.load(str(case_dir / "BraTS2021_00001_t1ce.nii.gz")).affine)
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-6)
+    subject = folder.subject("BraTS2021_00002")
+    assert subject["case_id"] == "BraTS2021_00002" and subject[IMAGE].shape == (1, *SHAPE)
+    assert sorted(subject[LABEL].data.unique().tolist()) == [0, 1, 2]  # this case has no ET
+    with pytest.raises(KeyError, match="BraTS2021_00009"):
+        folder.case("BraTS2021_00009")
+
+
+def test_multichannel_in_the_order_given(brats_root):
+    folder = BratsFolder(brats_root, modalities=["t2", "t1", "flair"])
+    image, _, _ = folder.load("BraTS2021_00000")
+    case_dir = brats_root / "BraTS2021_00000"
+    assert image.shape == (3, *SHAPE)
+    for channel, modality in enumerate(["t2", "t1", "flair"]):
+        np.testing.assert_array_equal(image[channel], _data(case_dir / f"BraTS2021_00000_{modality}.nii.gz"))
+    assert 250 < image[0].mean() < 350 and 50 < image[1].mean() < 150  # t2 then t1, not the file order
+
+
+def test_splits_by_case_are_deterministic(tmp_path):
+    ids = [_case_id(i) for i in range(10)]
+    splits = split_cases(ids, (0.6, 0.2, 0.2), seed=3)
+    assert sorted(splits) == ids
+    assert [list(splits.values()).count(name) for name in SPLITS] == [6, 2, 2]
+    assert split_cases(list(reversed(ids)), (0.6, 0.2, 0.2), seed=3) == splits  # order of the ids does not matter
+    assert split_cases(ids, (0.6, 0.2, 0.2), seed=4) != splits
+    assert set(split_cases(ids, (1.0, 0.0, 0.0)).values()) == {TRAIN}
+    with pytest.raises(InputError, match="summing to 1"):
+        split_cases(ids, (0.5, 0.2, 0.2))
+    with pytest.raises(InputError, match="leave no training case out of 2"):
+        split_cases(ids[:2], (0.2, 0.4, 0.4))
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def test_round_trip_brats_nnunet_brats(brats_root, tmp_path):
+    dataset = brats_to_nnunet(brats_root, tmp_path / "nnUNet_raw", modalities=["t1ce", "flair"], dataset_id=7, seed=0)
+    assert dataset == tmp_path / "nnUNet_raw" / "Dataset007_BraTS2021"
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T1ce", "1": "FLAIR"}
+    assert meta["labels"] == {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
+    assert meta["mixpriv"]["brats_labels"] == {"background": 0, "NCR": 1, "ED": 2, "ET": 4}
+    assert meta["mixpriv"]["modalities"] == ["t1ce", "flair"]
+
+    folder = DatasetFolder(dataset)
+    assert folder.labels == CLASS_LABELS and folder.n_channels == 2
+    expected = split_cases([_case_id(i) for i in range(3)], seed=0)
+    assert {c.case_id: c.split for split in SPLITS for c in folder.cases(split)} == expected
+    assert meta["numTraining"] == 2
+    for split in SPLITS:
+        for case in folder.cases(split):
+            source = brats_root / case.case_id
+            assert case.image_paths[0].parent.name == ("imagesTs" if split == TEST else "imagesTr")
+            for path, modality in zip(case.image_paths, ["t1ce", "flair"], strict=True):
+                assert path.read_bytes() == (source / f"{case.case_id}_{modality}.nii.gz").read_bytes()
+            i = int(case.case_id[-5:])
+            np.testing.assert_array_equal(_data(case.label_path), brats_to_classes(_seg(i)))
+            np.testing.assert_array_equal(nib.load(str(case.label_path)).affine,
+                                          nib.load(str(source / f"{case.case_id}_seg.nii.gz")).affine)
+    subject = folder.case(_case_id(0)).to_subject()
+    assert subject[IMAGE].shape == (2, *SHAPE)
+
+    back = nnunet_to_brats(dataset, tmp_path / "back")
+    assert sorted(p.name for p in back.iterdir()) == [_case_id(i) for i in range(3)]
+    for i in range(3):
+        case_id = _case_id(i)
+        assert sorted(p.name for p in (back / case_id).iterdir()) == sorted(
+            f"{case_id}_{kind}.nii.gz" for kind in ("t1ce", "flair", "seg"))
+        for kind in ("t1ce", "flair", "seg"):
+            original, restored = (nib.load(str(root / case_id / f"{case_id}_{kind}.nii.gz"))
+                                  for root in (brats_root, back))
+            np.testing.assert_array_equal(np.asanyarray(restored.dataobj), np.asanyarray(original.dataobj))
+            assert np.asanyarray(restored.dataobj).dtype == np.asanyarray(original.dataobj).dtype
+            np.testing.assert_array_equal(restored.affine, original.affine)
+            np.testing.assert_array_equal(restored.get_qform(), original.get_qform())
+            assert restored.header["sform_code"] == original.header["sform_code"] == 1
+        assert sorted(np.unique(_data(back / case_id / f"{case_id}_seg.nii.gz")).tolist()) == sorted(
+            np.unique(_seg(i)).tolist())
+    assert BratsFolder(back, ["flair", "t1ce"]).case_ids == [_case_id(i) for i in range(3)]
+
+
+def test_splits_of_a_converted_folder(tmp_path):
+    root = write_brats(tmp_path / "brats", n_cases=10, modalities=("t1ce",))
+    dataset = brats_to_nnunet(root, tmp_path / "out", fractions=(0.6, 0.2, 0.2), seed=5)
+    folder = DatasetFolder(dataset)
+    found = {split: sorted(c.case_id for c in folder.cases(split)) for split in SPLITS}
+    expected = split_cases([_case_id(i) for i in range(10)], (0.6, 0.2, 0.2), seed=5)
+    assert found == {split: sorted(c for c, s in expected.items() if s == split) for split in SPLITS}
+    assert [len(found[split]) for split in SPLITS] == [6, 2, 2]
+    assert sorted(p.name for p in (dataset / "imagesTs").iterdir()) == [f"{c}_0000.nii.gz" for c in found[TEST]]
+    assert sorted(p.name for p in (dataset / "labelsTs").iterdir()) == [f"{c}.nii.gz" for c in found[TEST]]
+    assert json.loads((dataset / "splits_final.json").read_text()) == [{"train": found[TRAIN], "val": found[VAL]}]
+    again = brats_to_nnunet(root, tmp_path / "again", fractions=(0.6, 0.2, 0.2), seed=5)
+    assert (again / "dataset.json").read_text() == (dataset / "dataset.json").read_text()
+    assert not any(p.name.startswith(".tmp-") for p in dataset.rglob("*"))
+
+
+def test_conversion_never_overwrites(brats_root, tmp_path):
+    dataset = brats_to_nnunet(brats_root, tmp_path / "raw")
+    before = (dataset / "dataset.json").read_text()
+    with pytest.raises(OutputError, match="not an empty folder"):
+        brats_to_nnunet(brats_root, tmp_path / "raw", seed=1)
+    assert (dataset / "dataset.json").read_text() == before
+    with pytest.raises(OutputError, match="lies inside the input"):
+        brats_to_nnunet(brats_root, brats_root)
+    with pytest.raises(OutputError, match="not an empty folder"):
+        nnunet_to_brats(dataset, brats_root)
+    with pytest.raises(OutputError, match="lies inside the input"):
+        nnunet_to_brats(dataset, dataset / "brats")
+    (tmp_path / "empty").mkdir()
+    assert nnunet_to_brats(dataset, tmp_path / "empty") == tmp_path / "empty"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _case_file(root: Path, index: int, kind: str) -> Path:
+    return root / _case_id(index) / f"{_case_id(index)}_{kind}.nii.gz"
+
+
+def test_missing_modality_names_case_and_file(brats_root, tmp_path):
+    _case_file(brats_root, 1, "t1ce").unlink()
+    with pytest.raises(InputError, match=r"case BraTS2021_00001: modality file BraTS2021_00001_t1ce.nii.gz \(t1ce\) "
+                                         "is missing"):
+        BratsFolder(brats_root)
+    with pytest.raises(InputError, match="BraTS2021_00001_t1ce.nii.gz"):
+        brats_to_nnunet(brats_root, tmp_path / "out", modalities=["t2", "t1ce"])
+    assert not (tmp_path / "out").exists()
+    assert BratsFolder(brats_root, ["t2"]).case_ids[1] == "BraTS2021_00001"  # only the chosen ones are needed
+    _case_file(brats_root, 2, "seg").unlink()
+    with pytest.raises(InputError, match=r"case BraTS2021_00002: label file BraTS2021_00002_seg.nii.gz"):
+        BratsFolder(brats_root, ["t2"])
+
+
+def test_label_outside_brats_values(brats_root, tmp_path):
+    seg = _seg(2)
+    seg[0, 0, :2] = [3, 7]
+    _save(seg, _case_file(brats_root, 2, "seg"))
+    with pytest.raises(InputError, match=r"case BraTS2021_00002: label BraTS2021_00002_seg.nii.gz has values \[3, 7\] "
+                                         r"that are not in the label set \[0, 1, 2, 4\]"):
+        brats_to_nnunet(brats_root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    with pytest.raises(InputError, match=r"values \[3, 7\]"):
+        BratsFolder(brats_root).load("BraTS2021_00002")
+
+
+def test_shape_mismatch_between_modalities(brats_root, tmp_path):
+    _save(np.zeros((8, 8, 9), np.float32), _case_file(brats_root, 0, "flair"))
+    with pytest.raises(InputError, match=r"case BraTS2021_00000: image BraTS2021_00000_flair.nii.gz shape \(8, 8, 9\) "
+                                         r"does not match first channel shape \(8, 8, 8\)"):
+        brats_to_nnunet(brats_root, tmp_path / "out", modalities=["t1ce", "flair"])
+    brats_to_nnunet(brats_root, tmp_path / "out", modalities=["t1ce"])  # flair not chosen: fine
+    _save(np.zeros((8, 9, 8), np.uint8), _case_file(brats_root, 1, "seg"))
+    with pytest.raises(InputError, match=r"label BraTS2021_00001_seg.nii.gz shape \(8, 9, 8\) does not match"):
+        BratsFolder(brats_root).validate()
+
+
+def test_affine_mismatch_between_modalities(brats_root):
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 0.5
+    _save(_data(_case_file(brats_root, 2, "t2")), _case_file(brats_root, 2, "t2"), shifted)
+    with pytest.raises(InputError, match="case BraTS2021_00002: image BraTS2021_00002_t2.nii.gz affine differs"):
+        BratsFolder(brats_root, ["t1ce", "t2"]).validate()
+    _save(_seg(1), _case_file(brats_root, 1, "seg"), shifted)
+    with pytest.raises(InputError, match="label BraTS2021_00001_seg.nii.gz affine differs"):
+        BratsFolder(brats_root).load("BraTS2021_00001")
+
+
+def test_empty_or_missing_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no cases")
+    with pytest.raises(InputError, match="holds no case folder: expected .*BraTS2021_XXXXX/BraTS2021_XXXXX_"):
+        BratsFolder(tmp_path / "empty")
+    with pytest.raises(InputError, match="does not exist"):
+        BratsFolder(tmp_path / "nowhere")
+    root = write_brats(tmp_path / "brats", n_cases=1)
+    with pytest.raises(InputError, match="looks like one case folder"):
+        BratsFolder(root / "BraTS2021_00000")
+
+
+def test_names_that_do_not_follow_the_layout(brats_root):
+    wrong = _case_file(brats_root, 1, "t1ce")
+    wrong.rename(wrong.with_name("BraTS2021_00001_T1CE.nii.gz"))
+    with pytest.raises(InputError, match=r"case BraTS2021_00001: file\(s\) \['BraTS2021_00001_T1CE.nii.gz'\] .*"
+                                         "do not follow the BraTS 2021 naming"):
+        BratsFolder(brats_root)
+    (brats_root / "BraTS2021_00001" / "BraTS2021_00001_T1CE.nii.gz").rename(wrong)
+    _case_file(brats_root, 0, "t2").rename(brats_root / "BraTS2021_00000" / "BraTS2021_00001_t2.nii.gz")
+    with pytest.raises(InputError, match=r"\['BraTS2021_00001_t2.nii.gz'\]"):
+        BratsFolder(brats_root)
+    (brats_root / "BraTS2021_00000" / "BraTS2021_00001_t2.nii.gz").unlink()
+    (brats_root / "BraTS2021_00000" / ".DS_Store").write_text("")  # hidden files are ignored
+    assert len(BratsFolder(brats_root).cases) == 3
+    (brats_root / "case3").mkdir()
+    with pytest.raises(InputError, match="case folder .*case3 does not follow the BraTS 2021 naming"):
+        BratsFolder(brats_root)
+
+
+def test_bad_arguments(brats_root, tmp_path, tiny_folder):
+    assert check_modalities(["flair", "t1"]) == ("flair", "t1")
+    with pytest.raises(InputError, match="unknown BraTS modality 't1c'"):
+        BratsFolder(brats_root, ["t1c"])
+    with pytest.raises(InputError, match="name a modality twice"):
+        BratsFolder(brats_root, ["t1ce", "t1ce"])
+    with pytest.raises(InputError, match="non-empty list"):
+        BratsFolder(brats_root, "t1ce")
+    for dataset_id in (0, 1000, True):
+        with pytest.raises(InputError, match="dataset id must be an integer from 1 to 999"):
+            brats_to_nnunet(brats_root, tmp_path / "out", dataset_id=dataset_id)
+    with pytest.raises(InputError, match="record no BraTS values"):  # the tissue folder: CSF/GM/WM
+        nnunet_to_brats(tiny_folder, tmp_path / "back")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "back").exists()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="mixpriv")
+    add_convert_brats(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+def test_cli_convert_brats_both_ways(brats_root, tmp_path, capsys):
+    _cli(["convert-brats", str(brats_root), str(tmp_path / "raw"), "--modalities", "t1ce", "t2",
+          "--dataset-id", "12", "--seed", "1", "--split-fractions", "0.34", "0.33", "0.33"])
+    dataset = tmp_path / "raw" / "Dataset012_BraTS2021"
+    assert capsys.readouterr().out.strip() == str(dataset)
+    folder = DatasetFolder(dataset)
+    assert folder.n_channels == 2 and folder.labels == CLASS_LABELS
+    expected = split_cases([_case_id(i) for i in range(3)], (0.34, 0.33, 0.33), seed=1)
+    assert {c.case_id: c.split for split in SPLITS for c in folder.cases(split)} == expected
+
+    _cli(["convert-brats", str(dataset), str(tmp_path / "back"), "--to", "brats"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "back")
+    back = BratsFolder(tmp_path / "back", ["t1ce", "t2"])
+    for case_id in back.case_ids:
+        for kind in ("t1ce", "t2", "seg"):
+            name = f"{case_id}_{kind}.nii.gz"
+            np.testing.assert_array_equal(_data(tmp_path / "back" / case_id / name), _data(brats_root / case_id / name))
+
+    with pytest.raises(InputError, match="--seed, --split-fractions only apply to --to nnunet"):
+        _cli(["convert-brats", str(dataset), str(tmp_path / "b2"), "--to", "brats", "--seed", "2",
+              "--split-fractions", "1", "0", "0"])
+    with pytest.raises(InputError, match="unknown BraTS modality 'T1ce'"):
+        _cli(["convert-brats", str(brats_root), str(tmp_path / "raw2"), "--modalities", "T1ce"])
+    _cli(["convert-brats", str(brats_root), str(tmp_path / "raw3")])  # defaults: t1ce, Dataset001, seed 0
+    assert json.loads((tmp_path / "raw3" / "Dataset001_BraTS2021" / "dataset.json").read_text())["channel_names"] == {
+        "0": "T1ce"}

@@ -22,7 +22,13 @@ from mixpriv.privacy.attackers import (
 )
 from mixpriv.privacy.attackers.estimates import rank_one
 from mixpriv.privacy.attackers.learned import nt_xent, train_embedding
-from mixpriv.privacy.reidentification import encode_scans
+from mixpriv.privacy.attackers.traffic import (
+    CORRELATION,
+    KEY_RECOVERY,
+    attack_traffic,
+    deflate_references,
+)
+from mixpriv.privacy.reidentification import encode_scans, retrieval_metrics
 from mixpriv.privacy.scans import AuditScans
 from mixpriv.validation import InputError
 
@@ -179,3 +185,65 @@ def test_client_draws_are_fresh_unless_a_seed_reproduces_them_with_a_warning(cap
     assert not torch.equal(*fresh)
     assert torch.equal(*seeded)
     assert "fixed seed 7" in caplog.text and "cancel the key" in caplog.text
+
+
+def recurring_key_requests(k: int, key_size: int, lam: float = 0.1) -> tuple[list[torch.Tensor], AuditScans,
+                                                                          torch.Tensor]:
+    """Two scans of each of 8 patients (fine random anatomy), each mixed with K distinct references of a
+    small key whose references dominate and recur, and the key's mean."""
+    generator = torch.Generator().manual_seed(0)
+    scans = AuditScans([], [], [], [])
+    for patient in range(8):
+        anatomy = torch.rand(SHAPE, generator=generator)
+        for scan in range(2):
+            scans.images.append((anatomy + 0.05 * torch.randn(SHAPE, generator=generator))[None])
+            scans.labels.append(None)
+            scans.case_ids.append(f"p{patient}s{scan}")
+            scans.patient_ids.append(f"p{patient}")
+    references = torch.rand(key_size, *SHAPE, generator=generator)
+    requests = [lam * image + (1 - lam) * references[torch.randperm(key_size, generator=generator)[:k]]
+                for image in scans.images]
+    return requests, scans, references.mean(0)
+
+
+@pytest.mark.parametrize(("design", "k", "key_size", "gain"), [("request", 2, 4, 0.3), ("shuffled", 2, 4, 0.3),
+                                                               ("single", 1, 2, 0.05)])
+def test_key_recovery_removes_recurring_references_that_hide_the_patient(design, k, key_size, gain):
+    requests, scans, mean = recurring_key_requests(k, key_size)
+    plain = attack_traffic(requests, design, mean, CORRELATION, downsample=1)
+    recovered = attack_traffic(requests, design, mean, KEY_RECOVERY, neighbours=4, downsample=1)
+    plain_map = retrieval_metrics(plain.similarity, scans.patient_ids).mean_average_precision
+    recovered_map = retrieval_metrics(recovered.similarity, scans.patient_ids).mean_average_precision
+    assert recovered_map > plain_map + gain
+    assert recovered_map > 0.9
+    if design == "shuffled":  # without their references the mixtures link to their scans
+        assert recovered.linking_ari > plain.linking_ari + 0.2
+    else:
+        assert plain.linking_ari is None and recovered.linking_ari is None
+
+
+def test_deflation_never_explains_a_mixture_by_its_own_request():
+    rows = F.normalize(torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=1)
+    rows[1] = F.normalize(rows[0] + 0.01 * rows[1], dim=0)  # rows 0 and 1 nearly equal
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    free = deflate_references(rows, neighbours=1)
+    grouped = deflate_references(rows, neighbours=1, groups=groups)
+    assert float(free[0] @ rows[0]) < 0.2  # explained by its twin
+    assert float(grouped[0] @ rows[0]) > 0.5  # the twin is of its own request: not used
+    with pytest.raises(InputError, match="at least one neighbour"):
+        deflate_references(rows, neighbours=0)
+
+
+def test_the_suite_runs_the_traffic_attackers_under_every_design():
+    scans, attacker = scans_of(range(4), "p"), scans_of(range(50, 53), "a")
+    options = AttackerOptions(attackers=("paper", "correlation", "key-recovery"), k=3,
+                              designs=("request", "shuffled", "single"))
+    audit = audit_attackers(scans, bank_of(range(100, 103)), [MixingSettings((0.2, 0.3))], attacker, options,
+                            progress=False)
+    for row in audit.settings:
+        assert set(row.results) == {"paper", "correlation", "key-recovery"}
+        assert row.similarities["key-recovery"].shape == (8, 8)
+        assert (row.key_recovery_ari is None) == (row.design != "shuffled")
+        assert row.key_recovery_neighbours in (1, 2, 4, 8)
+    with pytest.raises(InputError, match="at least one neighbour"):
+        AttackerOptions(key_neighbours=(0, 2))

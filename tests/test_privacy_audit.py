@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,17 +110,25 @@ def test_sweep_measures_each_setting_and_recommends_one(patient_folder, tiny_mod
     other = MixupPrivacyModule(LABELS, TINY_SEGMENTER, TINY_UNMIXER, patch_size=16, input_spacing=2.0,
                                lambda_range=(0.5, 0.8)).eval()
     baseline = BaselineSegmenter(LABELS, TINY_SEGMENTER, patch_size=16, input_spacing=2.0).eval()
+    attackers = dataclasses.replace(TINY_ATTACKERS, designs=("request", "single"))
     options = AuditOptions(parts=("sweep",), sweep_settings=(MixingSettings((0.35, 0.65)),), sweep_models=(other,),
-                           baseline=baseline, k=2, dice_cases=2, separation=TINY_SEPARATION, attackers=TINY_ATTACKERS)
+                           baseline=baseline, k=2, dice_cases=2, separation=TINY_SEPARATION, attackers=attackers)
     paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
     report = json.loads(paths["json"].read_text())
     assert "reidentification" not in report  # the sweep alone: its re-identification runs, its section does not
-    rows = {row["setting"]: row for row in report["sweep"]["rows"]}
-    assert list(rows) == ["λ∈[0.65, 0.95]", "λ∈[0.5, 0.8]", "λ∈[0.35, 0.65]"]
+    every = {row["setting"]: row for row in report["sweep"]["rows"]}
+    assert list(every) == ["λ∈[0.65, 0.95]", "λ∈[0.65, 0.95] · single", "λ∈[0.5, 0.8]", "λ∈[0.5, 0.8] · single",
+                           "λ∈[0.35, 0.65]", "λ∈[0.35, 0.65] · single"]
+    rows = {name: row for name, row in every.items() if row["design"] == "request"}
     assert rows["λ∈[0.5, 0.8]"]["dice"] is not None and rows["λ∈[0.35, 0.65]"]["dice"] is None
-    assert all(0.0 <= row["worst_case_map"] <= 1.0 and row["worst_case_attacker"] in ATTACKERS for row in rows.values())
-    assert all(0.0 <= row["bss"] <= 1.0 and 0.0 <= row["bss_trivial"] <= 1.0 for row in rows.values())
+    # one mixture per scan: the model's Dice without TTA, from the same evaluation
+    aggregate = json.loads(next((tmp_path / "audit" / "sweep").glob("1-*/summary.json")).read_text())["aggregate"]
+    assert every["λ∈[0.5, 0.8] · single"]["dice"] == pytest.approx(aggregate["Learned"]["mean"]["mean"])
+    assert every["λ∈[0.5, 0.8]"]["dice"] == pytest.approx(aggregate["Learned+TTA"]["mean"]["mean"])
+    assert all(0.0 <= row["worst_case_map"] <= 1.0 and row["worst_case_attacker"] in ATTACKERS for row in every.values())
+    assert all(0.0 <= row["bss"] <= 1.0 and 0.0 <= row["bss_trivial"] <= 1.0 for row in every.values())
     assert all(0.0 <= row["bss_request"] <= 1.0 and 0.0 <= row["bss_request_trivial"] <= 1.0 for row in rows.values())
+    assert all(row["bss_request"] is None for row in every.values() if row["design"] == "single")
     # the mixture resembles its target less as the target's weight falls
     assert rows["λ∈[0.35, 0.65]"]["bss_trivial"] < rows["λ∈[0.65, 0.95]"]["bss_trivial"]
     assert report["sweep"]["baseline_dice"] is not None and report["sweep"]["dice_cases"] == 2

@@ -35,6 +35,9 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attackers", nargs="+", choices=ATTACKERS, default=list(ATTACKERS),
                    help="re-identification attackers (default: all; the worst case leads the report)")
     p.add_argument("--learned-steps", type=int, default=600, help="training steps of the learned attacker")
+    p.add_argument("--key-neighbours", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="mixtures the key-recovery attacker averages into each mixture's reference (how often it "
+                        "expects a reference to recur in the traffic); the best of these is reported")
     p.add_argument("--request-designs", nargs="+", choices=REQUEST_DESIGNS, default=["request"],
                    help="how the client sends each scan's K mixtures: in one request, shuffled with the mixtures "
                         "of the other scans of the batch (attacked by clustering), or only one (no TTA); the "
@@ -50,6 +53,8 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=8,
                    help="the client's K: mixtures per request the attackers see, and TTA references of the sweep's Dice")
     p.add_argument("--dice-cases", type=int, default=8, help="test scans for the sweep's Dice (0: all)")
+    p.add_argument("--no-sweep-separation", dest="sweep_separation", action="store_false",
+                   help="skip the sweep's separation attacks (about 15 CPU minutes per setting on the cohort)")
     p.add_argument("--bss-patches", type=int, default=8, help="patches attacked by source separation")
     p.add_argument("--bss-inits", type=int, default=3, help="random initialisations of each separation")
     p.add_argument("--bss-score-steps", type=int, default=2000, help="training steps of each score network")
@@ -91,13 +96,13 @@ def _audit(args: argparse.Namespace) -> None:
     from mixpriv.privacy.runner import AuditOptions, run_audit
 
     attackers = AttackerOptions(tuple(args.attackers), args.k, tuple(args.request_designs),
-                                LearnedAttackerOptions(steps=args.learned_steps))
+                                LearnedAttackerOptions(steps=args.learned_steps), tuple(args.key_neighbours))
     options = AuditOptions(parts=args.parts, split=args.split, attacker_split=args.attacker_split,
                            attacker_data=args.attacker_data, attackers=attackers,
                            max_cases=args.max_cases or None, seed=args.seed,
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
                            **({"sweep_settings": tuple(args.sweep_settings)} if args.sweep_settings is not None else {}),
-                           dice_cases=args.dice_cases or None,
+                           dice_cases=args.dice_cases or None, sweep_separation=args.sweep_separation,
                            separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,
                                                         score_steps=args.bss_score_steps,
                                                         steps_per_level=args.bss_steps_per_level,

@@ -95,14 +95,16 @@ def audit_test_retest(
 
 @dataclass
 class SweepRow:
-    """Privacy and utility of one mixing setting.
+    """Privacy and utility of one mixing setting under one request design.
 
     Attributes:
         setting: the mixing setting.
         reid_map: worst-case re-identification mAP of scans encoded this way, the highest of the
             attacker suite's (lower = more private).
         reid_attacker: the attacker that reached it.
-        dice: Learned+TTA mean foreground Dice of a model trained for this setting, if one was given.
+        design: how the client sends the mixtures (:data:`~mixpriv.privacy.attackers.REQUEST_DESIGNS`).
+        dice: mean foreground Dice of a model trained for this setting, if one was given: Learned+TTA
+            (K mixtures per scan), or Learned under the ``single`` design (one mixture, no TTA).
         model: that model's name.
         bss: mean MS-SSIM of the target recovered by the "λ known" separation attack, if run.
         bss_trivial: mean MS-SSIM of the mixture itself against the target on the same patches.
@@ -114,12 +116,18 @@ class SweepRow:
     setting: MixingSettings
     reid_map: float
     reid_attacker: str
+    design: str = "request"
     dice: float | None = None
     model: str | None = None
     bss: float | None = None
     bss_trivial: float | None = None
     bss_request: float | None = None
     bss_request_trivial: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The setting's name, with the design unless it is the plain request."""
+        return self.setting.name if self.design == "request" else f"{self.setting.name} · {self.design}"
 
 
 @dataclass
@@ -130,7 +138,7 @@ class SweepAudit:
         rows: one per setting.
         baseline_dice: the non-private baseline's mean foreground Dice on the same scans, if measured.
         dice_cases: number of scans the Dice were measured on.
-        k: TTA references used for the Dice.
+        k: TTA references used for the Dice (except under the ``single`` design).
     """
 
     rows: list[SweepRow]
@@ -139,8 +147,8 @@ class SweepAudit:
     k: int = 8
 
     def recommended(self, tolerance: float = 0.01) -> SweepRow | None:
-        """The most private setting (lowest worst-case re-identification mAP) whose Dice is within ``tolerance`` of
-        the baseline; ``None`` when no setting with a measured Dice qualifies.
+        """The most private row (lowest worst-case re-identification mAP) whose Dice is within ``tolerance`` of
+        the baseline; ``None`` when no row with a measured Dice qualifies.
 
         Example:
             >>> rows = [SweepRow(MixingSettings((0.65, 0.95)), 0.9, "paper", dice=0.90),
@@ -155,7 +163,7 @@ class SweepAudit:
         return min(eligible, key=lambda row: row.reid_map, default=None)
 
 
-def learned_tta_dice(
+def private_dice(
     models: Sequence[MixupPrivacyModule],
     baseline: BaselineSegmenter | None,
     folder: DatasetFolder,
@@ -165,14 +173,16 @@ def learned_tta_dice(
     max_cases: int | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[list[float], float | None]:
-    """Learned+TTA mean foreground Dice of each model on the test split, and the baseline's.
+) -> tuple[list[dict[str, float]], float | None]:
+    """Learned and Learned+TTA mean foreground Dice of each model on the test split, and the baseline's.
 
     Each model is evaluated with its own mixing setting (read from its hparams) on the same scans;
     the full evaluation of each (table, figures) is written under ``out_dir/<index>-<model name>``.
 
     Example:
-        >>> dice, baseline_dice = learned_tta_dice([model], baseline, folder, bank, Path("out"))  # doctest: +SKIP
+        >>> dice, baseline_dice = private_dice([model], baseline, folder, bank, Path("out"))  # doctest: +SKIP
+        >>> sorted(dice[0])  # doctest: +SKIP
+        ['Learned', 'Learned+TTA']
     """
     dice = []
     baseline_dice = None
@@ -181,7 +191,7 @@ def learned_tta_dice(
         result = evaluate_models(baseline if index == 0 else None, model, folder, bank, out_dir / f"{index}-{name}",
                                  k=k, seed=seed, max_cases=max_cases, progress=progress)
         aggregate = result.table.aggregate()
-        dice.append(aggregate["Learned+TTA"]["mean"]["mean"])
+        dice.append({row: aggregate[row]["mean"]["mean"] for row in ("Learned", "Learned+TTA")})
         if "Baseline" in aggregate:
             baseline_dice = aggregate["Baseline"]["mean"]["mean"]
     return dice, baseline_dice

@@ -16,6 +16,12 @@ from matplotlib.figure import Figure
 from mixpriv.plotting import save_figure, take_slice
 from mixpriv.privacy.reliability import ICCResult
 
+#: mAP of the paper's Table 2 (PPMI, the paper's own attacker), for comparison in the figures.
+PAPER_TABLE_2_MAP = {"Mixup-Privacy (paper)": 0.352, "Privacy-Net (paper)": 0.202, "Deformation-Proxy (paper)": 0.147}
+#: Line style of each of those rows.
+PAPER_LINE_STYLES = ("--", "-.", ":")
+_DESIGN_MARKERS = {"request": "o", "shuffled": "s", "single": "^"}
+
 
 def _save(figure: Figure, path: str | Path) -> Path:
     """Every audit figure: 110 dpi, cropped to its content."""
@@ -60,6 +66,12 @@ def plot_test_retest(first: Mapping[str, Sequence[float]], second: Mapping[str, 
     Example:
         >>> import tempfile, os
         >>> from mixpriv.privacy.reliability import ICCResult
+
+#: mAP of the paper's Table 2 (PPMI, the paper's own attacker), for comparison in the figures.
+PAPER_TABLE_2_MAP = {"Mixup-Privacy (paper)": 0.352, "Privacy-Net (paper)": 0.202, "Deformation-Proxy (paper)": 0.147}
+#: Line style of each of those rows.
+PAPER_LINE_STYLES = ("--", "-.", ":")
+_DESIGN_MARKERS = {"request": "o", "shuffled": "s", "single": "^"}
         >>> out = plot_test_retest({"GM": [0.9, 0.8, 0.85]}, {"GM": [0.91, 0.79, 0.86]},
         ...                        {"GM": ICCResult(0.97, 0.8, 0.99, 3)}, os.path.join(tempfile.mkdtemp(), "icc.png"))
         >>> out.name
@@ -109,28 +121,29 @@ def plot_separation(target: torch.Tensor, reference: torch.Tensor, mixture: torc
 
 
 def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dice: float | None = None) -> Path:
-    """Sweep rows (``setting``, ``worst_case_map``, ``dice``, optional ``bss``): each privacy score against Dice.
+    """The privacy-utility frontier: sweep rows (``setting``, ``worst_case_map``, ``dice``, optional
+    ``design`` and ``bss``), each privacy score against Dice, one marker shape per request design.
 
-    Left: worst-case re-identification mAP; right (when any row has one): the separation attack's MS-SSIM.
-    Rows without a Dice are drawn as a dotted vertical line (their privacy was measured, their
-    utility not).
+    Left: worst-case re-identification mAP, with the paper's Table 2 rows as vertical lines; right
+    (when any row has one): the separation attack's MS-SSIM. Rows without a Dice are drawn as a
+    dotted vertical line (their privacy was measured, their utility not).
 
     Example:
         >>> import tempfile, os
         >>> rows = [{"setting": "a", "worst_case_map": 0.5, "bss": 0.6, "dice": 0.9},
-        ...         {"setting": "b", "worst_case_map": 0.3, "bss": 0.4, "dice": None}]
+        ...         {"setting": "b", "design": "single", "worst_case_map": 0.3, "bss": 0.4, "dice": None}]
         >>> plot_privacy_utility(rows, os.path.join(tempfile.mkdtemp(), "sweep.png"), 0.91).name
         'sweep.png'
     """
     panels = [("worst_case_map", "worst-case re-identification mAP (lower = more private)")]
     if any(row.get("bss") is not None for row in rows):
         panels.append(("bss", "separation attack MS-SSIM, λ known (lower = more private)"))
-    figure = Figure(figsize=(6 * len(panels), 4.2))
+    figure = Figure(figsize=(6.5 * len(panels), 4.6))
     axes = np.atleast_1d(figure.subplots(1, len(panels), sharey=True))
-    axes[0].set_ylabel("Learned+TTA mean foreground Dice")
+    axes[0].set_ylabel("mean foreground Dice (Learned+TTA; Learned for single)")
+    dice_values = [row["dice"] for row in rows if row.get("dice") is not None]
     for ax, (key, label) in zip(axes, panels):
         ax.margins(x=0.2)  # room for the labels of the outermost points
-        dice_values = [row["dice"] for row in rows if row.get("dice") is not None]
         if dice_values or baseline_dice is not None:
             low = min(dice_values + ([baseline_dice - 0.01] if baseline_dice is not None else []))
             high = max(dice_values + ([baseline_dice] if baseline_dice is not None else []))
@@ -144,12 +157,17 @@ def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dic
                 ax.annotate(row["setting"], (x, ax.get_ylim()[0]), fontsize=7, rotation=90, xytext=(2, 4),
                             textcoords="offset points")
             else:
-                ax.scatter([x], [dice], s=30)
+                ax.scatter([x], [dice], s=30, marker=_DESIGN_MARKERS.get(row.get("design", "request"), "o"))
                 ax.annotate(row["setting"], (x, dice), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        if key == "worst_case_map":
+            for (name, value), style in zip(PAPER_TABLE_2_MAP.items(), PAPER_LINE_STYLES):
+                ax.axvline(value, color="tab:red", lw=0.7, ls=style, label=name)
         if baseline_dice is not None:
             ax.axhline(baseline_dice, color="black", lw=0.8, ls="--", label="non-private baseline")
             ax.axhline(baseline_dice - 0.01, color="grey", lw=0.8, ls=":", label="baseline - 0.01")
-            ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.set_xlabel(label)
-    figure.suptitle("Privacy-utility trade-off", fontsize=10)
+    figure.suptitle("Privacy-utility frontier (markers: o one request per scan, s shuffled batch, ^ one mixture)",
+                    fontsize=10)
     return _save(figure, path)

@@ -52,7 +52,7 @@ def reliability_section(audit: TestRetestAudit, out_dir: Path) -> tuple[dict, li
 
 def sweep_section(audit: SweepAudit, out_dir: Path) -> tuple[dict, list[str]]:
     """The privacy-utility sweep: per mixing setting, re-identification, separation and Dice; the recommendation."""
-    rows = [{"setting": row.setting.name, "lambda_range": list(row.setting.lambda_range),
+    rows = [{"setting": row.name, "design": row.design, "lambda_range": list(row.setting.lambda_range),
              "references_per_mix": row.setting.references_per_mix, "worst_case_map": row.reid_map,
              "worst_case_attacker": row.reid_attacker,
              "bss": row.bss, "bss_trivial": row.bss_trivial, "bss_request": row.bss_request,
@@ -66,7 +66,8 @@ def sweep_section(audit: SweepAudit, out_dir: Path) -> tuple[dict, list[str]]:
               "attack on each setting's mixtures (same patches and MS-SSIM setting as the separation section), "
               "next to MS-SSIM(mixture, target) on the same patches: the attack recovers the target only where "
               "it beats the mixture. *BSS on requests*: the same targets, each with the K mixtures of its request "
-              "separated jointly, next to MS-SSIM(request mean, target). Dice = Learned+TTA (K = {audit.k}) of a model trained for the setting, "
+              f"separated jointly, next to MS-SSIM(request mean, target). Dice = Learned+TTA (K = {audit.k}; "
+              "Learned for one mixture per scan, the `single` design) of a model trained for the setting, "
               f"on {audit.dice_cases} test scans (— = no model given for the setting). "
               f"Non-private baseline on the same scans: {_fmt(audit.baseline_dice)}."), "",
              *markdown_table(["Setting", "worst-case mAP", "worst attacker", "BSS MS-SSIM", "mixture MS-SSIM",
@@ -75,12 +76,12 @@ def sweep_section(audit: SweepAudit, out_dir: Path) -> tuple[dict, list[str]]:
                                _fmt(r["bss_trivial"]), _fmt(r["bss_request"]), _fmt(r["bss_request_trivial"]),
                                _fmt(r["dice"]), r["model"] or "—"] for r in rows]),
              "",
-             (f"**Recommended:** {recommended.setting.name}: the lowest worst-case mAP among the settings "
+             (f"**Recommended:** {recommended.name}: the lowest worst-case mAP among the settings "
               "whose Dice is within 0.01 of the baseline." if recommended else
               "**Recommended:** none: no setting with a measured Dice is within 0.01 of the baseline."),
              "", f"![privacy-utility]({figure.name})", ""]
     data = {"rows": rows, "baseline_dice": audit.baseline_dice, "dice_cases": audit.dice_cases, "k": audit.k,
-            "recommended": recommended.setting.name if recommended else None, "figure": figure.name}
+            "recommended": recommended.name if recommended else None, "figure": figure.name}
     return data, lines
 
 

@@ -27,7 +27,6 @@ from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.attackers import (
     AttackerAudit,
     AttackerOptions,
-    SettingAttacks,
     audit_attackers,
 )
 from mixpriv.privacy.attackers.report import attackers_section
@@ -35,7 +34,7 @@ from mixpriv.privacy.audit import (
     SweepAudit,
     SweepRow,
     audit_test_retest,
-    learned_tta_dice,
+    private_dice,
 )
 from mixpriv.privacy.bss import (
     SeparationOptions,
@@ -83,6 +82,8 @@ class AuditOptions:
         baseline: the non-private model the sweep's Dice are compared with.
         k: TTA references for the sweep's Dice.
         dice_cases: at most this many test scans for the sweep's Dice (``None``: all).
+        sweep_separation: run the separation attacks of every sweep setting (on single mixtures and on
+            whole requests; the costliest part of the sweep).
         separation: sizes of the blind source separation attack (patches, initialisations,
             score-network training steps, Langevin levels and steps).
     """
@@ -100,6 +101,7 @@ class AuditOptions:
     baseline: str | Path | BaselineSegmenter | None = "tissue-baseline-2mm"
     k: int = 8
     dice_cases: int | None = 8
+    sweep_separation: bool = True
     separation: SeparationOptions = field(default_factory=SeparationOptions)
 
     def __post_init__(self) -> None:
@@ -159,7 +161,8 @@ def run_audit(
     if "icc" in options.parts:
         retest = audit_test_retest(model, scans, bank, setting, options.seed, progress)
         sections["test_retest"] = reliability_section(retest, out_dir)
-    if "bss" in options.parts or "sweep" in options.parts:
+    separates = "bss" in options.parts or ("sweep" in options.parts and options.sweep_separation)
+    if separates:
         attacker_images = load_scans(folder, spacing, TRAIN, progress=progress).images
     if "bss" in options.parts:
         separation = audit_separation(scans.images, list(bank.images), attacker_images, setting.lambda_range,
@@ -168,37 +171,38 @@ def run_audit(
         sections["separation"] = separation_section(separation, out_dir)
     if "sweep" in options.parts:
         sweep = _sweep(sweep_models, sweep_settings, reid, options, folder, bank, out_dir, progress)
-        _separate_sweep(sweep, scans.images, bank, attacker_images, options, out_dir, progress)
+        if options.sweep_separation:
+            _separate_sweep(sweep, scans.images, bank, attacker_images, options, out_dir, progress)
         sections["sweep"] = sweep_section(sweep, out_dir)
     metadata = {"model": _name(model),
                 "data": str(folder.root), "split": options.split, "scans": len(scans),
                 "patients": len(set(scans.patient_ids)), "references in the key": len(bank),
                 "model's mixing": setting.name, "seed": options.seed, "parts": ", ".join(sections),
                 **({"attacker's brain prior": _attacker_data(attacker_images, key_is_train)}
-                   if "bss" in options.parts or "sweep" in options.parts else {}),
+                   if separates else {}),
                 "options": {k: v for k, v in asdict(options).items()
-                            if k in ("parts", "split", "max_cases", "k", "dice_cases", "separation")}}
+                            if k in ("parts", "split", "max_cases", "k", "dice_cases", "sweep_separation", "separation")}}
     return write_report(sections, metadata, out_dir)
 
 
 def _sweep(models: Sequence[MixupPrivacyModule], settings: Sequence[MixingSettings], reid: AttackerAudit,
            options: AuditOptions, folder: DatasetFolder, bank: ReferenceBank, out_dir: Path,
            progress: bool) -> SweepAudit:
-    """One sweep row per setting: its worst-case re-identification and, where a model was trained for it, its Dice."""
+    """One sweep row per setting and request design: its worst-case re-identification and, where a model was
+    trained for the setting, its Dice as that design allows (Learned+TTA; Learned for one mixture per scan)."""
     baseline = _load(options.baseline, BaselineSegmenter) if options.baseline is not None else None
-    dice, baseline_dice = learned_tta_dice(models, baseline, folder, bank, out_dir / "sweep", options.k,
-                                           options.dice_cases, options.seed, progress)
-    measured: dict[MixingSettings, tuple[float, str]] = {}
-    for model, value in zip(models, dice):
-        measured.setdefault(MixingSettings.of_model(model.hparams), (value, _name(model)))
-    attacked: dict[MixingSettings, SettingAttacks] = {}
-    for row in reid.settings:  # the first request design attacked is the client's
-        attacked.setdefault(row.setting, row)
+    dice, baseline_dice = private_dice(models, baseline, folder, bank, out_dir / "sweep", options.k,
+                                       options.dice_cases, options.seed, progress)
+    measured: dict[MixingSettings, tuple[dict[str, float], str]] = {}
+    for model, scores in zip(models, dice):
+        measured.setdefault(MixingSettings.of_model(model.hparams), (scores, _name(model)))
     rows = []
     for setting in settings:
-        value, name = measured.get(setting, (None, None))
-        row = attacked[setting]
-        rows.append(SweepRow(setting, row.worst_case_map, row.worst_attacker, dice=value, model=name))
+        scores, name = measured.get(setting, (None, None))
+        for row in (row for row in reid.settings if row.setting == setting):
+            value = scores["Learned" if row.design == "single" else "Learned+TTA"] if scores else None
+            rows.append(SweepRow(setting, row.worst_case_map, row.worst_attacker, design=row.design, dice=value,
+                                 model=name))
     labelled = sum(case.label_path is not None for case in folder.cases(TEST))
     return SweepAudit(rows, baseline_dice, min(options.dice_cases or labelled, labelled), options.k)
 
@@ -207,18 +211,23 @@ def _separate_sweep(sweep: SweepAudit, images: Sequence[torch.Tensor], bank: Ref
                     attacker_images: Sequence[torch.Tensor], options: AuditOptions, out_dir: Path,
                     progress: bool) -> None:
     """Fill each sweep row's separation scores: the "λ known" attack on that setting's single mixtures
-    and, when the client sends K > 1 mixtures per scan, on its whole requests."""
+    and, for the ``request`` design with K > 1 mixtures per scan, on its whole requests."""
     prior = train_score_prior(attacker_images, out_dir / "bss" / "prior-brain", options.separation,
                               progress=progress, seed=options.seed)
     k = options.attackers.k
-    for row in tqdm(sweep.rows, desc="sweep: separation per setting", disable=not progress):
-        result = attack_setting(images, list(bank.images), prior, row.setting.lambda_range,
-                                row.setting.references_per_mix, options.separation, options.seed, progress)
-        row.bss, row.bss_trivial = result.mean, result.trivial_mean
-        if k > 1:  # the server holds each scan's K mixtures together: separate them jointly too
-            request = attack_requests(images, list(bank.images), prior, row.setting.lambda_range, k,
-                                      row.setting.references_per_mix, options.separation, options.seed, progress)
-            row.bss_request, row.bss_request_trivial = request.mean, request.trivial_mean
+    settings = _unique([row.setting for row in sweep.rows])
+    for setting in tqdm(settings, desc="sweep: separation per setting", disable=not progress):
+        single = attack_setting(images, list(bank.images), prior, setting.lambda_range, setting.references_per_mix,
+                                options.separation, options.seed, progress)
+        rows = [row for row in sweep.rows if row.setting == setting]
+        request = None
+        if k > 1 and any(row.design == "request" for row in rows):  # the server holds each scan's K mixtures
+            request = attack_requests(images, list(bank.images), prior, setting.lambda_range, k,
+                                      setting.references_per_mix, options.separation, options.seed, progress)
+        for row in rows:
+            row.bss, row.bss_trivial = single.mean, single.trivial_mean
+            if request is not None and row.design == "request":
+                row.bss_request, row.bss_request_trivial = request.mean, request.trivial_mean
 
 
 def _attacker_data(images: Sequence[torch.Tensor], key_is_train: bool) -> str:

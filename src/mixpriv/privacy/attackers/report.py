@@ -18,12 +18,13 @@ from matplotlib.figure import Figure
 from mixpriv.evaluation.report import markdown_table
 from mixpriv.plotting import save_figure
 from mixpriv.privacy.attackers.suite import ATTACKERS, AttackerAudit
-from mixpriv.privacy.figures import plot_similarity_matrices
+from mixpriv.privacy.figures import (
+    PAPER_LINE_STYLES,
+    PAPER_TABLE_2_MAP,
+    plot_similarity_matrices,
+)
 
-__all__ = ["PAPER_TABLE_2_MAP", "attackers_section", "plot_attackers"]
-
-#: mAP of the paper's Table 2 (PPMI, the paper's own attacker), for comparison in the figure.
-PAPER_TABLE_2_MAP = {"Mixup-Privacy (paper)": 0.352, "Privacy-Net (paper)": 0.202, "Deformation-Proxy (paper)": 0.147}
+__all__ = ["attackers_section", "plot_attackers"]
 
 _DESCRIPTIONS = {
     "paper": "one mixture per scan, MS-SSIM retrieval (the paper's Table 2 attacker)",
@@ -31,6 +32,11 @@ _DESCRIPTIONS = {
     "population": "one mixture minus the expected reference (1 − λ̂)·μ, divided by λ̂",
     "request-population": "the request mean minus the expected reference",
     "request-rank1": "least-squares rank-1 fit of the K mixtures about the population mean (their shared component)",
+    "correlation": ("Pearson correlation of the request's mean coarse features (minus the population mean, "
+                    "pooled by 2) over the whole traffic"),
+    "key-recovery": ("the key's references recovered from the traffic: each mixture minus its projection on the mean "
+                     "of its n most correlated mixtures of other requests (those that share its reference), then "
+                     "correlation; the best n of the audit's choices"),
     "learned": "3D embedding trained contrastively on mixtures of the attacker's own scans, one mixture",
     "learned-request": "the same embedding of the request's mean",
 }
@@ -57,7 +63,7 @@ def plot_attackers(rows: Sequence[Mapping], no_proxy_map: float, path: str | Pat
         values = [row["attackers"].get(name, {}).get("map", np.nan) for row in rows]
         ax.bar(np.arange(len(rows)) + (j - (len(names) - 1) / 2) * width, values, width, label=name)
     ax.axhline(no_proxy_map, color="black", lw=0.8, label="no proxy (raw scans)")
-    for (label, value), style in zip(PAPER_TABLE_2_MAP.items(), ("--", "-.", ":")):
+    for (label, value), style in zip(PAPER_TABLE_2_MAP.items(), PAPER_LINE_STYLES):
         ax.axhline(value, color="grey", lw=0.8, ls=style, label=label)
     ax.set_xticks(np.arange(len(rows)), [row["setting"] for row in rows], fontsize=8)
     ax.set_ylim(0, 1.05)
@@ -73,6 +79,7 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
     for row in audit.settings:
         rows.append({
             "setting": row.name, "design": row.design, "linking_ari": row.linking_ari,
+            "key_recovery_ari": row.key_recovery_ari, "key_recovery_neighbours": row.key_recovery_neighbours,
             "lambda_range": list(row.setting.lambda_range),
             "references_per_mix": row.setting.references_per_mix, "dirichlet_alpha": row.setting.dirichlet_alpha,
             "worst_case_map": row.worst_case_map, "worst_case_attacker": row.worst_attacker,
@@ -89,9 +96,9 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
             for row in audit.settings}},
         audit.patient_ids, out_dir / "reidentification.png")
     names = [name for name in ATTACKERS if any(name in row["attackers"] for row in rows)]
-    table = [["No proxy (raw scans)", _fmt(no_proxy["map"]), "—", "—", *(["—"] * len(names))]]
+    table = [["No proxy (raw scans)", _fmt(no_proxy["map"]), "—", "—", "—", "—", *(["—"] * len(names))]]
     table += [[r["setting"], f"**{_fmt(r['worst_case_map'])}**", r["worst_case_attacker"], _fmt(r["linking_ari"]),
-               *(_fmt(r["attackers"].get(name, {}).get("map")) for name in names)] for r in rows]
+               _fmt(r["key_recovery_ari"]), str(r["key_recovery_neighbours"] or "—"), *(_fmt(r["attackers"].get(name, {}).get("map")) for name in names)] for r in rows]
     other, same = audit.other_patient_msssim, audit.same_patient_msssim
     calibration = [[r["setting"], *(_fmt(r["msssim_estimate_vs_patient"].get(name)) for name in names
                                     if any(name in x["msssim_estimate_vs_patient"] for x in rows)),
@@ -104,7 +111,8 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
               "references never of the scan's own patient: all K in one request (design `request`); the "
               "mixtures of the whole batch of scans shuffled (`shuffled`; the server then links them by "
               "clustering, and the request attackers see the cluster of each scan's first mixture; the adjusted "
-              "Rand index (ARI) says how well the clusters found the scans); or only the first mixture, no TTA "
+              "Rand index (ARI) says how well the clusters found the scans, by the plain features and after "
+              "the key-recovery attacker removed the estimated references); or only the first mixture, no TTA "
               "(`single`). Every attacker below re-identifies "
               "patients "
               f"by retrieval over the {len(audit.patient_ids)} scans ({queries} queries from "
@@ -112,7 +120,8 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
               f"of any attacker. Estimates are ranked by 3D MS-SSIM ({audit.msssim.describe()}); the population "
               f"and learned attackers learnt from {audit.attacker_data}."), "",
              *(f"- **{name}**: {_DESCRIPTIONS[name]}" for name in names), "",
-             *markdown_table(["Setting", "worst-case mAP", "worst attacker", "linking ARI", *names], table), "",
+             *markdown_table(["Setting", "worst-case mAP", "worst attacker", "linking ARI", "key-recovery ARI",
+                              "key-recovery n", *names], table), "",
              f"![attackers]({bars.name})", "",
              ("**Is the server's view closer to the patient than another patient is?** Mean MS-SSIM of each "
               "attacker's estimate of a scan against that scan, next to a scan against the scans of other "

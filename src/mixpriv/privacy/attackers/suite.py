@@ -4,8 +4,10 @@ For each setting the client's requests are drawn once (K mixtures per scan, refe
 scan's own patient). Under the ``request`` design the server holds each scan's K mixtures together;
 under ``shuffled`` it holds the mixtures of a whole batch in random order and first links them by
 clustering (:mod:`~mixpriv.privacy.attackers.linking`). Every attacker of :mod:`~mixpriv.privacy.attackers.estimates` (MS-SSIM
-retrieval of its estimate) and the learned attacker of :mod:`~mixpriv.privacy.attackers.learned`
-(cosine retrieval of its embedding, of one mixture and of the request) then re-identify patients,
+retrieval of its estimate), the traffic attackers of :mod:`~mixpriv.privacy.attackers.traffic`
+(correlation retrieval, and recovery of the key's references from the whole traffic) and the
+learned attacker of :mod:`~mixpriv.privacy.attackers.learned` (cosine retrieval of its embedding,
+of one mixture and of the request) then re-identify patients,
 scored by F1, mAP and top-1 (:func:`~mixpriv.privacy.reidentification.retrieval_metrics`). A
 setting's privacy is its **worst case**: the highest mAP over the attackers, and which one set it.
 
@@ -39,6 +41,12 @@ from mixpriv.privacy.attackers.learned import (
     train_embedding,
 )
 from mixpriv.privacy.attackers.linking import link_by_clustering
+from mixpriv.privacy.attackers.traffic import (
+    KEY_RECOVERY,
+    TRAFFIC_ATTACKERS,
+    TrafficAttack,
+    attack_traffic,
+)
 from mixpriv.privacy.reidentification import ReidResult, encode_scans, retrieval_metrics
 from mixpriv.privacy.scans import AuditScans
 from mixpriv.privacy.similarity import (
@@ -53,7 +61,7 @@ __all__ = ["ATTACKERS", "REQUEST_DESIGNS", "AttackerAudit", "AttackerOptions", "
 
 LEARNED_SINGLE, LEARNED_REQUEST = "learned", "learned-request"
 #: Every attacker of the suite, in report order.
-ATTACKERS = (*VOLUME_ATTACKERS, LEARNED_SINGLE, LEARNED_REQUEST)
+ATTACKERS = (*VOLUME_ATTACKERS, *TRAFFIC_ATTACKERS, LEARNED_SINGLE, LEARNED_REQUEST)
 #: How the client sends its mixtures: each scan's K in one request; the K of every scan of a batch
 #: shuffled together (the server then links them by clustering, :mod:`~mixpriv.privacy.attackers.linking`);
 #: or one mixture per scan, without test-time augmentation (what the paper attacks).
@@ -69,12 +77,16 @@ class AttackerOptions:
         k: mixtures per scan, as the client sends them (its TTA K; 1 without TTA).
         designs: request designs attacked (:data:`REQUEST_DESIGNS`); each setting is attacked under each.
         learned: the learned attacker's network and training.
+        key_neighbours: how many mixtures the key-recovery attacker averages into each mixture's
+            reference (:func:`~mixpriv.privacy.attackers.traffic.deflate_references`); it is scored with
+            each and reports the best, since the attacker can tune this on its own simulated traffic.
     """
 
     attackers: tuple[str, ...] = ATTACKERS
     k: int = 8
     designs: tuple[str, ...] = ("request",)
     learned: LearnedAttackerOptions = field(default_factory=LearnedAttackerOptions)
+    key_neighbours: tuple[int, ...] = (1, 2, 4, 8)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.attackers) - set(ATTACKERS))
@@ -82,6 +94,8 @@ class AttackerOptions:
             raise InputError(f"unknown or no attacker(s) {unknown}; choose from {list(ATTACKERS)}")
         if self.k < 1:
             raise InputError(f"requests hold at least one mixture, got k = {self.k}")
+        if not self.key_neighbours or min(self.key_neighbours) < 1:
+            raise InputError(f"the key-recovery attacker averages at least one neighbour, got {self.key_neighbours}")
         unknown = sorted(set(self.designs) - set(REQUEST_DESIGNS))
         if unknown or not self.designs:
             raise InputError(f"unknown or no request design(s) {unknown}; choose from {list(REQUEST_DESIGNS)}")
@@ -100,6 +114,9 @@ class SettingAttacks:
             against that scan.
         linking_ari: with the shuffled design, how well the server's clusters found the scans
             (adjusted Rand index); ``None`` otherwise.
+        key_recovery_ari: the same for the key-recovery attacker's clusters (of the mixtures without
+            their estimated references).
+        key_recovery_neighbours: the number of neighbours of the key-recovery attacker's best score.
     """
 
     setting: MixingSettings
@@ -108,6 +125,8 @@ class SettingAttacks:
     similarities: dict[str, torch.Tensor]
     patient_msssim: dict[str, float]
     linking_ari: float | None = None
+    key_recovery_ari: float | None = None
+    key_recovery_neighbours: int | None = None
 
     @property
     def name(self) -> str:
@@ -206,8 +225,8 @@ def audit_attackers(
         for design in options.designs:
             linked = link_by_clustering(requests, population.mean) if design == "shuffled" else None
             seen = linked.requests if linked else [r[:1] for r in requests] if design == "single" else requests
-            row, network = _attack_setting(setting, design, seen, scans, attacker_scans, population, network,
-                                           options, msssim, seed, progress)
+            row, network = _attack_setting(setting, design, requests, seen, scans, attacker_scans, population,
+                                           network, options, msssim, seed, progress)
             row.linking_ari = linked.adjusted_rand_index if linked else None
             rows.append(row)
     data = (f"the attacker's own {len(attacker_scans)} scans of {len(set(attacker_scans.patient_ids))} patients "
@@ -216,16 +235,24 @@ def audit_attackers(
                          list(scans.patient_ids), options.k, msssim, data)
 
 
-def _attack_setting(setting: MixingSettings, design: str, requests: list[torch.Tensor], scans: AuditScans,
-                    attacker_scans: AuditScans, population: Population, network: EmbeddingNetwork | None,
-                    options: AttackerOptions, msssim: MSSSIMSettings, seed: int,
+def _attack_setting(setting: MixingSettings, design: str, requests: list[torch.Tensor], seen: list[torch.Tensor],
+                    scans: AuditScans, attacker_scans: AuditScans, population: Population,
+                    network: EmbeddingNetwork | None, options: AttackerOptions, msssim: MSSSIMSettings, seed: int,
                     progress: bool) -> tuple[SettingAttacks, EmbeddingNetwork | None]:
-    """Every chosen attacker on what the server holds of each scan (its request, or the cluster it linked)."""
+    """Every chosen attacker on what the server holds of each scan (``seen``: its request, the cluster it
+    linked, or its first mixture), the traffic attackers on all of the client's ``requests`` as ``design`` sends them."""
     results, similarities, patient_msssim = {}, {}, {}
+    key_recovery = (None, None)
     chosen = [name for name in ATTACKERS if name in options.attackers]
     for name in tqdm(chosen, desc=f"attackers on {setting.name} ({design})", disable=not progress):
-        if name in VOLUME_ATTACKERS:
-            estimates = [VOLUME_ATTACKERS[name](request, population)[None] for request in requests]
+        if name == KEY_RECOVERY:
+            attack, neighbours = _best_key_recovery(requests, design, population, scans.patient_ids,
+                                                    options.key_neighbours)
+            similarities[name], key_recovery = attack.similarity, (attack.linking_ari, neighbours)
+        elif name in TRAFFIC_ATTACKERS:
+            similarities[name] = attack_traffic(requests, design, population.mean, name).similarity
+        elif name in VOLUME_ATTACKERS:
+            estimates = [VOLUME_ATTACKERS[name](request, population)[None] for request in seen]
             similarities[name] = similarity_matrix(estimates, msssim, progress=False)
             patient_msssim[name] = float(torch.cat([ms_ssim_3d(e[None], s[None], msssim)
                                                     for e, s in zip(estimates, scans.images)]).mean())
@@ -233,7 +260,17 @@ def _attack_setting(setting: MixingSettings, design: str, requests: list[torch.T
             if network is None:
                 network = train_embedding(attacker_scans.images, attacker_scans.patient_ids, setting, options.k,
                                           options.learned, seed, progress)
-            embeddings = embed(network, requests, options.learned.downsample, use_mean=name == LEARNED_REQUEST)
+            embeddings = embed(network, seen, options.learned.downsample, use_mean=name == LEARNED_REQUEST)
             similarities[name] = embeddings @ embeddings.T
         results[name] = retrieval_metrics(similarities[name], scans.patient_ids)
-    return SettingAttacks(setting, design, results, similarities, patient_msssim), network
+    return SettingAttacks(setting, design, results, similarities, patient_msssim, key_recovery_ari=key_recovery[0],
+                          key_recovery_neighbours=key_recovery[1]), network
+
+
+def _best_key_recovery(requests: list[torch.Tensor], design: str, population: Population, patient_ids: Sequence[str],
+                       choices: Sequence[int]) -> tuple[TrafficAttack, int]:
+    """The key-recovery attack with the number of neighbours (of ``choices``) that re-identifies best."""
+    attacks = {n: attack_traffic(requests, design, population.mean, KEY_RECOVERY, n) for n in choices}
+    best = max(attacks, key=lambda n: retrieval_metrics(attacks[n].similarity, patient_ids).mean_average_precision)
+    return attacks[best], best
+

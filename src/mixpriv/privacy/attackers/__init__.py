@@ -4,6 +4,8 @@
   mixture or a whole request (mean, population-corrected, rank-1 least squares), retrieved by MS-SSIM;
 - :mod:`~mixpriv.privacy.attackers.learned`: a contrastively trained 3D embedding, retrieved by cosine;
 - :mod:`~mixpriv.privacy.attackers.linking`: regrouping mixtures sent shuffled, by clustering;
+- :mod:`~mixpriv.privacy.attackers.traffic`: attackers of the whole traffic (correlation retrieval,
+  and recovery of the key's recurring references from it);
 - :mod:`~mixpriv.privacy.attackers.suite`: all of them on each mixing setting; the worst case leads.
 """
 
@@ -18,7 +20,12 @@ from mixpriv.privacy.attackers.suite import (
     SettingAttacks,
     audit_attackers,
 )
+from mixpriv.privacy.attackers.traffic import (
+    TRAFFIC_ATTACKERS,
+    attack_traffic,
+    deflate_references,
+)
 
-__all__ = ["ATTACKERS", "REQUEST_DESIGNS", "VOLUME_ATTACKERS", "AttackerAudit", "AttackerOptions",
-           "LearnedAttackerOptions", "LinkedRequests", "Population", "SettingAttacks", "audit_attackers",
-           "link_by_clustering"]
+__all__ = ["ATTACKERS", "REQUEST_DESIGNS", "TRAFFIC_ATTACKERS", "VOLUME_ATTACKERS", "AttackerAudit",
+           "AttackerOptions", "LearnedAttackerOptions", "LinkedRequests", "Population", "SettingAttacks",
+           "attack_traffic", "audit_attackers", "deflate_references", "link_by_clustering"]

@@ -64,14 +64,14 @@ _LICENCE = ("Synthetic data derived from the MNI ICBM152 2009a template, Copyrig
 
 
 @dataclass(frozen=True)
-class _Template:
+class Template:
     maps: np.ndarray  # (5, X, Y, Z) float32: T1 (skull-stripped), support, brain mask, GM, WM
     world_to_voxel: np.ndarray  # 4x4
     centre: np.ndarray  # centre of the brain's bounding box, mm
 
 
 @dataclass(frozen=True)
-class _Patient:
+class Patient:
     matrix: np.ndarray  # patient world -> template world: x = matrix @ y + offset + d(y)
     offset: np.ndarray
     displacement: np.ndarray  # (3, gx, gy, gz) displacement d in mm, every _GRID_MM / 2 mm
@@ -79,7 +79,7 @@ class _Patient:
 
 
 @lru_cache(maxsize=1)
-def _load_template(spacing: float) -> _Template:
+def load_template(spacing: float) -> Template:
     """Template maps, smoothed so that sampling them every ``spacing`` mm does not alias."""
     from nilearn import datasets  # slow import, only needed here
 
@@ -93,10 +93,10 @@ def _load_template(spacing: float) -> _Template:
     maps = np.stack([ndimage.gaussian_filter(m, sigma) if sigma > 0 else m for m in (t1, support, mask, gm, wm)])
     voxels = np.argwhere(mask > 0.5)
     bounds = nib.affines.apply_affine(mask_img.affine, np.stack([voxels.min(0), voxels.max(0)]))
-    return _Template(maps, np.linalg.inv(mask_img.affine), bounds.mean(0))
+    return Template(maps, np.linalg.inv(mask_img.affine), bounds.mean(0))
 
 
-def _output_grid(spacing: float, centre: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+def output_grid(spacing: float, centre: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and RAS affine of the output field of view, with world 0 on a voxel centre."""
     shape = tuple(int(n) for n in np.ceil(FOV_MM / spacing - 1e-6))
     origin = spacing * np.round((centre - spacing * (np.array(shape) - 1) / 2) / spacing)
@@ -105,7 +105,7 @@ def _output_grid(spacing: float, centre: np.ndarray) -> tuple[tuple[int, ...], n
     return shape, affine
 
 
-def _rotation(degrees: np.ndarray) -> np.ndarray:
+def rotation(degrees: np.ndarray) -> np.ndarray:
     """Rotation matrix from angles (degrees) about x, y and z."""
     a, b, c = np.deg2rad(degrees)
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
@@ -114,9 +114,9 @@ def _rotation(degrees: np.ndarray) -> np.ndarray:
     return rx @ ry @ rz
 
 
-def _draw_patient(rng: np.random.Generator, centre: np.ndarray) -> _Patient:
+def draw_patient(rng: np.random.Generator, centre: np.ndarray) -> Patient:
     """A random affine about the brain centre plus a smooth random displacement field."""
-    matrix = _rotation(rng.uniform(-4, 4, 3)) @ np.diag(rng.uniform(0.95, 1.05, 3))
+    matrix = rotation(rng.uniform(-4, 4, 3)) @ np.diag(rng.uniform(0.95, 1.05, 3))
     offset = centre + rng.uniform(-2, 2, 3) - matrix @ centre
     extent = FOV_MM + 2 * _GRID_MARGIN_MM
     grid_shape = np.ceil(extent / _GRID_MM).astype(int) + 1
@@ -125,10 +125,10 @@ def _draw_patient(rng: np.random.Generator, centre: np.ndarray) -> _Patient:
     field *= _DISPLACEMENT_RMS_MM / field.std(axis=(1, 2, 3), keepdims=True)
     # Cubic upsampling to half the control spacing, so that scans can sample it linearly (fast).
     fine = np.stack([ndimage.zoom(f, (2 * grid_shape - 1) / grid_shape, order=3, mode="nearest") for f in field])
-    return _Patient(matrix, offset, fine.astype(np.float32), centre - extent / 2)
+    return Patient(matrix, offset, fine.astype(np.float32), centre - extent / 2)
 
 
-def _sample_points(template: _Template, patient: _Patient, motion: tuple[np.ndarray, np.ndarray],
+def sample_points(template: Template, patient: Patient, motion: tuple[np.ndarray, np.ndarray],
                    world: np.ndarray) -> np.ndarray:
     """Template voxel coordinates (3, N) of scanner world points (3, N) through motion and patient."""
     rotation, shift = motion
@@ -148,7 +148,7 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return np.exp(log_field)
 
 
-def _acquire(rng: np.random.Generator, t1: np.ndarray, support: np.ndarray, spacing: float) -> np.ndarray:
+def acquire(rng: np.random.Generator, t1: np.ndarray, support: np.ndarray, spacing: float) -> np.ndarray:
     """Contrast, bias, blur, Rician noise and scale of one acquisition; zero outside the support."""
     gamma = np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
     scale = np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
@@ -160,18 +160,18 @@ def _acquire(rng: np.random.Generator, t1: np.ndarray, support: np.ndarray, spac
     return (scale * image * (support > 0.5)).astype(np.float32)
 
 
-def _make_scan(template: _Template, patient: _Patient, rng: np.random.Generator, spacing: float,
+def _make_scan(template: Template, patient: Patient, rng: np.random.Generator, spacing: float,
                shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Image (float32) and label (uint8) of one scan of ``patient`` on the output grid."""
-    motion = (_rotation(rng.uniform(-1.5, 1.5, 3)), rng.uniform(-1.5, 1.5, 3))
+    motion = (rotation(rng.uniform(-1.5, 1.5, 3)), rng.uniform(-1.5, 1.5, 3))
     world = (affine[:3, :3] @ np.indices(shape, np.float32).reshape(3, -1)) + affine[:3, 3:]
-    points = _sample_points(template, patient, motion, world)
+    points = sample_points(template, patient, motion, world)
     t1, support, mask, gm, wm = (
         ndimage.map_coordinates(m, points, order=1, mode="constant", cval=0.0).reshape(shape)
         for m in template.maps)
     csf = np.clip(mask - gm - wm, 0, None)
     label = np.argmax(np.stack([1 - mask, csf, gm, wm]), axis=0).astype(np.uint8)
-    return _acquire(rng, t1, support, spacing), label
+    return acquire(rng, t1, support, spacing), label
 
 
 def split_patients(n_patients: int, fractions: tuple[float, float, float], seed: int) -> list[str]:
@@ -190,7 +190,7 @@ def split_patients(n_patients: int, fractions: tuple[float, float, float], seed:
     return [names[rank] for rank in np.argsort(order)]
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write ``array`` with ``affine`` as MNI-aligned qform and sform."""
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code="mni")
@@ -223,14 +223,14 @@ def _write_patient(task: tuple[Path, dict, int, str]) -> dict[str, dict]:
     folder, params, p, split = task
     template, shape, affine = _WORKER_STATE["template"], _WORKER_STATE["shape"], _WORKER_STATE["affine"]
     seed, spacing = params["seed"], params["spacing_mm"]
-    patient = _draw_patient(np.random.default_rng([seed, 0, p]), template.centre)
+    patient = draw_patient(np.random.default_rng([seed, 0, p]), template.centre)
     cases = {}
     for s in range(params["scans_per_patient"]):
         case = f"P{p:03d}_S{s}"
         image, label = _make_scan(template, patient, np.random.default_rng([seed, 1, p, s]), spacing, shape, affine)
         suffix = "Ts" if split == TEST else "Tr"
-        _save_nifti(image, affine, folder / f"images{suffix}" / f"{case}_0000.nii.gz")
-        _save_nifti(label, affine, folder / f"labels{suffix}" / f"{case}.nii.gz")
+        save_nifti(image, affine, folder / f"images{suffix}" / f"{case}_0000.nii.gz")
+        save_nifti(label, affine, folder / f"labels{suffix}" / f"{case}.nii.gz")
         cases[case] = {"patient": f"P{p:03d}", "scan": s, "split": split}
     return cases
 
@@ -244,8 +244,8 @@ def _write_cohort(folder: Path, params: dict, progress: bool, workers: int) -> N
     from mixpriv.plotting import plot_label_overlay  # matplotlib: import late
 
     spacing, seed = params["spacing_mm"], params["seed"]
-    template = _load_template(spacing)
-    shape, affine = _output_grid(spacing, template.centre)
+    template = load_template(spacing)
+    shape, affine = output_grid(spacing, template.centre)
     _WORKER_STATE.update(template=template, shape=shape, affine=affine)
     splits = split_patients(params["n_patients"], tuple(params["split_fractions"]), seed)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
@@ -366,14 +366,14 @@ def build_cohort(out_dir: str | Path | None = None, *, n_patients: int = 60, sca
     try:
         os.chmod(tmp, 0o755)
         _write_cohort(tmp, params, progress, workers or min(4, os.cpu_count() or 1))
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Built the cohort in %s in %.1f s", out, time.perf_counter() - start)
     return out
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
+def swap_in(tmp: Path, out: Path) -> None:
     """Rename the complete ``tmp`` folder to ``out``, moving any previous ``out`` aside first."""
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -21,8 +21,13 @@ from mixpriv.validation import ArrayLike, InputError, check_same_shape
 logger = logging.getLogger(__name__)
 
 
-def _as_numpy_labels(label_map: ArrayLike, name: str) -> np.ndarray:
-    """Return ``label_map`` as a numpy array of integer labels (torch tensors are copied to CPU)."""
+def as_label_array(label_map: ArrayLike, name: str) -> np.ndarray:
+    """Return ``label_map`` as a numpy array of integer labels (torch tensors are copied to CPU).
+
+    Example:
+        >>> as_label_array(np.array([0.0, 2.0]), "label").tolist()
+        [0, 2]
+    """
     if hasattr(label_map, "detach"):  # torch.Tensor, without importing torch here
         label_map = label_map.detach().cpu().numpy()
     array = np.asarray(label_map)
@@ -78,8 +83,8 @@ def dice_per_class(prediction: ArrayLike, target: ArrayLike, labels: Mapping[str
         {'a': 0.6666666666666666, 'b': 0.6666666666666666, 'c': nan}
     """
     check_same_shape(prediction, target, "prediction", "target", spatial_only=False)
-    prediction_np = _as_numpy_labels(prediction, "prediction")
-    target_np = _as_numpy_labels(target, "target")
+    prediction_np = as_label_array(prediction, "prediction")
+    target_np = as_label_array(target, "target")
     scores: dict[str, float] = {}
     for name, value in foreground_labels(labels).items():
         predicted = prediction_np == value

@@ -59,8 +59,9 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> None:
-    from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
+    from mixpriv.data.datamodule import bank_from_cases
     from mixpriv.data.folder import DatasetFolder
+    from mixpriv.data.sources import resolve_data_dir
 
     spacing = args.spacing
     if spacing is None:

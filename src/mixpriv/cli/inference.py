@@ -41,8 +41,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
+    from mixpriv.data.datamodule import bank_from_cases
     from mixpriv.data.folder import DatasetFolder
+    from mixpriv.data.sources import resolve_data_dir
     from mixpriv.evaluation.runner import evaluate_models
     from mixpriv.mixing.bank import ReferenceBank
     from mixpriv.training import load_model
@@ -116,8 +117,8 @@ def add_predict_baseline(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict_baseline(args: argparse.Namespace) -> None:
-    from mixpriv.data.datamodule import resolve_data_dir
     from mixpriv.data.folder import DatasetFolder
+    from mixpriv.data.sources import resolve_data_dir
     from mixpriv.inference.scans import TemplateSpace
     from mixpriv.inference.volume import baseline_probabilities
     from mixpriv.training import load_model

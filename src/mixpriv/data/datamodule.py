@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -32,21 +31,13 @@ from mixpriv.constants import (
 from mixpriv.data.folder import DatasetFolder, validate_case
 from mixpriv.data.preprocessing import preprocessing
 from mixpriv.data.randomisation import DomainRandomisation
+from mixpriv.data.sources import resolve_data_dir
 from mixpriv.geometry import GridSpace, resample_into
 from mixpriv.mixing import RandomMix, ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.validation import check_lambda_range, check_references_per_mix
 
 log = logging.getLogger(__name__)
-
-
-def resolve_data_dir(data_dir: str | Path | None, embedded_spacing: float = 2.0) -> Path:
-    """``None`` means the embedded cohort at ``embedded_spacing`` mm (built on first use)."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    from mixpriv.data.cohort import build_cohort, default_cohort_dir
-
-    return build_cohort(default_cohort_dir(spacing=embedded_spacing), spacing=embedded_spacing)
 
 
 def bank_from_cases(folder: DatasetFolder, split: str = TRAIN, spacing=None, max_references: int | None = None,

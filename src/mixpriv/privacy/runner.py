@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mixpriv.constants import AUDIT_PARTS, TEST, TRAIN, VAL
-from mixpriv.data.datamodule import bank_from_cases, resolve_data_dir
+from mixpriv.data.datamodule import bank_from_cases
 from mixpriv.data.folder import DatasetFolder
+from mixpriv.data.sources import resolve_data_dir
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank

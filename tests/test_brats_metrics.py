@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from mixpriv.evaluation.regions import (
     BRATS_REGIONS,
+    RegionTable,
     hausdorff95,
     region_dice,
     region_hd95,
@@ -89,3 +90,17 @@ def test_bad_inputs_are_refused():
         hausdorff95(np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool), (1.0, 0.0, 1.0))
     with pytest.raises(InputError, match="a spacing per axis"):
         hausdorff95(np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool), (1.0, 1.0))
+
+
+def test_the_region_table_aggregates_and_writes_both_metrics(tmp_path):
+    target = tumour()
+    table = RegionTable(spacing=(2.0, 2.0, 2.0))
+    table.add_prediction("Baseline", "c0", target, target)
+    table.add_prediction("Baseline", "c1", np.roll(target, 1, axis=0), target)
+    aggregate = table.dice.aggregate()["Baseline"]
+    assert aggregate["ET"]["n"] == 2 and aggregate["ET"]["mean"] < 1.0
+    assert table.hd95.aggregate()["Baseline"]["WT"]["mean"] == pytest.approx(1.0)  # 0 and 2 mm
+    paths = table.save(tmp_path)
+    text = paths["regions_table"].read_text()
+    assert "BraTS regions: Dice" in text and "HD95 (mm)" in text and "empty in both maps" in text
+    assert '"spacing_mm"' in paths["regions_json"].read_text()

@@ -16,7 +16,7 @@ from mixpriv.inference import pipeline as pipeline_module
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.privacy.attackers import ATTACKERS, AttackerOptions, LearnedAttackerOptions
+from mixpriv.privacy.attackers import ATTACKERS, VOLUME_ATTACKERS, AttackerOptions, LearnedAttackerOptions
 from mixpriv.privacy.bss import SeparationOptions
 from mixpriv.privacy.report import write_report
 from mixpriv.privacy.runner import AuditOptions, run_audit
@@ -84,7 +84,7 @@ def test_reidentification_and_test_retest_report(patient_folder, tiny_model, tmp
         assert list(row["attackers"]) == list(ATTACKERS)
         maps = {name: scores["map"] for name, scores in row["attackers"].items()}
         assert row["worst_case_map"] == max(maps.values()) and maps[row["worst_case_attacker"]] == row["worst_case_map"]
-        assert set(row["msssim_estimate_vs_patient"]) == set(ATTACKERS) - {"learned", "learned-request"}
+        assert set(row["msssim_estimate_vs_patient"]) == set(VOLUME_ATTACKERS)  # the attackers that estimate volumes
     assert set(report["test_retest"]["icc"]) == {"CSF", "GM", "WM"}
     assert len(report["test_retest"]["dice_first"]["GM"]) == 2 * TEST_PATIENTS
     markdown = paths["markdown"].read_text()

@@ -29,18 +29,24 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from mixpriv.evaluation.dice import as_label_array
+from mixpriv.evaluation.report import DiceTable, to_json
+from mixpriv.files import write_text_atomically
 from mixpriv.validation import ArrayLike, InputError, check_same_shape
 
-__all__ = ["BRATS_REGIONS", "hausdorff95", "region_dice", "region_hd95"]
+__all__ = ["BRATS_REGIONS", "TUMOUR_CLASSES", "RegionTable", "hausdorff95", "region_dice", "region_hd95"]
 
 #: BraTS region -> the classes it unites (class values of :data:`mixpriv.data.brats.CLASS_LABELS`).
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+#: The tumour task's label set; a dataset with exactly these labels is scored by region as well.
+TUMOUR_CLASSES = {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
 
 
 def _region_masks(prediction: ArrayLike, target: ArrayLike,
@@ -115,3 +121,51 @@ def region_hd95(prediction: ArrayLike, target: ArrayLike, spacing: Sequence[floa
     """
     return {name: hausdorff95(predicted, expected, spacing)
             for name, (predicted, expected) in _region_masks(prediction, target, regions).items()}
+
+
+class RegionTable:
+    """Per-case region Dice and HD95 of several methods (BraTS terms), next to the per-class :class:`DiceTable`.
+
+    Args:
+        spacing: voxel size (mm) of the grid the label maps are scored on.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> table = RegionTable(spacing=(2.0, 2.0, 2.0))
+        >>> target = np.zeros((6, 6, 6), dtype=np.uint8); target[1:5, 1:5, 1:5] = 2; target[2:4, 2:4, 2:4] = 3
+        >>> table.add_prediction("Baseline", "c0", target, target)["dice"]
+        {'WT': 1.0, 'TC': 1.0, 'ET': 1.0}
+        >>> sorted(table.save(tempfile.mkdtemp()))
+        ['regions_json', 'regions_table']
+    """
+
+    def __init__(self, spacing: Sequence[float]) -> None:
+        self.spacing = tuple(float(s) for s in spacing)
+        names = {"background": 0, **{name: i + 1 for i, name in enumerate(BRATS_REGIONS)}}
+        self.dice, self.hd95 = DiceTable(names), DiceTable(names)
+
+    def add_prediction(self, method: str, case_id: str, prediction: ArrayLike,
+                       target: ArrayLike) -> dict[str, dict[str, float]]:
+        """Score one case's class map against its target: region Dice and HD95 (mm), recorded and returned."""
+        scores = {"dice": region_dice(prediction, target), "hd95": region_hd95(prediction, target, self.spacing)}
+        self.dice.add(method, case_id, scores["dice"])
+        self.hd95.add(method, case_id, scores["hd95"])
+        return scores
+
+    def to_markdown(self) -> str:
+        """Both tables, with the conventions they follow."""
+        return (self.dice.to_markdown("BraTS regions: Dice", caption="Dice per case (a region empty in both maps "
+                                      "scores 1, in one only 0)")
+                + "\n" + self.hd95.to_markdown("BraTS regions: HD95 (mm)", digits=2, caption=(
+                    "Symmetric 95th-percentile Hausdorff distance per case (a region empty in both maps: 0 mm, "
+                    "in one only: the volume's diagonal)")))
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``regions.json`` (per case and aggregate, both metrics) and ``regions.md`` into ``out_dir``."""
+        out_dir = Path(out_dir)
+        data = {"regions": {name: list(values) for name, values in BRATS_REGIONS.items()}, "spacing_mm": self.spacing,
+                "dice": {"per_case": self.dice.per_case, "aggregate": self.dice.aggregate()},
+                "hd95_mm": {"per_case": self.hd95.per_case, "aggregate": self.hd95.aggregate()}}
+        text = json.dumps(to_json(data), indent=2, allow_nan=False, ensure_ascii=False)
+        return {"regions_json": write_text_atomically(out_dir / "regions.json", text + "\n"),
+                "regions_table": write_text_atomically(out_dir / "regions.md", self.to_markdown())}

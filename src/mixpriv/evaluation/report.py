@@ -54,16 +54,21 @@ def _nan_stats(values: list[float]) -> dict[str, float | int]:
     return {"mean": float(array.mean()), "std": float(array.std()), "n": int(array.size)}
 
 
-def _to_json(obj: Any) -> Any:
-    """Convert ``obj`` to plain JSON types, writing NaN as ``None`` (``null``)."""
+def to_json(obj: Any) -> Any:
+    """Convert ``obj`` to plain JSON types, writing NaN as ``None`` (``null``).
+
+    Example:
+        >>> to_json({"a": float("nan"), "b": (1, np.float32(0.5))})
+        {'a': None, 'b': [1, 0.5]}
+    """
     if isinstance(obj, Mapping):
-        return {str(key): _to_json(value) for key, value in obj.items()}
+        return {str(key): to_json(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_json(value) for value in obj]
+        return [to_json(value) for value in obj]
     if isinstance(obj, np.ndarray):
-        return _to_json(obj.tolist())
+        return to_json(obj.tolist())
     if isinstance(obj, np.generic):
-        return _to_json(obj.item())
+        return to_json(obj.item())
     if isinstance(obj, float):
         return None if math.isnan(obj) else obj
     if isinstance(obj, Path):
@@ -192,13 +197,15 @@ class DiceTable:
             result[method] = stats
         return result
 
-    def to_markdown(self, title: str | None = None, notes: Mapping[str, str] | None = None, digits: int = 3) -> str:
+    def to_markdown(self, title: str | None = None, notes: Mapping[str, str] | None = None, digits: int = 3,
+                    caption: str = "Dice per case (NaN when a class is absent from both maps, ignored)") -> str:
         """Render the aggregate as a Markdown table: methods × (classes in label order, ``Avg``).
 
         Args:
             title: optional heading written above the table.
             notes: settings printed under the table as ``- key: value`` lines.
             digits: decimals of each ``mean ± std`` cell.
+            caption: what the cells are, printed under the table before the case count.
 
         Returns:
             The Markdown text, ending with a newline.
@@ -226,7 +233,7 @@ class DiceTable:
             n_text = f"{next(iter(counts.values()))} case(s)"
         else:
             n_text = "cases (" + ", ".join(f"{method}: {counts[method]}" for method in self.methods) + ")"
-        lines += ["", f"Dice per case (NaN when a class is absent from both maps, ignored); mean ± std over {n_text}."]
+        lines += ["", f"{caption}; mean ± std over {n_text}."]
         if notes:
             lines.append("")
             lines += [f"- {key}: {value}" for key, value in notes.items()]
@@ -240,7 +247,7 @@ class DiceTable:
             "per_case": {method: self.per_case[method] for method in self.methods},
             "aggregate": self.aggregate(),
         }
-        return _to_json(summary)
+        return to_json(summary)
 
     def save(
         self,

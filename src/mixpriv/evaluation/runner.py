@@ -28,6 +28,7 @@ from mixpriv.evaluation.plots import (
     plot_private_segmentation,
     plot_variance_map,
 )
+from mixpriv.evaluation.regions import TUMOUR_CLASSES, RegionTable
 from mixpriv.evaluation.report import DiceTable
 from mixpriv.geometry import GridSpace, probabilities_onto, subject_into
 from mixpriv.inference.pipeline import PrivatePipeline, PrivateRun
@@ -59,7 +60,8 @@ def evaluate_models(
     max_cases: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Run the evaluation, write ``summary.json``, ``table.md``, figures and the first case's NIfTIs."""
+    """Run the evaluation, write ``summary.json``, ``table.md``, figures and the first case's NIfTIs; for the
+    tumour task (labels NCR / ED / ET) also the BraTS regions' Dice and HD95 (``regions.json``, ``regions.md``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = [c for c in folder.cases(TEST) if c.label_path is not None][:max_cases]
@@ -70,6 +72,7 @@ def evaluate_models(
     pipeline = PrivatePipeline.of_model(private)
     mixing = pipeline.mixing.check_bank(len(bank))
     table = DiceTable(folder.labels)
+    regions = RegionTable(bank.space.spacing) if folder.labels == TUMOUR_CLASSES and bank.space else None
     curves: dict[str, list[list[float]]] = {"Naive+TTA": [], "Learned+TTA": []}
     seconds: dict[str, list[float]] = {"baseline": [], "private_k1": [], f"private_k{k}": []}
     outputs: dict[str, Path] = {}
@@ -81,7 +84,7 @@ def evaluate_models(
             start = time.perf_counter()
             baseline_probs = baseline_probabilities(baseline, image)
             seconds["baseline"].append(time.perf_counter() - start)
-            table.add_prediction("Baseline", case.case_id, baseline_probs.argmax(0), label)
+            _score(table, regions, "Baseline", case.case_id, baseline_probs.argmax(0), label)
         start = time.perf_counter()
         run = pipeline(image, bank, k, ("learned", "naive"), generator)
         seconds[f"private_k{k}"].append(time.perf_counter() - start)
@@ -90,10 +93,9 @@ def evaluate_models(
             start = time.perf_counter()
             pipeline(image, bank, 1)
             seconds["private_k1"].append(time.perf_counter() - start)
-        table.add_prediction("Naive", case.case_id, naive.first(1).labels, label)
-        table.add_prediction("Naive+TTA", case.case_id, naive.labels, label)
-        table.add_prediction("Learned", case.case_id, learned.first(1).labels, label)
-        table.add_prediction("Learned+TTA", case.case_id, learned.labels, label)
+        for method, result in (("Naive", naive.first(1)), ("Naive+TTA", naive), ("Learned", learned.first(1)),
+                               ("Learned+TTA", learned)):
+            _score(table, regions, method, case.case_id, result.labels, label)
         for name, result in (("Naive+TTA", naive), ("Learned+TTA", learned)):
             curves[name].append([mean_foreground(dice_per_class(result.first(j).labels, label, folder.labels))
                                  for j in range(1, k + 1)])
@@ -113,8 +115,18 @@ def evaluate_models(
         notes["references per mixture (K-way)"] = (f"{mixing.references_per_mix}, Dirichlet(α = {mixing.dirichlet_alpha})"
                                                     " weights")
     outputs.update(table.save(out_dir, metadata=metadata, title="Segmentation (Dice), test split", notes=notes))
+    if regions is not None:
+        outputs.update(regions.save(out_dir))
     (out_dir / "dice_vs_k.json").write_text(json.dumps({"mean": dice_vs_k, "std": stds}, indent=2))
     return EvaluationResult(table, dice_vs_k, mean_seconds, outputs)
+
+
+def _score(table: DiceTable, regions: RegionTable | None, method: str, case_id: str, prediction: torch.Tensor,
+           label: torch.Tensor) -> None:
+    """Record one prediction's per-class Dice and, for the tumour task, its region scores."""
+    table.add_prediction(method, case_id, prediction, label)
+    if regions is not None:
+        regions.add_prediction(method, case_id, prediction, label)
 
 
 def _write_case_outputs(case, subject, bank: ReferenceBank, run: PrivateRun, label_names: Mapping[str, int],

@@ -1,4 +1,4 @@
-"""BraTS 2021 folders: the challenge layout, label mapping, splits by case, nnU-Net v2 conversion both ways."""
+"""BraTS 2021 folders: the challenge layout, label mapping, patients and splits by patient, nnU-Net v2 conversion."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from mixpriv.data.brats import (
     remap_labels,
     split_cases,
 )
+from mixpriv.data.brats_patients import PATIENTS_FILE, read_patients
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.files import OutputError
 from mixpriv.validation import InputError
@@ -67,8 +68,11 @@ def _case_id(index: int) -> str:
     return f"BraTS2021_{index:05d}"
 
 
-def write_brats(root: Path, n_cases: int = 3, modalities=MODALITIES) -> Path:
-    """A BraTS-layout folder: per case one file per modality (each its own values) and a seg file."""
+def write_brats(root: Path, n_cases: int = 3, modalities=MODALITIES, patients: dict[str, str] | None = None) -> Path:
+    """A BraTS-layout folder: per case one file per modality (each its own values) and a seg file.
+
+    ``patients`` (case id -> patient id) is written as the top-level ``patients.csv``.
+    """
     for i in range(n_cases):
         case_id = _case_id(i)
         folder = root / case_id
@@ -79,7 +83,15 @@ def write_brats(root: Path, n_cases: int = 3, modalities=MODALITIES) -> Path:
             _save(data, folder / f"{case_id}_{modality}.nii.gz")
         _save(_seg(i), folder / f"{case_id}_seg.nii.gz")
     (root / "BraTS2021_name_mapping.csv").write_text("BraTS2021,BraTS2020\n")  # top-level files are ignored
+    if patients is not None:
+        lines = ["case_id,patient_id", *(f"{case},{patient}" for case, patient in patients.items())]
+        (root / PATIENTS_FILE).write_text("\n".join(lines) + "\n")
     return root
+
+
+def _pairs(n_cases: int) -> dict[str, str]:
+    """Cases 2k and 2k + 1 are two scans of patient ``Pk``."""
+    return {_case_id(i): f"P{i // 2}" for i in range(n_cases)}
 
 
 def _data(path: Path) -> np.ndarray:
@@ -251,6 +263,126 @@ def test_conversion_never_overwrites(brats_root, tmp_path):
         nnunet_to_brats(dataset, dataset / "brats")
     (tmp_path / "empty").mkdir()
     assert nnunet_to_brats(dataset, tmp_path / "empty") == tmp_path / "empty"
+
+
+# ----------------------------------------------------------------------------- patients
+
+
+def _straddling(splits: dict[str, str], patients: dict[str, str]) -> dict[str, set[str]]:
+    """Patients whose cases fall into more than one split."""
+    seen: dict[str, set[str]] = {}
+    for case, split in splits.items():
+        seen.setdefault(patients[case], set()).add(split)
+    return {patient: found for patient, found in seen.items() if len(found) > 1}
+
+
+def test_patients_csv_gives_each_case_its_patient(tmp_path):
+    patients = {_case_id(0): "P0", _case_id(1): "P0", _case_id(3): "P1"}  # cases 2 and 4 are not listed
+    root = write_brats(tmp_path / "brats", n_cases=5, modalities=("t1ce",), patients=patients)
+    folder = BratsFolder(root)
+    assert folder.patients == {**patients, _case_id(2): _case_id(2), _case_id(4): _case_id(4)}
+    assert folder.patient_id(_case_id(1)) == "P0" and folder.patient_id(_case_id(2)) == _case_id(2)
+    assert folder.subject(_case_id(1))["patient_id"] == "P0"
+    with pytest.raises(KeyError, match="BraTS2021_00009"):
+        folder.patient_id(_case_id(9))
+    plain = BratsFolder(write_brats(tmp_path / "plain", n_cases=2, modalities=("t1ce",)))
+    assert plain.patients == {_case_id(0): _case_id(0), _case_id(1): _case_id(1)}  # the challenge's folders
+    assert plain.subject(_case_id(1))["patient_id"] == _case_id(1)
+    (root / PATIENTS_FILE).write_text("\ufeffcase_id , patient_id\n\n BraTS2021_00004 ,P9\n")  # BOM, spaces, blanks
+    assert BratsFolder(root).patients[_case_id(4)] == "P9"
+
+
+def test_splits_are_by_patient(tmp_path):
+    n_cases = 20
+    patients = _pairs(n_cases)
+    patients[_case_id(19)] = "P3"  # a patient with three scans; P9 keeps one
+    root = write_brats(tmp_path / "brats", n_cases=n_cases, modalities=("t1ce",), patients=patients)
+    folder = BratsFolder(root)
+    for seed in range(8):
+        splits = folder.splits((0.6, 0.2, 0.2), seed)
+        assert sorted(splits) == [_case_id(i) for i in range(n_cases)]
+        assert not _straddling(splits, patients), f"seed {seed}: a patient straddles splits"
+        by_patient = {patients[case]: split for case, split in splits.items()}
+        assert [list(by_patient.values()).count(name) for name in SPLITS] == [6, 2, 2]  # fractions of patients
+        assert split_cases(list(patients), (0.6, 0.2, 0.2), seed, patients=patients) == splits
+    by_case = split_cases(list(patients), (0.6, 0.2, 0.2), 0)  # the same cases without patients: by case
+    assert [list(by_case.values()).count(name) for name in SPLITS] == [12, 4, 4]
+    with pytest.raises(InputError, match="leave no training patient out of 1"):
+        split_cases([_case_id(0), _case_id(1)], (0.0, 1.0, 0.0), patients={_case_id(0): "P", _case_id(1): "P"})
+    with pytest.raises(InputError, match=r"no patient given for case\(s\) \['BraTS2021_00001'\]"):
+        split_cases([_case_id(0), _case_id(1)], patients={_case_id(0): "P"})
+
+
+def test_conversion_keeps_patients_together_and_records_them(tmp_path):
+    n_cases = 12
+    patients = _pairs(n_cases)
+    root = write_brats(tmp_path / "brats", n_cases=n_cases, modalities=("t1ce",), patients=patients)
+    for seed in range(4):
+        dataset = brats_to_nnunet(root, tmp_path / f"out{seed}", seed=seed)
+        meta = json.loads((dataset / "dataset.json").read_text())
+        recorded = meta["mixpriv"]["cases"]
+        assert {case: info["patient"] for case, info in recorded.items()} == patients
+        assert meta["mixpriv"]["n_patients"] == n_cases // 2
+        folder = DatasetFolder(dataset)
+        cases = [case for split in SPLITS for case in folder.cases(split)]
+        assert {case.case_id: case.patient_id for case in cases} == patients  # DatasetFolder sees the patients
+        assert {case.case_id: case.to_subject()["patient_id"] for case in cases} == patients
+        found = {case.case_id: case.split for case in cases}
+        assert found == BratsFolder(root).splits(seed=seed)
+        assert not _straddling(found, patients)
+        fold = json.loads((dataset / "splits_final.json").read_text())[0]
+        assert not {patients[c] for c in fold["train"]} & {patients[c] for c in fold["val"]}
+        test_ids = {p.name[: -len("_0000.nii.gz")] for p in (dataset / "imagesTs").iterdir()}
+        assert test_ids == {c for c, s in found.items() if s == TEST}
+        assert not {patients[c] for c in test_ids} & {patients[c] for c in fold["train"] + fold["val"]}
+
+
+def test_round_trip_keeps_patients(tmp_path):
+    patients = {**_pairs(6), _case_id(5): _case_id(5)}  # case 5 is its own patient, listed as such
+    root = write_brats(tmp_path / "brats", n_cases=6, modalities=("t1ce", "flair"), patients=patients)
+    dataset = brats_to_nnunet(root, tmp_path / "raw", modalities=["t1ce", "flair"], seed=2)
+    back = nnunet_to_brats(dataset, tmp_path / "back")
+    assert (back / PATIENTS_FILE).read_text().splitlines() == [
+        "case_id,patient_id", *(f"{case},{patients[case]}" for case in sorted(patients))]
+    again = BratsFolder(back, ["t1ce", "flair"])
+    assert again.patients == patients
+    assert again.splits(seed=2) == BratsFolder(root).splits(seed=2)
+    twice = brats_to_nnunet(back, tmp_path / "raw2", modalities=["t1ce", "flair"], seed=2)
+    assert (twice / "dataset.json").read_text() == (dataset / "dataset.json").read_text()
+    # a folder whose cases are their own patients converts back without patients.csv, as the challenge ships it
+    plain = brats_to_nnunet(write_brats(tmp_path / "plain", n_cases=3, modalities=("t1ce",)), tmp_path / "raw3")
+    assert not (nnunet_to_brats(plain, tmp_path / "back3") / PATIENTS_FILE).exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("case,patient\nBraTS2021_00000,P0\n", r"must start with the header case_id,patient_id, got 'case,patient'"),
+    ("", "must start with the header case_id,patient_id, got 'an empty file'"),
+    ("case_id,patient_id\nBraTS2021_00007,P0\n", r"line 2: case BraTS2021_00007 is not a case folder of"),
+    ("case_id,patient_id\nBraTS2021_00000,P0\nBraTS2021_00001,P0\nBraTS2021_00000,P1\n",
+     r"line 4: case BraTS2021_00000 is listed twice \(first on line 2\)"),
+    ("case_id,patient_id\nBraTS2021_00000,\n", "line 2: expected two non-empty fields case_id,patient_id"),
+    ("case_id,patient_id\nBraTS2021_00000,P0,extra\n", "line 2: expected two non-empty fields"),
+    ("case_id,patient_id\nBraTS2021_00000\n", "line 2: expected two non-empty fields"),
+])
+def test_malformed_patients_csv(tmp_path, text, message):
+    root = write_brats(tmp_path / "brats", n_cases=2, modalities=("t1ce",))
+    (root / PATIENTS_FILE).write_text(text)
+    with pytest.raises(InputError, match=message):
+        BratsFolder(root)
+    with pytest.raises(InputError, match=message):
+        brats_to_nnunet(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_patients_csv_that_is_no_file(tmp_path):
+    root = write_brats(tmp_path / "brats", n_cases=1, modalities=("t1ce",))
+    (root / PATIENTS_FILE).write_bytes(b"case_id,patient_id\n\xff\xfe,P0\n")
+    with pytest.raises(InputError, match="cannot be read as UTF-8"):
+        read_patients(root, [_case_id(0)])
+    (root / PATIENTS_FILE).unlink()
+    (root / PATIENTS_FILE).mkdir()
+    with pytest.raises(InputError, match="is not a file"):
+        read_patients(root, [_case_id(0)])
 
 
 # ----------------------------------------------------------------------------- errors

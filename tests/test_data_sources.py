@@ -52,12 +52,16 @@ def test_the_embedded_tumour_cohort_is_built_and_converted(tmp_path, home, monke
 
     def tiny_cohort(out_dir=None, **kwargs):
         built.append(kwargs["spacing"])
-        return build(tmp_path / "tumour", n_cases=3, spacing=6.0, workers=1)
+        return build(tmp_path / "tumour", n_patients=3, spacing=6.0, workers=1)
 
     monkeypatch.setattr(tumour_module, "build_tumour_cohort", tiny_cohort)
     folder = DatasetFolder(resolve_data_dir(EMBEDDED_TUMOUR, embedded_spacing=6.0))
     assert built == [6.0]
-    case = (folder.cases("train") + folder.cases("val") + folder.cases("test"))[0]
+    cases = folder.cases("train") + folder.cases("val") + folder.cases("test")
+    assert len(cases) == 6 and len({c.patient_id for c in cases}) == 3  # two scans per patient
+    for patient in {c.patient_id for c in cases}:
+        assert len({c.split for c in cases if c.patient_id == patient}) == 1  # a patient's scans in one split
+    case = cases[0]
     assert case.case_id.startswith("BraTS2021_") and len(case.image_paths) == 1  # T1ce
     values = set(np.unique(np.asanyarray(nib.load(str(case.label_path)).dataobj)).tolist())
     assert {0, 2, 3} <= values <= {0, 1, 2, 3}  # consecutive classes; oedema and enhancing tumour in every case

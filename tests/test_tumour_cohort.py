@@ -1,4 +1,4 @@
-"""The embedded synthetic tumour cohort (tiny settings: 4 mm, a handful of cases)."""
+"""The embedded synthetic tumour cohort (tiny settings: 4 mm, three patients scanned twice)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mixpriv.constants import ENV_HOME
-from mixpriv.data.brats import BratsFolder, brats_to_nnunet
+from mixpriv.constants import ENV_HOME, SPLITS
+from mixpriv.data.brats import BratsFolder, brats_to_nnunet, classes_to_brats
+from mixpriv.data.brats_patients import PATIENTS_FILE
 from mixpriv.data.cohort import load_template, output_grid
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.data.tumour import (
@@ -19,15 +20,18 @@ from mixpriv.data.tumour import (
     case_id,
     default_tumour_cohort_dir,
     make_case,
+    patient_id,
 )
 
-SPACING, N_CASES = 4.0, 6
+SPACING, N_PATIENTS, SCANS = 4.0, 3, 2
+N_CASES = N_PATIENTS * SCANS
 RIM = ndimage.generate_binary_structure(3, 1)
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    return build_tumour_cohort(tmp_path_factory.mktemp("tumour") / "c", n_cases=N_CASES, spacing=SPACING, workers=1)
+    return build_tumour_cohort(tmp_path_factory.mktemp("tumour") / "c", n_patients=N_PATIENTS, spacing=SPACING,
+                               workers=1)
 
 
 def _arrays(folder: Path, name: str) -> dict[str, np.ndarray]:
@@ -37,10 +41,10 @@ def _arrays(folder: Path, name: str) -> dict[str, np.ndarray]:
 
 def test_layout_and_parameters(cohort):
     assert sorted(p.name for p in cohort.iterdir()) == [*(case_id(i) for i in range(N_CASES)), "cohort.json",
-                                                         "preview.png"]
+                                                         "patients.csv", "preview.png"]
     stored = json.loads((cohort / "cohort.json").read_text())
-    assert stored["n_cases"] == N_CASES and stored["spacing_mm"] == SPACING and set(stored["cases"]) == {
-        case_id(i) for i in range(N_CASES)}
+    assert stored["n_patients"] == N_PATIENTS and stored["scans_per_patient"] == SCANS == 2
+    assert stored["spacing_mm"] == SPACING and set(stored["cases"]) == {case_id(i) for i in range(N_CASES)}
     arrays = _arrays(cohort, case_id(0))
     assert arrays["seg"].dtype == np.uint8 and arrays["t1ce"].dtype == np.float32
     assert arrays["t1ce"].shape == arrays["seg"].shape == (44, 52, 44)
@@ -52,32 +56,53 @@ def test_preview_png_written(cohort):
     assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and preview.stat().st_size > 10_000
 
 
+def test_patients_recorded_in_patients_csv_and_cohort_json(cohort):
+    expected = [f"{case_id(p * SCANS + s)},{patient_id(p)}" for p in range(N_PATIENTS) for s in range(SCANS)]
+    assert (cohort / PATIENTS_FILE).read_text().splitlines() == ["case_id,patient_id", *expected]
+    stored = json.loads((cohort / "cohort.json").read_text())["cases"]
+    for p in range(N_PATIENTS):
+        first, second = (stored[case_id(p * SCANS + s)] for s in range(SCANS))
+        assert (first["patient"], first["scan"], second["patient"], second["scan"]) == (
+            patient_id(p), 0, patient_id(p), 1)
+        assert first["tumour"] == second["tumour"]  # one tumour per patient
+        for label, volume in first["volume_ml"].items():  # the same volume up to resampling after the motion
+            assert abs(second["volume_ml"][label] - volume) <= 0.15 * volume + 0.2, (p, label)
+    assert len({json.dumps(stored[case_id(p * SCANS)]["tumour"]) for p in range(N_PATIENTS)}) == N_PATIENTS
+
+
 def test_same_seed_same_arrays_other_seed_differs(cohort, tmp_path):
-    again = build_tumour_cohort(tmp_path / "again", n_cases=2, spacing=SPACING, workers=2)  # fewer cases, 2 workers
-    other = build_tumour_cohort(tmp_path / "other", n_cases=2, spacing=SPACING, seed=1, workers=1)
-    for index in range(2):
-        first, second, third = (_arrays(folder, case_id(index)) for folder in (cohort, again, other))
+    # one scan per patient and 2 workers: scan 0 of each patient is the same as in the cohort (case 2p there)
+    again = build_tumour_cohort(tmp_path / "again", n_patients=2, scans_per_patient=1, spacing=SPACING, workers=2)
+    other = build_tumour_cohort(tmp_path / "other", n_patients=1, scans_per_patient=1, spacing=SPACING, seed=1,
+                                workers=1)
+    for p in range(2):
+        first, second = _arrays(cohort, case_id(p * SCANS)), _arrays(again, case_id(p))
         for kind in first:
             assert first[kind].tobytes() == second[kind].tobytes()
-        assert not np.array_equal(first["seg"], third["seg"])
+    assert not np.array_equal(_arrays(cohort, case_id(0))["seg"], _arrays(other, case_id(0))["seg"])
+    assert (again / PATIENTS_FILE).read_text().splitlines()[1:] == [f"{case_id(p)},{patient_id(p)}" for p in range(2)]
 
 
 def test_cache_reused_and_foreign_folder_refused(cohort, tmp_path, monkeypatch):
     stamp = (cohort / "cohort.json").stat().st_mtime_ns
-    assert build_tumour_cohort(cohort, n_cases=N_CASES, spacing=SPACING) == cohort
+    assert build_tumour_cohort(cohort, n_patients=N_PATIENTS, spacing=SPACING) == cohort
     assert (cohort / "cohort.json").stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="already holds"):
-        build_tumour_cohort(cohort, n_cases=N_CASES + 1, spacing=SPACING)
+    for other in ({"n_patients": N_PATIENTS + 1}, {"n_patients": N_PATIENTS, "scans_per_patient": 1}):
+        with pytest.raises(ValueError, match="already holds"):
+            build_tumour_cohort(cohort, spacing=SPACING, **other)
     monkeypatch.setenv(ENV_HOME, str(tmp_path))
-    assert default_tumour_cohort_dir(SPACING, 3, 5) == tmp_path / "cohorts" / "tumour-4mm-c5-seed3"
-    with pytest.raises(ValueError, match="n_cases"):
-        build_tumour_cohort(tmp_path / "x", n_cases=0)
+    assert default_tumour_cohort_dir(SPACING, 3, 5, 2) == tmp_path / "cohorts" / "tumour-4mm-p5x2-seed3"
+    assert default_tumour_cohort_dir().name == "tumour-2mm-p24x2-seed0"
+    for bad in ({"n_patients": 0}, {"scans_per_patient": 0}):
+        with pytest.raises(ValueError, match="n_patients >= 1 and scans_per_patient >= 1"):
+            build_tumour_cohort(tmp_path / "x", **bad)
 
 
 def test_every_label_in_most_cases(cohort):
     present = np.array([[np.any(_arrays(cohort, case_id(i))["seg"] == v) for v in (1, 2, 4)] for i in range(N_CASES)])
     assert present[:, 1].all() and present[:, 2].all()  # oedema and enhancing tumour always
-    assert present[:, 0].sum() >= N_CASES // 2  # a necrotic core in most cases (3 in 4 on average)
+    assert present[:, 0].sum() >= N_CASES // 2  # a necrotic core in most patients (3 in 4 on average)
+    assert (present[::SCANS] == present[1::SCANS]).all()  # the same tumour in both scans of a patient
 
 
 def test_rim_surrounds_core_and_oedema_outside_it(cohort):
@@ -139,7 +164,7 @@ def test_mass_effect_pushes_anatomy_outwards():
     for index in range(2):
         pushed, still = make_case(0, index, SPACING), make_case(0, index, SPACING, push=False)
         assert pushed.tumour.push_mm > 0 and still.tumour.push_mm == 0
-        centre, radius = pushed.tumour.centre, pushed.tumour.radii.max()
+        centre, radius = (pushed.to_scan @ [*pushed.tumour.centre, 1.0])[:3], pushed.tumour.radii.max()  # scan frame
         r = np.linalg.norm(world - centre[:, None], axis=0)
         shell = world[:, (r > radius) & (r < 1.6 * radius) & (pushed.tissue.ravel() > 0)]
         assert _best_scale(still.anatomy, still.anatomy, centre, shell, affine)[0] == 1.0  # no push, no shift
@@ -165,4 +190,55 @@ def test_readable_by_brats_folder_and_convertible(cohort, tmp_path):
     assert len(list((dataset / "labelsTr").glob("*.nii.gz"))) + len(list((dataset / "labelsTs").glob("*.nii.gz"))) \
         == N_CASES
     converted = DatasetFolder(dataset)
-    assert sum(len(converted.cases(split)) for split in ("train", "val", "test")) == N_CASES
+    cases = [case for split in SPLITS for case in converted.cases(split)]
+    assert len(cases) == N_CASES
+    assert {case.case_id: case.patient_id for case in cases} == {
+        case_id(i): patient_id(i // SCANS) for i in range(N_CASES)}  # the patients reach DatasetFolder
+    split_of: dict[str, set[str]] = {}
+    for case in cases:
+        split_of.setdefault(case.patient_id, set()).add(case.split)
+    assert all(len(found) == 1 for found in split_of.values()), f"a patient straddles splits: {split_of}"
+    assert sorted(next(iter(found)) for found in split_of.values()) == ["test", "train", "val"]  # 1/1/1 patients
+
+
+def _voxels_of(case, affine: np.ndarray, world: np.ndarray, other) -> np.ndarray:
+    """Voxel coordinates in ``other``'s scan of the points that are at ``world`` in ``case``'s scan (same patient)."""
+    frame = np.linalg.inv(case.to_scan) @ np.vstack([world, np.ones(world.shape[1])])
+    return (np.linalg.inv(affine) @ other.to_scan @ frame)[:3]
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
+
+
+def test_two_scans_of_a_patient_share_labels_up_to_motion_and_differ_in_intensities(cohort):
+    shape, affine = output_grid(SPACING, load_template(SPACING).centre)
+    world = (affine[:3, :3] @ np.indices(shape, np.float32).reshape(3, -1)) + affine[:3, 3:]
+    for p in range(2):
+        first, second = (make_case(0, p, SPACING, scan=s) for s in range(SCANS))
+        for s, case in enumerate((first, second)):  # the files are scan s of patient p
+            seg = _arrays(cohort, case_id(p * SCANS + s))["seg"]
+            assert seg.tobytes() == classes_to_brats(case.classes).tobytes()
+        assert first.tumour.describe() == second.tumour.describe()  # one patient draw: the same tumour
+        rotation = second.to_scan[:3, :3] @ np.linalg.inv(first.to_scan[:3, :3])
+        moved = np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))
+        assert 0 < moved < 4.5 and not np.allclose(first.to_scan, second.to_scan)  # a small rigid motion apart
+        voxels = _voxels_of(first, affine, world, second)
+        labels = ndimage.map_coordinates(second.classes, voxels, order=0).reshape(shape)
+        whole = _dice(first.classes > 0, labels > 0)
+        assert whole > 0.85, f"patient {p}: whole tumour Dice {whole:.3f} between its scans, motion undone"
+        for value in (2, 3):
+            assert _dice(first.classes == value, labels == value) > 0.7, (p, value)
+        brain = first.tissue > 0
+        anatomy = ndimage.map_coordinates(second.anatomy, voxels, order=1).reshape(shape)
+        assert np.corrcoef(first.anatomy[brain], anatomy[brain])[0, 1] > 0.95  # the same anatomy
+        assert np.corrcoef(first.anatomy[brain], second.anatomy[brain])[0, 1] < 0.95  # ... but moved
+        anatomy_change = np.abs(anatomy[brain] - first.anatomy[brain]).mean() / first.anatomy[brain].mean()
+        for modality in first.images:
+            image = ndimage.map_coordinates(second.images[modality], voxels, order=1).reshape(shape)
+            reference = first.images[modality][brain]
+            change = np.abs(image[brain] - reference).mean() / reference.mean()
+            # one acquisition for both scans would leave ~0.04 (resampling); two acquisitions give 0.08-0.35
+            assert change > max(0.06, 2 * anatomy_change), f"patient {p} {modality}: scans differ by {change:.3f}"
+    other = make_case(0, 2, SPACING)
+    assert _dice(first.classes > 0, other.classes > 0) < 0.6  # another patient has another tumour

@@ -25,7 +25,7 @@ def test_tumour_recipes_default_to_the_embedded_tumour_cohort_with_larger_patche
 @pytest.mark.slow
 def test_a_brats_folder_trains_and_evaluates_from_the_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXPRIV_HOME", str(tmp_path / "home"))
-    brats = build_tumour_cohort(tmp_path / "BraTS2021_Training_Data", n_cases=6, spacing=4.0, workers=1)
+    brats = build_tumour_cohort(tmp_path / "BraTS2021_Training_Data", n_patients=5, spacing=4.0, workers=1)  # 3 train patients: references of other patients
     data = [f"data.data_dir={brats}", "data.embedded_spacing=4.0"]
     assert main(["train", "--recipe", "tumour-mixpriv", "--out", str(tmp_path / "mp"), *data, *MIXPRIV_OVERRIDES,
                  "logger.kind=csv"]) == 0

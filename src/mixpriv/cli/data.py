@@ -93,9 +93,9 @@ def add_convert_brats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modalities", nargs="+", default=None, metavar="MODALITY",
                    help="modalities among t1, t1ce, t2, flair, one channel each, in order (default: t1ce)")
     p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id, 1 to 999 (default: 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the split by case (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the split by patient (patients.csv; without it each case is its own patient) (default: 0)")
     p.add_argument("--split-fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
-                   help="fractions of the cases (default: 0.6 0.2 0.2)")
+                   help="fractions of the patients (default: 0.6 0.2 0.2)")
     p.set_defaults(func=_convert_brats)
 
 

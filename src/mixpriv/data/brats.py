@@ -4,10 +4,12 @@ The challenge ships ``BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii
 0 background, 1 NCR (necrotic core), 2 ED (oedema), 4 ET (enhancing tumour); mixpriv trains on the
 consecutive classes 0-3 (:data:`CLASS_LABELS`), and a converted folder records each class's BraTS
 value (``dataset.json["mixpriv"]["brats_labels"]``) so that it maps back. The modalities are the
-caller's, one channel each, in order (T1ce alone by default, as in the paper); splits are by case,
-from a seeded permutation. :func:`brats_to_nnunet` writes ``Dataset{ID:03d}_BraTS2021``, which
-:class:`~mixpriv.data.folder.DatasetFolder` reads; :func:`nnunet_to_brats` writes the challenge
-layout back. Images are copied byte for byte and label maps keep their source header (affines kept
+caller's, one channel each, in order (T1ce alone by default, as in the paper). Several scans of one
+patient are declared in an optional top-level ``patients.csv`` (:mod:`mixpriv.data.brats_patients`;
+without it every case is its own patient, as the challenge ships them); splits are by patient, from
+a seeded permutation, and converted folders record each case's patient. :func:`brats_to_nnunet`
+writes ``Dataset{ID:03d}_BraTS2021``, which :class:`~mixpriv.data.folder.DatasetFolder` reads;
+:func:`nnunet_to_brats` writes the challenge layout back. Images are copied byte for byte and label maps keep their source header (affines kept
 exactly, nothing resampled). Every case is checked before anything is written; each file is
 written atomically and never over an input.
 
@@ -34,7 +36,12 @@ import numpy as np
 import torchio as tio
 
 from mixpriv.constants import IMAGE, LABEL, SPLITS, TEST, TRAIN, VAL
-from mixpriv.data.cohort import split_patients
+from mixpriv.data.brats_patients import (
+    DEFAULT_FRACTIONS,
+    read_patients,
+    split_cases,
+    write_patients,
+)
 from mixpriv.data.folder import Case, DatasetFolder, validate_case
 from mixpriv.files import OutputError, OutputFiles, write_text_atomically
 from mixpriv.validation import InputError, check_label_values
@@ -52,7 +59,6 @@ BRATS_LABELS = {"background": 0, "NCR": 1, "ED": 2, "ET": 4}
 CLASS_LABELS = {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
 LABEL_DESCRIPTIONS = {"background": "background and healthy tissue", "NCR": "necrotic tumour core",
                       "ED": "peritumoural oedema", "ET": "enhancing tumour"}
-DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 _LAYOUT = "BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz"
 
 
@@ -123,29 +129,6 @@ def classes_to_brats(classes: np.ndarray, name: str = "label") -> np.ndarray:
     return remap_labels(classes, CLASS_TO_BRATS, name)
 
 
-def split_cases(case_ids: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                seed: int = 0) -> dict[str, str]:
-    """Split cases into train/val/test by a seeded permutation, as the embedded cohort splits its patients.
-
-    ``round(fraction * n)`` cases go to val and to test, the rest (at least one) to train; the result
-    depends only on the set of ids, the fractions and the seed.
-
-    Example:
-        >>> split_cases(["BraTS2021_00002", "BraTS2021_00000", "BraTS2021_00001"], (0.34, 0.33, 0.33), seed=0)
-        {'BraTS2021_00000': 'test', 'BraTS2021_00001': 'val', 'BraTS2021_00002': 'train'}
-    """
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise InputError(f"split fractions must be 3 non-negative numbers (train, val, test) summing to 1, "
-                         f"got {list(fractions)}")
-    ids = sorted(case_ids)
-    try:
-        names = split_patients(len(ids), fractions, seed)
-    except ValueError as error:
-        raise InputError(str(error).replace("patient", "case")) from error
-    return dict(zip(ids, names, strict=True))
-
-
 @dataclass(frozen=True)
 class BratsCase:
     """Files of one BraTS case: the chosen modalities (in channel order) and the ``_seg`` label map."""
@@ -158,30 +141,43 @@ class BratsCase:
 class BratsFolder:
     """A folder in the BraTS 2021 challenge layout, read with the chosen modalities.
 
-    Every sub-folder (hidden ones aside) is a case and must follow the naming; top-level files (the
-    challenge's CSV files) are ignored; only the chosen modalities and ``_seg`` must be present.
+    Every sub-folder (hidden ones aside) is a case and must follow the naming; only the chosen
+    modalities and ``_seg`` must be present. A top-level ``patients.csv`` (``case_id,patient_id``)
+    gives the patient of several scans (:func:`~mixpriv.data.brats_patients.read_patients`); cases it
+    does not list, and every case without it, are their own patient. Other top-level files (the
+    challenge's CSV files) are ignored.
 
     Args:
         root: the folder holding the ``BraTS2021_XXXXX`` case folders.
         modalities: modalities, one channel each, in order (T1ce alone by default).
 
     Raises:
-        InputError: no case folder, a name that does not follow the layout, a missing file.
+        InputError: no case folder, a name that does not follow the layout, a missing file, a
+            malformed ``patients.csv``.
 
     Example:
         >>> folder = BratsFolder("BraTS2021_Training_Data")  # doctest: +SKIP
         >>> folder.case_ids[:2], folder.modalities  # doctest: +SKIP
         (['BraTS2021_00000', 'BraTS2021_00002'], ('t1ce',))
+        >>> folder.patient_id("BraTS2021_00002")  # no patients.csv: the case itself  # doctest: +SKIP
+        'BraTS2021_00002'
     """
 
     def __init__(self, root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES) -> None:
         self.root = Path(root).expanduser()
         self.modalities = check_modalities(modalities)
         self.cases = self._discover()
+        #: Case id -> patient id (from ``patients.csv``; a case it does not list is its own patient).
+        self.patients: dict[str, str] = read_patients(self.root, self.case_ids)
 
     @property
     def case_ids(self) -> list[str]:
         return [case.case_id for case in self.cases]
+
+    def patient_id(self, case_id: str) -> str:
+        """The patient of a case (its own id unless ``patients.csv`` names another)."""
+        self.case(case_id)
+        return self.patients[case_id]
 
     def case(self, case_id: str) -> BratsCase:
         for case in self.cases:
@@ -242,11 +238,11 @@ class BratsFolder:
         image, label, affine = self.load(case_id)
         return tio.Subject(**{IMAGE: tio.ScalarImage(tensor=image, affine=affine),
                               LABEL: tio.LabelMap(tensor=label[None], affine=affine)},
-                           case_id=case_id, patient_id=case_id)
+                           case_id=case_id, patient_id=self.patient_id(case_id))
 
     def splits(self, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> dict[str, str]:
-        """Case id -> ``train``/``val``/``test`` (:func:`split_cases`)."""
-        return split_cases(self.case_ids, fractions, seed)
+        """Case id -> ``train``/``val``/``test``, by patient (:func:`~mixpriv.data.brats_patients.split_cases`)."""
+        return split_cases(self.case_ids, fractions, seed, patients=self.patients)
 
 
 def _validate(case: Case, label_values: Sequence[int]) -> None:
@@ -297,24 +293,32 @@ def brats_to_nnunet(src: str | Path, out: str | Path, *, modalities: Sequence[st
                     dataset_id: int = 1, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> Path:
     """Convert a BraTS 2021 folder to the nnU-Net v2 folder ``out/Dataset{dataset_id:03d}_BraTS2021``.
 
-    Channel ``c`` (``<case>_{c:04d}.nii.gz``) is ``modalities[c]``; labels become classes 0-3. Test
-    cases go to ``imagesTs``/``labelsTs``; splits are recorded in ``dataset.json["mixpriv"]["cases"]``
-    (train/val also in ``splits_final.json``, fold 0). ``dataset.json`` is written last.
+    Channel ``c`` (``<case>_{c:04d}.nii.gz``) is ``modalities[c]``; labels become classes 0-3. Splits
+    are by patient (``patients.csv``, see :class:`BratsFolder`): all scans of a patient go to one split.
+    Test cases go to ``imagesTs``/``labelsTs``; each case's patient and split are recorded in
+    ``dataset.json["mixpriv"]["cases"]`` (``{"patient": ..., "split": ...}``, as
+    :class:`~mixpriv.data.folder.DatasetFolder` reads them; train/val also in ``splits_final.json``,
+    fold 0). ``dataset.json`` is written last.
 
     Args:
         src: the BraTS folder (``BraTS2021_XXXXX`` case folders).
         out: the folder that receives the dataset folder (nnU-Net's ``nnUNet_raw``).
         modalities: one channel each, in order.
         dataset_id: nnU-Net dataset id, 1 to 999.
-        fractions: train, val, test fractions of the cases.
+        fractions: train, val, test fractions of the patients (of the cases when each is its own patient).
         seed: seed of the split.
 
     Returns:
         The dataset folder.
 
     Raises:
-        InputError: a malformed BraTS folder or case (see :class:`BratsFolder`), bad arguments.
+        InputError: a malformed BraTS folder, case or ``patients.csv`` (see :class:`BratsFolder`), bad arguments.
         OutputError: the dataset folder already holds files, or lies inside ``src``.
+
+    Example:
+        >>> dataset = brats_to_nnunet("BraTS2021_Training_Data", "nnUNet_raw", dataset_id=7)  # doctest: +SKIP
+        >>> DatasetFolder(dataset).case("BraTS2021_00001").patient_id  # from patients.csv  # doctest: +SKIP
+        'P000'
     """
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, int) or not 1 <= dataset_id <= 999:
         raise InputError(f"dataset id must be an integer from 1 to 999, got {dataset_id!r}")
@@ -342,7 +346,8 @@ def brats_to_nnunet(src: str | Path, out: str | Path, *, modalities: Sequence[st
         "mixpriv": {"converter": __name__, "modalities": list(brats.modalities), "brats_labels": dict(BRATS_LABELS),
                     "label_descriptions": dict(LABEL_DESCRIPTIONS),
                     "seed": int(seed), "split_fractions": [float(f) for f in fractions],
-                    "cases": {cid: {"patient": cid, "split": splits[cid]} for cid in sorted(splits)}},
+                    "n_patients": len(set(brats.patients.values())),
+                    "cases": {cid: {"patient": brats.patients[cid], "split": splits[cid]} for cid in sorted(splits)}},
     }
     write_text_atomically(target / "splits_final.json",
                           json.dumps([{"train": by_split[TRAIN], "val": by_split[VAL]}], indent=1))
@@ -399,7 +404,9 @@ def nnunet_to_brats(src: str | Path, out: str | Path) -> Path:
 
     Every case (train, val and test) becomes ``out/<case>/<case>_<modality>.nii.gz`` and
     ``<case>_seg.nii.gz`` with the BraTS values (0/1/2/4), modalities and values as the dataset
-    records them. Every case is checked before anything is written.
+    records them; when some case's patient is not the case itself, ``out/patients.csv`` lists every
+    case's patient (so that the folder converts back with the same patients). Every case is checked
+    before anything is written.
 
     Args:
         src: the nnU-Net dataset folder (holding ``dataset.json``).
@@ -411,6 +418,10 @@ def nnunet_to_brats(src: str | Path, out: str | Path) -> Path:
     Raises:
         InputError: a malformed dataset, a case id that is no BraTS name, a case without a label map.
         OutputError: ``out`` already holds files, or lies inside ``src``.
+
+    Example:
+        >>> nnunet_to_brats("nnUNet_raw/Dataset007_BraTS2021", "BraTS2021_back")  # doctest: +SKIP
+        PosixPath('BraTS2021_back')
     """
     folder = DatasetFolder(src)
     modalities, mapping = recorded_modalities(folder.meta), recorded_label_mapping(folder.meta)
@@ -428,4 +439,6 @@ def nnunet_to_brats(src: str | Path, out: str | Path) -> Path:
         base = target / case.case_id / case.case_id
         images = {Path(f"{base}_{m}{FILE_ENDING}"): path for m, path in zip(modalities, case.image_paths, strict=True)}
         _write_case(images, Path(f"{base}_{SEG}{FILE_ENDING}"), case.label_path, mapping)
+    if any(case.patient_id != case.case_id for case in cases):
+        write_patients(target, {case.case_id: case.patient_id for case in cases})
     return target

@@ -247,3 +247,10 @@ def test_the_suite_runs_the_traffic_attackers_under_every_design():
         assert row.key_recovery_neighbours in (1, 2, 4, 8)
     with pytest.raises(InputError, match="at least one neighbour"):
         AttackerOptions(key_neighbours=(0, 2))
+
+
+def test_composites_stay_distinct_when_a_request_asks_more_references_than_the_bank_allows():
+    scans = scans_of(range(2), "p")
+    requests = encode_scans(scans.images, bank_of(range(100, 104)), MixingSettings((0.2, 0.5), 3),
+                            torch.Generator().manual_seed(0), 4, case_ids=scans.case_ids, patient_ids=scans.patient_ids)
+    assert [tuple(r.shape) for r in requests] == [(4, *SHAPE)] * 4  # 12 references from a key of 4

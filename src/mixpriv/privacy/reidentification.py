@@ -184,6 +184,10 @@ def encode_scans(
         patient = None if patient_ids is None else str(patient_ids[index])
         drawn = draw_other_references(bank, str(case_id), references_per_scan * r, generator, patient)
         indices = [tuple(drawn[i:i + r]) for i in range(0, len(drawn), r)]
+        # more references asked than the bank allows are drawn with replacement: keep each composite's distinct
+        indices = [chunk if len(set(chunk)) == r else tuple(draw_other_references(bank, str(case_id), r, generator,
+                                                                                    patient))
+                   for chunk in indices]
         mixtures = mix_with_references(image, bank, references_per_scan, mixing, generator, reference_indices=indices)
         encoded.append(mixtures.mixtures[:, 0])
     return encoded

@@ -31,9 +31,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
+from mixpriv.constants import ENV_HOME
+
 PathLike = str | os.PathLike
 #: Writes a file's content to the path it is given (the temporary file).
 Writer = Callable[[Path], object]
+
+
+def mixpriv_home() -> Path:
+    """Where mixpriv keeps what it builds or downloads (cohorts, conversions, models): ``$MIXPRIV_HOME``,
+    else ``~/.cache/mixpriv``.
+
+    Example:
+        >>> mixpriv_home().name in ("mixpriv", os.path.basename(os.environ.get(ENV_HOME, "")))
+        True
+    """
+    return Path(os.environ.get(ENV_HOME) or "~/.cache/mixpriv").expanduser()
 
 
 class OutputError(ValueError):

@@ -21,13 +21,12 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from mixpriv.constants import ENV_HOME
 from mixpriv.data.brats import CASE_PATTERN, brats_to_nnunet
+from mixpriv.files import mixpriv_home
 
 __all__ = ["EMBEDDED_TISSUE", "EMBEDDED_TUMOUR", "TUMOUR_DATASET_ID", "is_brats_folder", "nnunet_copy_of_brats",
            "resolve_data_dir"]
@@ -76,9 +75,8 @@ def nnunet_copy_of_brats(src: Path) -> Path:
     never used.
     """
     src = src.expanduser().resolve()
-    home = Path(os.environ.get(ENV_HOME) or "~/.cache/mixpriv").expanduser()
     key = hashlib.sha1(str(src).encode()).hexdigest()[:12]
-    folder = home / "converted" / f"{src.name}-{key}"
+    folder = mixpriv_home() / "converted" / f"{src.name}-{key}"
     dataset = folder / f"Dataset{TUMOUR_DATASET_ID:03d}_BraTS2021"
     marker = dataset / "dataset.json"
     if marker.is_file() and marker.stat().st_mtime >= _newest_mtime(src):

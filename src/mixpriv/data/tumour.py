@@ -45,9 +45,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -57,20 +54,20 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from mixpriv.constants import ENV_HOME
 from mixpriv.data.brats import CLASS_LABELS, classes_to_brats
 from mixpriv.data.brats_patients import PATIENTS_FILE, write_patients
 from mixpriv.data.cohort import (
     Patient,
     Template,
     acquire,
+    build_once,
+    cohort_dir,
     draw_patient,
     load_template,
     output_grid,
     rotation,
     sample_points,
     save_nifti,
-    swap_in,
 )
 from mixpriv.data.tumour_growth import (
     Tumour,
@@ -310,9 +307,7 @@ def default_tumour_cohort_dir(spacing: float = 2.0, seed: int = 0, n_patients: i
         >>> default_tumour_cohort_dir().name
         'tumour-2mm-p24x2-seed0'
     """
-    home = Path(os.environ.get(ENV_HOME) or "~/.cache/mixpriv").expanduser()
-    tag = f"{float(spacing):g}".replace(".", "p")
-    return home / "cohorts" / f"tumour-{tag}mm-p{n_patients}x{scans_per_patient}-seed{seed}"
+    return cohort_dir("tumour", spacing, seed, n_patients, scans_per_patient)
 
 
 def build_tumour_cohort(out_dir: str | Path | None = None, *, n_patients: int = 24, scans_per_patient: int = 2,
@@ -356,31 +351,21 @@ def build_tumour_cohort(out_dir: str | Path | None = None, *, n_patients: int = 
     params = _parameters(n_patients, scans_per_patient, spacing, seed, radius_mm)
     out = (Path(out_dir) if out_dir is not None
            else default_tumour_cohort_dir(spacing, seed, n_patients, scans_per_patient))
-    stored = _stored_parameters(out)
-    if stored == params:
-        logger.info("Reusing the tumour cohort in %s", out)
-        return out
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = f"a tumour cohort built with {stored}" if stored else "files that are not a complete tumour cohort"
-        raise ValueError(f"{out} already holds {what}, not {params}; pass overwrite=True or another out_dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    start, tmp = time.perf_counter(), Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        _brain_depth(spacing)  # computed once, before forking
-        tasks = [(tmp, params, p) for p in range(n_patients)]
-        workers = min(workers or min(4, os.cpu_count() or 1), n_patients)
-        if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                per_patient = list(pool.map(_write_patient, tasks))
-        else:
-            per_patient = [_write_patient(task) for task in tasks]
-        cases = {name: entry for entries in per_patient for name, entry in entries.items()}
-        _write_preview(tmp, dict(list(cases.items())[:max(1, n_preview)]), tmp / "preview.png")
-        write_patients(tmp, {name: entry["patient"] for name, entry in cases.items()})
-        (tmp / PARAMETERS_FILE).write_text(json.dumps({**params, "generator": __name__, "cases": cases}, indent=1))
-        swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Built the tumour cohort in %s in %.1f s", out, time.perf_counter() - start)
-    return out
+    workers = min(workers or min(4, os.cpu_count() or 1), n_patients)
+    return build_once(out, params, _stored_parameters(out), overwrite, "tumour cohort",
+                      lambda tmp: _write_tumour_cohort(tmp, params, n_patients, n_preview, workers))
+
+
+def _write_tumour_cohort(tmp: Path, params: dict, n_patients: int, n_preview: int, workers: int) -> None:
+    """Every patient's scans, the preview, ``patients.csv`` and the parameters file, into ``tmp``."""
+    _brain_depth(params["spacing_mm"])  # computed once, before forking
+    tasks = [(tmp, params, p) for p in range(n_patients)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            per_patient = list(pool.map(_write_patient, tasks))
+    else:
+        per_patient = [_write_patient(task) for task in tasks]
+    cases = {name: entry for entries in per_patient for name, entry in entries.items()}
+    _write_preview(tmp, dict(list(cases.items())[:max(1, n_preview)]), tmp / "preview.png")
+    write_patients(tmp, {name: entry["patient"] for name, entry in cases.items()})
+    (tmp / PARAMETERS_FILE).write_text(json.dumps({**params, "generator": __name__, "cases": cases}, indent=1))

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from mixpriv.constants import ENV_HOME
+from mixpriv.files import mixpriv_home
 from mixpriv.hub.errors import ChecksumError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,6 @@ def join_url(base: str, name: str) -> str:
     if is_url(name):
         return name
     return urllib.parse.urljoin(base if base.endswith("/") else base + "/", urllib.parse.quote(name))
-
-
-def mixpriv_home() -> Path:
-    """``$MIXPRIV_HOME``, else ``~/.cache/mixpriv``."""
-    return Path(os.environ.get(ENV_HOME) or "~/.cache/mixpriv").expanduser()
 
 
 def models_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

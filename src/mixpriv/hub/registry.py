@@ -34,9 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixpriv.files import write_text_atomically
+from mixpriv.files import mixpriv_home, write_text_atomically
 from mixpriv.hub.cards import read_card
-from mixpriv.hub.download import (DEFAULT_TIMEOUT, fetch_bytes, is_url, join_url, mixpriv_home, offline_mode)
+from mixpriv.hub.download import (DEFAULT_TIMEOUT, fetch_bytes, is_url, join_url, offline_mode)
 from mixpriv.hub.errors import ChecksumError, ModelCardError, OfflineError, UnknownModelError
 from mixpriv.hub.integrity import (METADATA_FILE, WEIGHTS_FILE, check_file_name, check_model_name, file_record)
 

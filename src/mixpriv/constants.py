@@ -38,3 +38,11 @@ ENV_HOME = "MIXPRIV_HOME"
 # Parts of the privacy audit (mixpriv audit --parts): re-identification, test-retest ICC,
 # blind source separation with its positive control, privacy-utility sweep.
 AUDIT_PARTS = ("reid", "icc", "bss", "sweep")
+
+# Keys of a same-or-different-patient patch pair batch (the Siamese discriminators of Privacy-Net and
+# Deformation-Proxy learn from them): two scans' patches at the same place, and whether one patient took both.
+PAIR_IMAGE_A = "image_a"
+PAIR_LABEL_A = "label_a"
+PAIR_IMAGE_B = "image_b"
+PAIR_LABEL_B = "label_b"
+PAIR_SAME_PATIENT = "same_patient"

@@ -26,18 +26,25 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from mixpriv.constants import IMAGE, PAIR_IMAGE_A
 from mixpriv.data.datamodule import MixprivDataModule
+from mixpriv.data.pairs import PairedPatchDataModule
 from mixpriv.hub.export import model_kind
 from mixpriv.hub.pretrained import build_module, from_pretrained
 from mixpriv.lightning.baseline import BaselineSegmenter
+from mixpriv.lightning.deformation_proxy import DeformationProxyModule
 from mixpriv.lightning.freezing import FreezeModules, frozen_submodule
 from mixpriv.lightning.mixup import MixupPrivacyModule
+from mixpriv.lightning.privacy_net import PrivacyNetModule
 from mixpriv.recipe import RecipeError, dump_recipe
 from mixpriv.validation import InputError
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = {"baseline": BaselineSegmenter, "mixpriv": MixupPrivacyModule}
+MODEL_KINDS = {"baseline": BaselineSegmenter, "mixpriv": MixupPrivacyModule, "privacynet": PrivacyNetModule,
+               "deformproxy": DeformationProxyModule}
+#: Kinds trained on same-or-different-patient patch pairs (their Siamese discriminators need them).
+PAIRED_KINDS = ("privacynet", "deformproxy")
 # Mixing settings a recipe gives once, in its model section, and the data module receives too.
 MIXING_KEYS = ("lambda_range", "references_per_mix", "dirichlet_alpha")
 
@@ -95,7 +102,7 @@ class ThroughputMeter(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self._start
-        patches = int(batch["image"]["data"].shape[0])
+        patches = int(batch[IMAGE]["data"].shape[0]) if IMAGE in batch else 2 * int(batch[PAIR_IMAGE_A].shape[0])
         self.seconds += seconds
         self.patches += patches
         if trainer.global_step > self.warmup:
@@ -120,7 +127,13 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
         for key in MIXING_KEYS:
             if key in model_config:
                 data_config[key] = model_config[key]
-    datamodule = MixprivDataModule(**data_config)
+    datamodule_class = PairedPatchDataModule if kind in PAIRED_KINDS else MixprivDataModule
+    accepted_data = set(inspect.signature(datamodule_class.__init__).parameters) - {"self"}
+    unknown_data = sorted(set(data_config) - accepted_data)
+    if unknown_data:
+        raise RecipeError(f"data section has keys {unknown_data} that {datamodule_class.__name__} (model kind "
+                          f"{kind!r}) does not take; it takes {sorted(accepted_data)}")
+    datamodule = datamodule_class(**data_config)
     datamodule.setup("fit")
     model_config["patch_size"] = datamodule.hparams.patch_size
     spacing = datamodule.hparams.spacing or datamodule.folder.spacing
@@ -235,9 +248,13 @@ def transfer_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]
     return sorted(name for name in state if name not in kept)
 
 
-#: How messages name the two kinds of model.
+#: How messages name the kinds of model.
 KIND_NAMES = {"baseline": "a non-private baseline model (kind 'baseline')",
-              "mixpriv": "a Mixup-Privacy model (kind 'mixpriv')"}
+              "mixpriv": "a Mixup-Privacy model (kind 'mixpriv')",
+              "privacynet": "a Privacy-Net model (kind 'privacynet')",
+              "deformproxy": "a Deformation-Proxy model (kind 'deformproxy')"}
+#: The init argument that only modules of that kind take (how a checkpoint's hyper_parameters tell its kind).
+KIND_MARKERS = {"unmixer": "mixpriv", "encoder": "privacynet", "deformation": "deformproxy"}
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -293,7 +310,7 @@ def load_model(source: str | os.PathLike, map_location: str | torch.device = "cp
     if path.is_file():
         checkpoint = read_checkpoint(path)
         hparams = checkpoint["hyper_parameters"]
-        found = "mixpriv" if "unmixer" in hparams else "baseline"
+        found = next((kind for marker, kind in KIND_MARKERS.items() if marker in hparams), "baseline")
         model = build_module(found, hparams, checkpoint["state_dict"], str(path)).to(map_location)
     elif os.fspath(source).endswith(".ckpt"):
         raise FileNotFoundError(f"checkpoint {source} does not exist")

@@ -160,6 +160,10 @@ class RegionTable:
                     "Symmetric 95th-percentile Hausdorff distance per case (a region empty in both maps: 0 mm, "
                     "in one only: the volume's diagonal)")))
 
+    def aggregate(self) -> dict:
+        """Mean and spread of each method's region scores: ``{"dice": ..., "hd95_mm": ...}`` (plain JSON types)."""
+        return to_json({"dice": self.dice.aggregate(), "hd95_mm": self.hd95.aggregate()})
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``regions.json`` (per case and aggregate, both metrics) and ``regions.md`` into ``out_dir``."""
         out_dir = Path(out_dir)

@@ -47,6 +47,7 @@ class EvaluationResult:
     dice_vs_k: dict[str, dict[int, float]]
     seconds: dict[str, float]
     outputs: dict[str, Path] = field(default_factory=dict)
+    regions: RegionTable | None = None  # the BraTS regions' Dice and HD95, for the tumour task
 
 
 def evaluate_models(
@@ -118,7 +119,7 @@ def evaluate_models(
     if regions is not None:
         outputs.update(regions.save(out_dir))
     (out_dir / "dice_vs_k.json").write_text(json.dumps({"mean": dice_vs_k, "std": stds}, indent=2))
-    return EvaluationResult(table, dice_vs_k, mean_seconds, outputs)
+    return EvaluationResult(table, dice_vs_k, mean_seconds, outputs, regions)
 
 
 def _score(table: DiceTable, regions: RegionTable | None, method: str, case_id: str, prediction: torch.Tensor,

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CARD_FORMAT = "mixpriv-model-card"
 CARD_FORMAT_VERSION = 1
 TASK = "brain tissue segmentation (CSF/GM/WM) of T1 MRI"
+TUMOUR_TASK = "brain tumour segmentation (NCR/ED/ET, BraTS 2021 labels 1/2/4 as classes 1/2/3) of T1ce MRI"
 ORIENTATION = "RAS+ (canonical)"
 LICENSE = "Apache-2.0"
 #: Distributions whose versions a card records.
@@ -42,6 +43,19 @@ RESERVED_KEYS = frozenset({"format", "format_version", "name", "kind", "module_c
 MODULE_CLASSES = {
     "baseline": "mixpriv.lightning.baseline.BaselineSegmenter",
     "mixpriv": "mixpriv.lightning.mixup.MixupPrivacyModule",
+    "privacynet": "mixpriv.lightning.privacy_net.PrivacyNetModule",
+    "deformproxy": "mixpriv.lightning.deformation_proxy.DeformationProxyModule",
+}
+
+
+#: A card's default description of each kind.
+DESCRIPTIONS = {
+    "baseline": "non-private U-Net++ baseline segmenter",
+    "mixpriv": "Mixup-Privacy U-Net++ segmenter with its learned AdaIN unmixer",
+    "privacynet": "Privacy-Net: client-side U-Net encoder, server-side U-Net++ segmenter (adversarially trained "
+                  "against a Siamese identity discriminator)",
+    "deformproxy": "Deformation-Proxy: client-side key-seeded diffeomorphic flow-field generator, server-side "
+                   "U-Net++ segmenter (adversarially trained against a Siamese identity discriminator)",
 }
 
 
@@ -115,6 +129,7 @@ def build_card(
     if clash:
         raise ModelCardError(f"card keys {clash} are computed by the exporter and cannot be set by the caller")
     labels = dict(hparams.get("label_names", {}))
+    tumour = set(labels) == {"background", "NCR", "ED", "ET"}
     card = {
         "format": CARD_FORMAT,
         "format_version": CARD_FORMAT_VERSION,
@@ -122,12 +137,11 @@ def build_card(
         "version": __version__,
         "kind": kind,
         "module_class": MODULE_CLASSES[kind],
-        "task": TASK,
-        "description": ("Mixup-Privacy U-Net++ segmenter with its learned AdaIN unmixer" if kind == "mixpriv"
-                        else "non-private U-Net++ baseline segmenter"),
+        "task": TUMOUR_TASK if tumour else TASK,
+        "description": DESCRIPTIONS[kind],
         "labels": labels,
         "inputs": {
-            "modality": "T1-weighted MRI",
+            "modality": "contrast-enhanced T1-weighted MRI (T1ce)" if tumour else "T1-weighted MRI",
             "channels": 1,
             "spacing_mm": hparams.get("input_spacing"),
             "orientation": ORIENTATION,

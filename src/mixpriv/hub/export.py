@@ -36,16 +36,15 @@ _DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "
 
 
 def model_kind(model: torch.nn.Module) -> str:
-    """``"mixpriv"`` for a :class:`MixupPrivacyModule`, ``"baseline"`` for a :class:`BaselineSegmenter`."""
-    from mixpriv.lightning.baseline import BaselineSegmenter
-    from mixpriv.lightning.mixup import MixupPrivacyModule
+    """The card's ``kind`` of a module: ``"baseline"``, ``"mixpriv"``, ``"privacynet"`` or ``"deformproxy"``."""
+    from mixpriv.hub.cards import MODULE_CLASSES
+    from mixpriv.hub.pretrained import module_class
 
-    if isinstance(model, MixupPrivacyModule):
-        return "mixpriv"
-    if isinstance(model, BaselineSegmenter):
-        return "baseline"
-    raise ModelCardError(f"cannot export a {type(model).__name__}: expected a BaselineSegmenter or a "
-                         "MixupPrivacyModule")
+    for kind in MODULE_CLASSES:
+        if isinstance(model, module_class(kind)):
+            return kind
+    raise ModelCardError(f"cannot export a {type(model).__name__}: expected one of "
+                         f"{sorted(p.rsplit('.', 1)[1] for p in MODULE_CLASSES.values())}")
 
 
 def weights_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

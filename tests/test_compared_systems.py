@@ -43,3 +43,25 @@ def test_a_compared_system_trains_from_its_recipe_loads_and_exports(recipe, tmp_
         lambda m: m.segment_deformed(image))
     with torch.no_grad():
         torch.testing.assert_close(segment(loaded), segment(model))
+
+
+def test_the_proxy_pipeline_reads_a_deformation_proxy_answer_back_onto_the_scans_grid():
+    from mixpriv.inference.proxies import ProxyPipeline
+
+    tiny = {"encoder_name": "mixpriv-light-8", "encoder_depth": 3, "decoder_channels": [16, 8, 8]}
+    model = DeformationProxyModule({"background": 0, "fg": 1}, tiny, {"magnitude": 6.0, "control_spacing": 8.0,
+                                                                      "learned": False}, {"channels": [4, 8]},
+                                   patch_size=16).eval()
+    image = torch.zeros(1, 24, 24, 24)
+    image[:, 8:16, 6:18, 8:16] = 1.0
+    # An oracle server that segments what it sees by thresholding: read back, it must land on the scan's box.
+    pipeline = ProxyPipeline(model, segment_views=lambda view: torch.cat([1 - view, view]).clamp(0, 1))
+    run = pipeline(image, torch.Generator().manual_seed(0))
+    assert run.secret is not None and not torch.allclose(run.view, image)  # the server sees the scan deformed
+    torch.testing.assert_close(run.probabilities.sum(0), torch.ones(24, 24, 24))
+    truth, moved = image[0] > 0.5, run.view[0] > 0.5
+    dice = lambda a, b: float(2 * (a & b).sum() / (a.sum() + b.sum()))
+    restored, deformed = dice(run.labels.bool(), truth), dice(moved, truth)
+    assert restored > 0.95 and deformed < restored - 0.1, (restored, deformed)
+    second = pipeline(image, torch.Generator().manual_seed(1))
+    assert not torch.allclose(second.view, run.view)  # a fresh key per scan

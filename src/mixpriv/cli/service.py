@@ -1,4 +1,4 @@
-"""``mixpriv serve`` and ``mixpriv segment``: the segmentation server and its private client."""
+"""``mixpriv serve`` and ``mixpriv segment``: the segmentation server and its (Mixup-Privacy) private client."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ log = logging.getLogger("mixpriv")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    """Declare ``mixpriv serve``: host the segmenter behind a token; it only ever sees mixtures.
+    """Declare ``mixpriv serve``: host a private model's segmenter behind a token; it never sees a raw scan.
+
+    It serves Mixup-Privacy (sent mixtures), Privacy-Net (encoded scans) and Deformation-Proxy
+    (deformed scans) models, and refuses a baseline, which would be sent raw scans.
 
     Example:
         >>> from mixpriv.cli import build_parser
@@ -20,14 +23,16 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         >>> args.max_pending_mb, args.body_timeout, args.header_timeout, args.max_connections
         (1024.0, 120.0, 10.0, 256)
     """
-    p = sub.add_parser("serve", help="run the segmentation server: hosts only the segmenter, sees only mixtures")
-    p.add_argument("--model", required=True, help="Mixup-Privacy model: registry name, folder or URL")
+    p = sub.add_parser("serve", help="run the segmentation server: hosts only the segmenter of a private model, "
+                                     "sees only mixtures, encoded or deformed scans")
+    p.add_argument("--model", required=True, help="private model (Mixup-Privacy, Privacy-Net or Deformation-Proxy; "
+                                                  "not a baseline): registry name, folder or URL")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the bearer token (default: $MIXPRIV_SERVER_TOKEN)")
     p.add_argument("--insecure-no-token", action="store_true", help="serve without authentication (testing only)")
-    p.add_argument("--max-k", type=int, default=16, help="most mixtures per request")
+    p.add_argument("--max-k", type=int, default=16, help="most volumes (mixtures or views) per request")
     p.add_argument("--max-side", type=int, default=512, help="largest spatial side (voxels)")
     p.add_argument("--min-side", type=int, default=8, help="smallest spatial side (voxels)")
     p.add_argument("--max-body-mb", type=float, default=128.0, help="largest request body (MiB); larger: 413")
@@ -43,7 +48,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections at once (more: 503 and closed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs / workers)")
-    p.add_argument("--batch-size", type=int, default=2, help="patches (of any of the K mixtures) per forward pass")
+    p.add_argument("--batch-size", type=int, default=2, help="patches (of any of the K volumes) per forward pass")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
     p.add_argument("--ssl-keyfile", default=None)
     p.set_defaults(func=_serve)

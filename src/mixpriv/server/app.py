@@ -1,20 +1,30 @@
-"""The segmentation service: a FastAPI app that hosts only the Mixup-Privacy segmenter.
+"""The segmentation service: a FastAPI app that hosts only the server half of a private model.
 
-The server never holds an unmixer, a reference bank or anything of a scan but the mixtures it
-is sent; it cannot unmix what it segments. Endpoints:
+It hosts the segmenter of any of the three private systems, and nothing else of them:
+
+* Mixup-Privacy (kind ``mixpriv``): it is sent mixtures of a scan with secret references; it
+  never holds the unmixer or a reference bank, and cannot unmix what it segments.
+* Privacy-Net (``privacynet``): it is sent encoded scans ``E(x)``; it never holds the encoder
+  or the identity discriminator.
+* Deformation-Proxy (``deformproxy``): it is sent scans warped by a secret diffeomorphism; it
+  never holds the flow-field generator, the discriminator or a key's inverse.
+
+A baseline (kind ``baseline``) is refused: it segments raw scans, which a privacy-preserving
+server must never receive. Endpoints:
 
 * ``GET /health`` - liveness, no authentication: ``{"status": "ok"}``.
-* ``GET /v1/model`` - what the model expects (labels, spacing, orientation, intensity
-  normalisation, patch size, λ range) and the request limits, from the model card.
-* ``POST /v1/segment`` - a ``.npy`` batch of K mixed volumes ``(K, D, H, W)`` in, their class
-  probabilities ``(K, C, D, H, W)`` out (float16 ``.npy``, ``Content-Encoding: gzip`` when the
-  request's ``Accept-Encoding`` allows it, else as they are), whole volumes over the model's
-  overlapping patch grid. See :mod:`mixpriv.server.wire`.
+* ``GET /v1/model`` - what the model is and expects (kind, labels, spacing, orientation,
+  intensity normalisation, patch size; the λ range for Mixup-Privacy) and the request limits,
+  from the model card.
+* ``POST /v1/segment`` - a ``.npy`` batch of K volumes ``(K, D, H, W)`` in (mixtures, or one
+  encoded or deformed view per scan), their class probabilities ``(K, C, D, H, W)`` out (float16
+  ``.npy``, ``Content-Encoding: gzip`` when the request's ``Accept-Encoding`` allows it, else as
+  they are), whole volumes over the model's overlapping patch grid. See :mod:`mixpriv.server.wire`.
 
 Every ``/v1`` endpoint needs ``Authorization: Bearer <token>`` (compared in constant time);
 bodies over the size limit get 413 (``Content-Length`` is checked before reading, the streamed
 size while reading), a body not received within the body timeout 408, malformed payloads (or
-mixtures whose probabilities would not be finite) 422 with a message naming the problem, a full
+volumes whose probabilities would not be finite) 422 with a message naming the problem, a full
 server (too many pending requests, or their bodies over the memory budget) 503, an inference
 over the time limit 504. Connections that do not send their request headers in time are closed
 and those over the connection limit refused (:mod:`mixpriv.server.limits`). Inference runs in a
@@ -68,20 +78,29 @@ log = logging.getLogger("mixpriv.server")
 
 _ACCEPTED_MEDIA_TYPES = (NPY_MEDIA_TYPE, "application/octet-stream")
 
+#: The kinds of model whose segmenter the server hosts, and what of each it never loads.
+HOSTED_KINDS = {
+    "mixpriv": "no unmixer, no bank",
+    "privacynet": "no encoder, no discriminator",
+    "deformproxy": "no flow-field generator, no discriminator",
+}
+
 
 class _Cancelled(Exception):
     """Raised inside a worker when its request timed out: the worker stops at the next patch batch."""
 
 
 class HostedSegmenter:
-    """The server half of a Mixup-Privacy model: the segmenter network and the public card.
+    """The server half of a private model: the segmenter network and the public card.
 
     Args:
-        segmenter: the segmentation network (mixtures ``(N, 1, p, p, p)`` -> logits ``(N, C, ...)``).
+        segmenter: the segmentation network (views ``(N, 1, p, p, p)`` -> logits ``(N, C, ...)``:
+            mixtures, encoded or deformed images).
         card: the model card (``metadata.json``) the model was published with.
 
     Use :meth:`from_pretrained` to load a published model; it keeps only ``model.segmenter``
-    and drops the unmixer and any demo bank.
+    and drops the client half (unmixer and demo bank, encoder, flow-field generator) and the
+    discriminator.
 
     Example:
         >>> import torch
@@ -104,18 +123,24 @@ class HostedSegmenter:
         self.num_classes = max(self.labels.values()) + 1
         self.patch_size = int(self.card.get("inputs", {}).get("patch_size") or hparams.get("patch_size") or 48)
 
+    @property
+    def kind(self) -> str | None:
+        """The card's kind of model (``mixpriv``, ``privacynet`` or ``deformproxy`` when loaded from a folder)."""
+        return self.card.get("kind")
+
     @classmethod
     def from_pretrained(cls, name_or_path_or_url: str, *, verify: bool = True, **kwargs) -> HostedSegmenter:
-        """Load the segmenter of a published Mixup-Privacy model, and nothing else.
+        """Load the segmenter of a published private model, and nothing else.
 
         The folder is resolved (and downloaded into the cache if needed) by
         :func:`mixpriv.hub.resolve_pretrained`, which takes ``kwargs``; the weights file is
         checked against the card's sha256, and only its ``segmenter.*`` tensors are read
-        (safetensors, no pickle): the unmixer's weights and the demo bank are never loaded.
+        (safetensors, no pickle): the unmixer, encoder, flow-field generator and discriminator
+        weights and the demo bank are never loaded.
 
         Raises:
-            ValueError: the model is not a Mixup-Privacy model (a baseline segments raw scans,
-                which a privacy-preserving server must not receive).
+            ValueError: the model is not one of :data:`HOSTED_KINDS` (a baseline segments raw
+                scans, which a privacy-preserving server must not receive).
             ModelCardError: the card or the weights do not describe a loadable segmenter.
         """
         from safetensors import safe_open
@@ -128,9 +153,12 @@ class HostedSegmenter:
 
         folder = resolve_pretrained(name_or_path_or_url, **kwargs)
         card = read_card(folder)
-        if card.get("kind") != "mixpriv":
-            raise ValueError(f"{name_or_path_or_url} is a {card.get('kind')!r} model; the server hosts the segmenter "
-                             f"of a Mixup-Privacy ('mixpriv') model, trained on mixtures")
+        kind = card.get("kind")
+        if kind not in HOSTED_KINDS:
+            raise ValueError(f"{name_or_path_or_url} is a {kind!r} model, which segments raw scans; the server hosts "
+                             f"only the segmenter of a private model, which never sees one: Mixup-Privacy ('mixpriv', "
+                             f"trained on mixtures), Privacy-Net ('privacynet', on encoded scans) or "
+                             f"Deformation-Proxy ('deformproxy', on deformed scans)")
         weights = folder / WEIGHTS_FILE
         if verify:
             verify_file(weights, card["files"][WEIGHTS_FILE])
@@ -139,8 +167,8 @@ class HostedSegmenter:
         prefix = "segmenter."
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("format") != WEIGHTS_FORMAT or metadata.get("kind") != "mixpriv":
-                raise ModelCardError(f"{weights} is not the weights of a mixpriv model (metadata {metadata})")
+            if metadata.get("format") != WEIGHTS_FORMAT or metadata.get("kind") != kind:
+                raise ModelCardError(f"{weights} is not the weights of a {kind} model (metadata {metadata})")
             state = {}
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.startswith(prefix):
@@ -150,22 +178,24 @@ class HostedSegmenter:
             segmenter.load_state_dict(state, strict=True)
         except RuntimeError as error:
             raise ModelCardError(f"{weights} does not hold the segmenter its card describes: {error}") from error
-        log.info("loaded the segmenter of %r from %s (no unmixer, no bank)", card.get("name"), folder)
+        log.info("loaded the segmenter of %s model %r from %s (%s)", kind, card.get("name"), folder,
+                 HOSTED_KINDS[kind])
         return cls(segmenter, card)
 
     @torch.no_grad()
     def segment_mixture(self, mixture: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(N, C, ...)`` of mixed images ``(N, 1, ...)`` (as ``MixupPrivacyModule``)."""
+        """Class probabilities ``(N, C, ...)`` of the views ``(N, 1, ...)`` it is sent (mixed, encoded or deformed
+        images), as the model's own server half computes them (``softmax(segmenter(x))``)."""
         return torch.softmax(self.segmenter(mixture).float(), dim=1)
 
     def info(self) -> dict:
-        """The public description served at ``/v1/model``."""
+        """The public description served at ``/v1/model``; ``mixing`` (the λ range) for Mixup-Privacy only."""
         inputs = self.card.get("inputs", {})
         hparams = self.card.get("hparams", {})
         weights = self.card.get("files", {}).get("model.safetensors", {})
-        return {
+        info = {
             "name": self.card.get("name"),
-            "kind": self.card.get("kind"),
+            "kind": self.kind,
             "version": self.card.get("version"),
             "task": self.card.get("task"),
             "labels": self.labels,
@@ -178,10 +208,12 @@ class HostedSegmenter:
                 "intensity_normalisation": inputs.get("intensity_normalisation"),
                 "patch_size": self.patch_size,
             },
-            "mixing": {"lambda_range": (self.card.get("mixing") or {}).get("lambda_range",
-                                                                          hparams.get("lambda_range"))},
             "weights_sha256": weights.get("sha256"),
         }
+        if self.kind == "mixpriv":
+            info["mixing"] = {"lambda_range": (self.card.get("mixing") or {}).get("lambda_range",
+                                                                                hparams.get("lambda_range"))}
+        return info
 
 
 class _AccessLog:
@@ -267,7 +299,7 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
         if cancel.is_set():
             raise _Cancelled
         if not torch.isfinite(probabilities).all():
-            raise WireError("the segmenter's probabilities for these mixtures are not finite (are their values far "
+            raise WireError("the segmenter's probabilities for these volumes are not finite (are their values far "
                             "outside those of intensity-normalised scans?)")
         started = time.perf_counter()
         payload = encode_probabilities(probabilities, config.compresslevel if compress else None)
@@ -288,7 +320,7 @@ def create_app(hosted: HostedSegmenter, config: ServerConfig | None = None) -> F
         authorize(request)
         media_type = request.headers.get("content-type", NPY_MEDIA_TYPE).split(";")[0].strip().lower()
         if media_type not in _ACCEPTED_MEDIA_TYPES:
-            return _problem(415, f"send the mixtures as {NPY_MEDIA_TYPE} (numpy.save bytes)")
+            return _problem(415, f"send the volumes as {NPY_MEDIA_TYPE} (numpy.save bytes)")
         if request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
             return _problem(415, "compressed request bodies are not accepted: send the .npy bytes as they are")
         with admission.ticket() as ticket:
@@ -360,9 +392,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | No
     hosted = HostedSegmenter.from_pretrained(model)
     app = create_app(hosted, config)
     if host not in ("127.0.0.1", "localhost", "::1") and not ssl_certfile:
-        log.warning("serving on %s without TLS: the token and the mixtures travel in clear; put a TLS proxy in "
-                    "front or pass --ssl-certfile/--ssl-keyfile", host)
-    log.info("serving %r (segmenter only) on %s:%d with %d worker(s) x %d torch thread(s), auth %s", hosted.card.get(
-        "name"), host, port, config.workers, used, "on" if token else "OFF")
+        log.warning("serving on %s without TLS: the token and the volumes it segments travel in clear; put a TLS "
+                    "proxy in front or pass --ssl-certfile/--ssl-keyfile", host)
+    log.info("serving the segmenter of %s model %r on %s:%d with %d worker(s) x %d torch thread(s), auth %s",
+             hosted.kind, hosted.card.get("name"), host, port, config.workers, used, "on" if token else "OFF")
     uvicorn.run(app, host=host, port=port, http=config.protocol(), ws="none", access_log=False, log_level="info",
                 server_header=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

@@ -1,22 +1,24 @@
-"""The client of the segmentation service: mix locally, send only mixtures, unmix locally.
+"""The clients of the segmentation service: the client half of each private system runs here.
 
-The client holds the secret key (a :class:`~mixpriv.mixing.ReferenceBank`) and the local
-Mixup-Privacy model, of which it uses only the unmixer. For each scan it draws K references
-and K weights λ (K composites of R references and their weights for a model trained with
-K-way mixing), sends the K mixtures ``(K, D, H, W)`` to ``POST /v1/segment`` and unmixes the
-K probability maps it gets back (learned by default, naive on request), then averages them
-(test-time augmentation, whose variance is an uncertainty map).
+* :class:`PrivateClient` (Mixup-Privacy) holds the secret key (a
+  :class:`~mixpriv.mixing.ReferenceBank`) and the local Mixup-Privacy model, of which it uses
+  only the unmixer. For each scan it draws K references and K weights λ (K composites of R
+  references and their weights for a model trained with K-way mixing), sends the K mixtures
+  ``(K, D, H, W)`` to ``POST /v1/segment`` and unmixes the K probability maps it gets back
+  (learned by default, naive on request), then averages them (test-time augmentation, whose
+  variance is an uncertainty map). What crosses the wire: the ``.npy`` bytes of the mixtures
+  (their dtype and shape in its header) and the bearer token. Never λ, a reference or its id,
+  the NIfTI header or affine, the file name or the raw image.
+* :class:`ProxyClient` (the compared systems, Privacy-Net and Deformation-Proxy) makes the
+  server's view of a scan with the local model's client half (the encoder; the flow-field
+  generator and a fresh secret key), sends that one view and reads the answer back
+  (:class:`~mixpriv.inference.proxies.ProxyPipeline`). What crosses the wire: the view and the
+  token; never the image, the deformation key or its inverse field.
 
-What crosses the wire: the ``.npy`` bytes of the mixtures (their dtype and shape in its
-header) and the bearer token. Never λ, a reference or its id, the NIfTI header or affine, the
-file name or the raw image.
-
-What the server can do to the client is bounded too: each request must end within ``timeout``
-seconds from start to last byte (a :class:`~mixpriv.hub.download.Deadline`, not a per-read
-timeout, so a server trickling bytes cannot stall it), answers are read with size bounds that
-hold through gzip and ``GET /v1/model`` is checked field by field
-(:mod:`mixpriv.server.answers`); mixtures the server's limits would refuse (a scan too small
-for them, too many references, too many bytes) are refused here, before anything is sent.
+Both talk to the server through :class:`~mixpriv.server.connection.ServerConnection`: a
+deadline per request, answers read with bounds, ``GET /v1/model`` checked against the local
+model (same kind, same labels), and what the server's limits would refuse (a scan too small,
+too many volumes, too many bytes) refused here, before anything is sent.
 
 Example:
     >>> from mixpriv.server import PrivateClient
@@ -29,60 +31,34 @@ Example:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import torch
 
-from mixpriv import __version__
-from mixpriv.hub.download import Deadline
+from mixpriv.hub.export import model_kind
 from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.pipeline import (
     PrivatePipeline,
     PrivateSegmentation,
     check_methods,
 )
+from mixpriv.inference.proxies import ProxyPipeline, ProxyRun
 from mixpriv.inference.scans import check_key_for_model
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.server.answers import (
-    MAX_INFO_BYTES,
-    ServerError,
-    check_model_info,
-    error_detail,
-    read_bounded,
-)
-from mixpriv.server.auth import read_token
-from mixpriv.server.wire import (
-    NPY_MEDIA_TYPE,
-    REQUEST_DTYPES,
-    WireError,
-    decode_probabilities,
-    encode_mixtures,
-    parse_server_timing,
-    response_size_limit,
-)
+from mixpriv.server.answers import ServerError
+from mixpriv.server.connection import ServerConnection, load_local_model
 from mixpriv.validation import InputError
 
+__all__ = ["PrivateClient", "ProxyClient", "ServerError", "WrittenSegmentation"]
+
 log = logging.getLogger("mixpriv.server.client")
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -95,8 +71,8 @@ class WrittenSegmentation:
     result: PrivateSegmentation
 
 
-class PrivateClient:
-    """Private segmentation through a remote ``mixpriv serve``.
+class PrivateClient(ServerConnection):
+    """Private segmentation through a remote ``mixpriv serve`` hosting a Mixup-Privacy segmenter.
 
     Args:
         server_url: base URL of the server, e.g. ``http://127.0.0.1:8000``.
@@ -124,6 +100,8 @@ class PrivateClient:
         >>> result.labels.shape, result.variance.shape  # doctest: +SKIP
     """
 
+    sends = "mixtures"
+
     def __init__(
         self,
         server_url: str,
@@ -142,146 +120,35 @@ class PrivateClient:
         compress_answers: bool | None = None,
     ) -> None:
         (method,) = check_methods((method,))
-        if wire_dtype not in REQUEST_DTYPES:
-            raise InputError(f"wire dtype must be one of {REQUEST_DTYPES}, got {wire_dtype!r}")
         if k < 1:
             raise InputError(f"the number of references K must be at least 1, got {k}")
-        if not timeout > 0:
-            raise InputError(f"the timeout must be positive, got {timeout}")
         if not isinstance(key, ReferenceBank):
             key = ReferenceBank.load(key)
-        if isinstance(model, (str, os.PathLike)):
-            from mixpriv.hub import from_pretrained
-
-            model = from_pretrained(model)
+        model = load_local_model(model)
         if not hasattr(model, "unmix"):
             raise InputError(f"the local model must be a Mixup-Privacy model with an unmixer, got "
                              f"{type(model).__name__}")
         check_key_for_model(key, model.num_classes, model.hparams.get("input_spacing"))
-        self.server_url = server_url.rstrip("/")
         self.key = key
-        self.model = model.eval()
         self.k = k
         self.method = method
         self.pipeline = PrivatePipeline.of_model(
             model, segment_volumes=self.segment_mixtures,
             mixing=(mixing or MixingSettings.of_model(model.hparams)).check_bank(len(key)), overlap=overlap)
-        self.wire_dtype = wire_dtype
-        self.compress_answers = not _is_loopback(self.server_url) if compress_answers is None else compress_answers
         self.generator = client_generator(seed)
-        token = token if token is not None else read_token()
-        if urlsplit(self.server_url).scheme != "https" and not _is_loopback(self.server_url):
-            log.warning("%s is not https: the token and the mixtures travel unencrypted", self.server_url)
-        headers = {"User-Agent": f"mixpriv/{__version__}",
-                   "Accept-Encoding": "gzip" if self.compress_answers else "identity"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self.timeout = float(timeout)
-        # A fresh connection per request (two per scan): the deadline watches the sockets a request opens.
-        self._http = httpx.Client(base_url=self.server_url, headers=headers, transport=transport,
-                                  limits=httpx.Limits(max_keepalive_connections=0))
-        self._info: dict | None = None
-        #: Seconds of the server's work on the latest answer, by step (its ``Server-Timing`` header).
-        self.last_server_timing: dict[str, float] = {}
+        super().__init__(server_url, model, "mixpriv", token, wire_dtype=wire_dtype, timeout=timeout,
+                         transport=transport, compress_answers=compress_answers)
 
     def __repr__(self) -> str:  # never show the key's content or the token
         return f"PrivateClient({self.server_url!r}, {self.key!r}, k={self.k}, method={self.method!r})"
 
-    def close(self) -> None:
-        """Close the HTTP connections."""
-        self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _call(self, method: str, path: str, limit: int, **kwargs) -> bytes:
-        """One request, whole within ``self.timeout`` s; the body of its 200 answer (at most ``limit`` bytes).
-
-        Raises:
-            ServerError: unreachable, timed out, an error status (with the server's detail), a
-                broken or oversized answer.
-        """
-        what = f"{method} {path}"
-        response = None
-        with Deadline(self.timeout) as deadline:
-            left = deadline.remaining()
-            request = self._http.build_request(method, path, timeout=httpx.Timeout(left, connect=min(left, 30.0)),
-                                               extensions={"trace": deadline.trace}, **kwargs)
-            try:
-                response = self._http.send(request, stream=True)
-                if response.status_code != 200:
-                    raise ServerError(f"{what}: the server answered {response.status_code}: {error_detail(response)}",
-                                      response.status_code)
-                body = read_bounded(response, limit, what)
-                self.last_server_timing = parse_server_timing(response.headers.get("server-timing", ""))
-            except httpx.HTTPError as error:
-                if deadline.expired:
-                    raise self._timed_out(what) from error
-                if response is None:
-                    raise ServerError(f"cannot reach the segmentation server at {self.server_url}: {error}") from error
-                raise ServerError(f"{what}: the segmentation server at {self.server_url} failed mid-answer: "
-                                  f"{error}") from error
-            finally:
-                if response is not None:
-                    response.close()
-            if deadline.expired:  # the deadline cut a close-delimited answer short
-                raise self._timed_out(what)
-        return body
-
-    def _timed_out(self, what: str) -> ServerError:
-        return ServerError(f"{what}: the segmentation server at {self.server_url} did not answer within "
-                           f"{self.timeout:g} s")
-
-    def _check_request(self, shape: tuple[int, ...], body_bytes: int) -> None:
-        """Refuse here what the server's limits would refuse: K, the sides of the mixtures, the body size."""
-        limits = self.server_info()["limits"]
-        k, *spatial = shape
-        if k > limits["max_k"]:
-            raise InputError(f"K = {k} is more than the server accepts per request ({limits['max_k']})")
-        if min(spatial) < limits["min_side"] or max(spatial) > limits["max_side"]:
-            raise InputError(f"the scan, resampled to the model's voxel size, is {' x '.join(map(str, spatial))} "
-                             f"voxels; the server takes sides of {limits['min_side']} to {limits['max_side']} voxels")
-        if body_bytes > limits["max_body_bytes"]:
-            raise InputError(f"{k} mixtures of {' x '.join(map(str, spatial))} voxels take {body_bytes} bytes, more "
-                             f"than the {limits['max_body_bytes']} the server accepts: use a smaller K or "
-                             f"--wire-dtype float16")
-
-    def server_info(self) -> dict:
-        """``GET /v1/model`` (cached): labels, spacing, patch size, λ range, limits; checked against the local model."""
-        if self._info is None:
-            info = check_model_info(self._call("GET", "/v1/model", MAX_INFO_BYTES))
-            labels = info["labels"]
-            local = dict(self.model.hparams.label_names)
-            if labels != local:
-                raise InputError(f"the server's model has labels {labels} but the local model {local}")
-            local_sha = (getattr(self.model, "model_card", None) or {}).get("files", {}).get(
-                "model.safetensors", {}).get("sha256")
-            if local_sha and info.get("weights_sha256") and local_sha != info["weights_sha256"]:
-                log.warning("the server hosts other weights (%s) than the local model (%s): its unmixer was trained "
-                            "with another segmenter", info.get("name"), (self.model.model_card or {}).get("name"))
-            self._info = info
-        return self._info
-
     def segment_mixtures(self, mixtures: torch.Tensor) -> torch.Tensor:
         """Send mixtures ``(K, 1, D, H, W)``; return the server's probabilities ``(K, C, D, H, W)`` (float32).
 
-        This is the only call that sends image data, and it sends only ``mixtures``.
+        This is the only call that sends image data, and it sends only ``mixtures``
+        (:meth:`~mixpriv.server.connection.ServerConnection.segment_volumes`).
         """
-        info = self.server_info()
-        k, _, *spatial = mixtures.shape
-        expected = (k, info["num_classes"], *spatial)
-        body = encode_mixtures(mixtures, self.wire_dtype)
-        self._check_request((k, *spatial), len(body))
-        raw = self._call("POST", "/v1/segment", response_size_limit(expected), content=body,
-                         headers={"Content-Type": NPY_MEDIA_TYPE})
-        try:
-            probabilities = decode_probabilities(raw, expected)
-        except WireError as error:
-            raise ServerError(f"the server's answer is malformed: {error}") from error
-        return torch.from_numpy(probabilities).float()
+        return self.segment_volumes(mixtures)
 
     def segment(self, image: torch.Tensor) -> PrivateSegmentation:
         """Privately segment an image ``(1, D, H, W)`` on the key's grid, normalised as the card says
@@ -371,3 +238,67 @@ class PrivateClient:
             written = outputs.commit()
         return WrittenSegmentation(written["--out"], written.get("--probabilities"), written.get("--variance"),
                                    result)
+
+
+class ProxyClient(ServerConnection):
+    """A compared system through a remote ``mixpriv serve``: the view is made and read back here.
+
+    The local model is a Privacy-Net model (its encoder makes the view ``E(x)``; the server's
+    answer is the segmentation) or a Deformation-Proxy model (its flow-field generator warps the
+    scan with a fresh secret key; the client warps the answer back with the key's inverse). Only
+    the view is sent, one per scan; the image and the inverse field stay here.
+
+    Args:
+        server_url: base URL of the server, e.g. ``http://127.0.0.1:8000``; it must host the
+            segmenter of the same kind of model.
+        model: the local :class:`~mixpriv.lightning.privacy_net.PrivacyNetModule` or
+            :class:`~mixpriv.lightning.deformation_proxy.DeformationProxyModule`, or what
+            :func:`mixpriv.hub.from_pretrained` takes (name, folder, URL).
+        token: bearer token (default ``$MIXPRIV_SERVER_TOKEN``).
+        seed: seed of the deformation keys (``None``: fresh randomness; a fixed seed only
+            reproduces a run, see :func:`~mixpriv.inference.mixtures.client_generator`).
+        wire_dtype, timeout, transport, compress_answers: as for :class:`PrivateClient`.
+
+    Raises:
+        InputError: the local model is not a compared system (or the settings are wrong).
+
+    Example:
+        >>> client = ProxyClient("http://127.0.0.1:8000", "tissue-deformproxy-2mm", token="s3cret")  # doctest: +SKIP
+        >>> run = client.segment(image)  # image: preprocessed (1, D, H, W)  # doctest: +SKIP
+        >>> run.labels.shape, run.view.shape  # doctest: +SKIP
+    """
+
+    sends = "views"
+
+    def __init__(
+        self,
+        server_url: str,
+        model,
+        token: str | None = None,
+        *,
+        seed: int | None = None,
+        wire_dtype: str = "float32",
+        timeout: float = 600.0,
+        transport: httpx.BaseTransport | None = None,
+        compress_answers: bool | None = None,
+    ) -> None:
+        model = load_local_model(model)
+        self.pipeline = ProxyPipeline(model, segment_views=self.segment_view)  # refuses other models
+        self.generator = client_generator(seed)
+        super().__init__(server_url, model, model_kind(model), token, wire_dtype=wire_dtype, timeout=timeout,
+                         transport=transport, compress_answers=compress_answers)
+
+    def __repr__(self) -> str:  # never show the token
+        return f"ProxyClient({self.server_url!r}, kind={self.kind!r})"
+
+    def segment_view(self, view: torch.Tensor) -> torch.Tensor:
+        """Send one view ``(1, D, H, W)``; return the server's probabilities ``(C, D, H, W)`` (float32)."""
+        return self.segment_volumes(view[None])[0]
+
+    def segment(self, image: torch.Tensor) -> ProxyRun:
+        """Segment an image ``(1, D, H, W)``, normalised and on the model's grid as its card says.
+
+        Returns the view that was sent, the server's answer and the client's probabilities on the
+        image's grid (``run.labels`` the label map); ``run.secret`` is what never left the client.
+        """
+        return self.pipeline(image.float(), self.generator)

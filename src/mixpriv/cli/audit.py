@@ -13,8 +13,8 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
         >>> from mixpriv.cli import build_parser
         >>> args = build_parser().parse_args(["audit", "--model", "m", "--out", "report",
         ...                                   "--bss-control-lambda", "client"])
-        >>> args.split, args.k, args.bss_inits, args.bss_control_lambda
-        ('test', 8, 3, None)
+        >>> args.split, args.k, args.bss_inits, args.bss_control_lambda, args.compared
+        ('test', 8, 3, None, [])
     """
     from mixpriv.constants import AUDIT_PARTS
     from mixpriv.privacy.attackers import ATTACKERS, REQUEST_DESIGNS
@@ -35,6 +35,13 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attackers", nargs="+", choices=ATTACKERS, default=list(ATTACKERS),
                    help="re-identification attackers (default: all; the worst case leads the report)")
     p.add_argument("--learned-steps", type=int, default=600, help="training steps of the learned attacker")
+    p.add_argument("--compared", nargs="+", default=[], metavar="MODEL",
+                   help="Privacy-Net and Deformation-Proxy models (names, folders, checkpoints or URLs): their servers' "
+                        "views are attacked too (the paper and learned attackers; Privacy-Net's returned segmentation "
+                        "as well), next to no proxy and Mixup-Privacy (paper Table 2)")
+    p.add_argument("--compared-views", type=int, default=4,
+                   help="views the learned attacker draws of each of its own scans through Deformation-Proxy (its "
+                        "own random keys)")
     p.add_argument("--key-neighbours", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="mixtures the key-recovery attacker averages into each mixture's reference (how often it "
                         "expects a reference to recur in the traffic); the best of these is reported")
@@ -103,6 +110,7 @@ def _audit(args: argparse.Namespace) -> None:
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
                            **({"sweep_settings": tuple(args.sweep_settings)} if args.sweep_settings is not None else {}),
                            dice_cases=args.dice_cases or None, sweep_separation=args.sweep_separation,
+                           compared=tuple(args.compared), compared_views=args.compared_views,
                            separation=SeparationOptions(num_patches=args.bss_patches, inits=args.bss_inits,
                                                         score_steps=args.bss_score_steps,
                                                         steps_per_level=args.bss_steps_per_level,

@@ -25,12 +25,17 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     Example:
         >>> from mixpriv.cli import build_parser
         >>> args = build_parser().parse_args(["evaluate", "--mixpriv", "mp.ckpt"])
-        >>> args.k, args.seed, args.baseline, args.out.as_posix()
-        (8, 0, None, 'outputs/evaluation')
+        >>> args.k, args.seed, args.baseline, args.privacynet, args.out.as_posix()
+        (8, 0, None, None, 'outputs/evaluation')
     """
-    p = sub.add_parser("evaluate", help="Dice table (Baseline, Naive, Naive+TTA, Learned, Learned+TTA) on a test split")
+    p = sub.add_parser("evaluate", help="Dice table (Baseline, Privacy-Net, Deformation-Proxy, Naive, Naive+TTA, "
+                                        "Learned, Learned+TTA) on a test split")
     p.add_argument("--mixpriv", required=True, help="Mixup-Privacy model: checkpoint, folder, registry name or URL")
     p.add_argument("--baseline", default=None, help="baseline model (optional row): checkpoint, folder, name or URL")
+    p.add_argument("--privacynet", default=None,
+                   help="Privacy-Net model (optional compared row): checkpoint, folder, name or URL")
+    p.add_argument("--deformproxy", default=None,
+                   help="Deformation-Proxy model (optional compared row): checkpoint, folder, name or URL")
     p.add_argument("--data", type=Path, default=None, help="nnU-Net v2 folder (default: embedded cohort)")
     p.add_argument("--key", type=Path, default=None, help="reference bank (default: drawn from the training split)")
     p.add_argument("--k", type=int, default=8, help="number of TTA references")
@@ -50,10 +55,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     private = load_model(args.mixpriv, kind="mixpriv")
     baseline = load_model(args.baseline, kind="baseline") if args.baseline else None
+    compared = {name: load_model(source, kind=kind) for name, kind, source in (
+        ("Privacy-Net", "privacynet", args.privacynet), ("Deformation-Proxy", "deformproxy", args.deformproxy))
+        if source}
     folder = DatasetFolder(resolve_data_dir(args.data))
     bank = ReferenceBank.load(args.key) if args.key else bank_from_cases(folder, "train", private.hparams.input_spacing)
     result = evaluate_models(baseline, private, folder, bank, args.out, k=args.k, seed=args.seed,
-                             max_cases=args.max_cases)
+                             max_cases=args.max_cases, compared=compared)
     print(result.table.to_markdown(title="Segmentation (Dice), test split", notes={"K": str(args.k)}))
     print("whole-volume seconds per case:", {k: round(v, 2) for k, v in result.seconds.items()})
     print(f"outputs in {args.out}")

@@ -22,8 +22,9 @@ from mixpriv.validation import ArrayLike, InputError
 
 logger = logging.getLogger(__name__)
 
-#: Method rows in the order of the paper's Table 1; other methods follow in insertion order.
-METHOD_ORDER = ("Baseline", "Naive", "Naive+TTA", "Learned", "Learned+TTA")
+#: Method rows in the order of the paper's Table 1 (the compared systems after the baseline); other methods follow
+#: in insertion order.
+METHOD_ORDER = ("Baseline", "Privacy-Net", "Deformation-Proxy", "Naive", "Naive+TTA", "Learned", "Learned+TTA")
 
 #: Key of the per-case mean foreground Dice in :meth:`DiceTable.aggregate`.
 MEAN_KEY = "mean"

@@ -3,7 +3,9 @@
 For every test case the server segments K mixtures once; the client unmixes them naively
 and with the learned unmixer. ``Naive`` / ``Learned`` use the first reference only,
 ``Naive+TTA`` / ``Learned+TTA`` average all K; the Dice-versus-K curve uses the first k.
-A model trained with K-way mixing is evaluated K-way (its ``references_per_mix``).
+A model trained with K-way mixing is evaluated K-way (its ``references_per_mix``). The compared
+systems (Privacy-Net, Deformation-Proxy; :mod:`mixpriv.evaluation.compared`) add their rows on the
+same scans.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from mixpriv.constants import IMAGE, LABEL, TEST
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.data.preprocessing import preprocessing
+from mixpriv.evaluation.compared import ComparedRows, CompareModel
 from mixpriv.evaluation.dice import dice_per_class, mean_foreground
 from mixpriv.evaluation.plots import (
     plot_dice_vs_k,
@@ -60,9 +63,21 @@ def evaluate_models(
     seed: int = 0,
     max_cases: int | None = None,
     progress: bool = True,
+    *,
+    compared: Mapping[str, CompareModel] | None = None,
 ) -> EvaluationResult:
     """Run the evaluation, write ``summary.json``, ``table.md``, figures and the first case's NIfTIs; for the
-    tumour task (labels NCR / ED / ET) also the BraTS regions' Dice and HD95 (``regions.json``, ``regions.md``)."""
+    tumour task (labels NCR / ED / ET) also the BraTS regions' Dice and HD95 (``regions.json``, ``regions.md``).
+
+    ``compared`` (row name -> model, :func:`~mixpriv.evaluation.compared.compared_systems`) adds the
+    Privacy-Net and Deformation-Proxy rows, scored on the same scans, and their whole-volume seconds.
+
+    Example:
+        >>> result = evaluate_models(baseline, private, folder, bank, "eval",  # doctest: +SKIP
+        ...                          compared=compared_systems([privacy_net, deformation_proxy]))
+        >>> result.table.methods  # doctest: +SKIP
+        ['Baseline', 'Privacy-Net', 'Deformation-Proxy', 'Naive', 'Naive+TTA', 'Learned', 'Learned+TTA']
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = [c for c in folder.cases(TEST) if c.label_path is not None][:max_cases]
@@ -71,6 +86,7 @@ def evaluate_models(
     generator = torch.Generator().manual_seed(seed)
     spacing = private.hparams.input_spacing
     pipeline = PrivatePipeline.of_model(private)
+    systems = ComparedRows(compared or {}, spacing, seed)
     mixing = pipeline.mixing.check_bank(len(bank))
     table = DiceTable(folder.labels)
     regions = RegionTable(bank.space.spacing) if folder.labels == TUMOUR_CLASSES and bank.space else None
@@ -86,6 +102,8 @@ def evaluate_models(
             baseline_probs = baseline_probabilities(baseline, image)
             seconds["baseline"].append(time.perf_counter() - start)
             _score(table, regions, "Baseline", case.case_id, baseline_probs.argmax(0), label)
+        for name, labels in systems(image).items():
+            _score(table, regions, name, case.case_id, labels, label)
         start = time.perf_counter()
         run = pipeline(image, bank, k, ("learned", "naive"), generator)
         seconds[f"private_k{k}"].append(time.perf_counter() - start)
@@ -106,8 +124,9 @@ def evaluate_models(
     stds = {name: dict(zip(range(1, k + 1), np.nanstd(values, axis=0).tolist())) for name, values in curves.items()}
     baseline_mean = table.aggregate().get("Baseline", {}).get("mean", {}).get("mean")
     outputs["dice_vs_k"] = plot_dice_vs_k(dice_vs_k, out_dir / "dice_vs_k.png", baseline=baseline_mean, stds=stds)
-    mean_seconds = {name: float(np.mean(v)) for name, v in seconds.items() if v}
+    mean_seconds = {name: float(np.mean(v)) for name, v in {**seconds, **systems.seconds}.items() if v}
     metadata = {"K": k, **mixing.to_dict(), "seed": seed, "n_cases": len(cases),
+                **({"compared": {name: _model_name(model) for name, model in compared.items()}} if compared else {}),
                 "dataset": str(folder.root), "whole_volume_seconds": mean_seconds,
                 "device": str(private.device), "torch_threads": torch.get_num_threads()}
     notes = {"K (TTA references)": str(k), "λ range": f"[{mixing.lambda_range[0]}, {mixing.lambda_range[1]}]",
@@ -115,6 +134,9 @@ def evaluate_models(
     if mixing.references_per_mix > 1:
         notes["references per mixture (K-way)"] = (f"{mixing.references_per_mix}, Dirichlet(α = {mixing.dirichlet_alpha})"
                                                     " weights")
+    if compared:
+        notes["compared systems"] = ", ".join(compared) + (" (the client's segmentation; Deformation-Proxy: a fresh "
+                                                           "secret key per scan)")
     outputs.update(table.save(out_dir, metadata=metadata, title="Segmentation (Dice), test split", notes=notes))
     if regions is not None:
         outputs.update(regions.save(out_dir))
@@ -128,6 +150,10 @@ def _score(table: DiceTable, regions: RegionTable | None, method: str, case_id: 
     table.add_prediction(method, case_id, prediction, label)
     if regions is not None:
         regions.add_prediction(method, case_id, prediction, label)
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    return getattr(model, "model_card", {}).get("name", type(model).__name__)
 
 
 def _write_case_outputs(case, subject, bank: ReferenceBank, run: PrivateRun, label_names: Mapping[str, int],

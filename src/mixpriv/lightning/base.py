@@ -29,9 +29,12 @@ class SegmentationModuleBase(pl.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if not self.hparams.poly_decay:
             return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.poly_schedule(optimizer), "interval": "step"}}
+
+    def poly_schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """nnU-Net's polynomial decay of ``optimizer``'s learning rate to 0 over the trainer's steps."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total) / total) ** 0.9)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total) / total) ** 0.9)
 
     def log_dice(self, stage: str, prefix: str, probs: torch.Tensor, target_one_hot: torch.Tensor) -> None:
         """Log ``{stage}/{prefix}dice_{label}`` for each foreground label and their mean."""

@@ -31,7 +31,7 @@ from mixpriv.constants import (
     PAIR_LABEL_B,
     PAIR_SAME_PATIENT,
 )
-from mixpriv.lightning.base import SegmentationModuleBase
+from mixpriv.lightning.adversarial import AdversarialModuleBase
 from mixpriv.lightning.losses import ce_dice_loss
 from mixpriv.mixing.functional import one_hot
 from mixpriv.networks import SegmenterSpec, build_segmenter
@@ -52,7 +52,7 @@ def restored_loss(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Te
     return ce_dice_loss(torch.log(probabilities.clamp_min(1e-6)), target)
 
 
-class DeformationProxyModule(SegmentationModuleBase):
+class DeformationProxyModule(AdversarialModuleBase):
     """Flow-field generator (client) + U-Net++ segmenter (server) + Siamese discriminator, adversarial.
 
     Args:
@@ -180,22 +180,10 @@ class DeformationProxyModule(SegmentationModuleBase):
         if adversarial:
             loss_adversarial = -self._identity_terms(images, deformed, same)
             loss = loss + self.hparams.adversarial_weight * loss_adversarial
-        main_optimizer.zero_grad()
-        self.manual_backward(loss)
-        main_optimizer.step()
-        self.untoggle_optimizer(main_optimizer)
-
-        self.toggle_optimizer(discriminator_optimizer)
+        self.step_main(main_optimizer, loss)
         raw_term = F.binary_cross_entropy_with_logits(self.discriminator(*images).float(), same)
         loss_discriminator = (raw_term + 5 * self._identity_terms(images, [z.detach() for z in deformed], same)) / 6
-        discriminator_optimizer.zero_grad()
-        self.manual_backward(loss_discriminator)
-        # Through the strategy (precision plugin, gradient scaling) but not LightningOptimizer.step,
-        # which would count a second trainer step for the batch.
-        self.trainer.strategy.optimizer_step(discriminator_optimizer.optimizer, closure=lambda: None)
-        self.untoggle_optimizer(discriminator_optimizer)
-        for scheduler in self.lr_schedulers() or []:
-            scheduler.step()
+        self.step_discriminator(discriminator_optimizer, loss_discriminator)
 
         n = images[0].shape[0]
         logs = {"train/loss": loss, "train/loss_segmenter": loss_segmenter,
@@ -225,14 +213,8 @@ class DeformationProxyModule(SegmentationModuleBase):
         self.log_dice("val", "", torch.cat(restored), torch.cat(targets))
         return loss
 
-    def configure_optimizers(self):
-        main = torch.optim.Adam([*self.generator.parameters(), *self.segmenter.parameters()], lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
-        discriminator = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.discriminator_lr,
-                                         weight_decay=self.hparams.weight_decay)
-        if not self.hparams.poly_decay:
-            return [main, discriminator]
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        decay = lambda step: (1 - min(step, total) / total) ** 0.9
-        return [main, discriminator], [torch.optim.lr_scheduler.LambdaLR(main, decay),
-                                       torch.optim.lr_scheduler.LambdaLR(discriminator, decay)]
+    def main_parameters(self):
+        return [*self.generator.parameters(), *self.segmenter.parameters()]
+
+    def discriminator_parameters(self):
+        return self.discriminator.parameters()

@@ -35,14 +35,14 @@ from mixpriv.constants import (
     PAIR_LABEL_B,
     PAIR_SAME_PATIENT,
 )
-from mixpriv.lightning.base import SegmentationModuleBase
+from mixpriv.lightning.adversarial import AdversarialModuleBase
 from mixpriv.lightning.losses import ce_dice_loss
 from mixpriv.mixing.functional import one_hot
 from mixpriv.networks import SegmenterSpec, build_segmenter
 from mixpriv.networks.siamese import SiameseDiscriminator
 
 
-class PrivacyNetModule(SegmentationModuleBase):
+class PrivacyNetModule(AdversarialModuleBase):
     """Encoder (client) + segmenter (server) + Siamese discriminator, trained adversarially on pairs.
 
     Trains on :class:`~mixpriv.data.pairs.PairedPatchDataModule` batches, with manual optimisation:
@@ -115,20 +115,11 @@ class PrivacyNetModule(SegmentationModuleBase):
         """Segmentation logits (N, C, ...) of images (N, 1, ...), through the encoder and the segmenter."""
         return self.segmenter(self.encode(image))
 
-    def configure_optimizers(self):
-        encoder_segmenter = torch.optim.Adam([*self.encoder.parameters(), *self.segmenter.parameters()],
-                                             lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        discriminator_lr = self.hparams.discriminator_lr
-        discriminator = torch.optim.Adam(self.discriminator.parameters(),
-                                         lr=self.hparams.lr if discriminator_lr is None else discriminator_lr,
-                                         weight_decay=self.hparams.weight_decay)
-        optimizers = [encoder_segmenter, discriminator]
-        if not self.hparams.poly_decay:
-            return optimizers
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: (1 - min(step, total) / total) ** 0.9)
-                      for o in optimizers]
-        return optimizers, schedulers
+    def main_parameters(self):
+        return [*self.encoder.parameters(), *self.segmenter.parameters()]
+
+    def discriminator_parameters(self):
+        return self.discriminator.parameters()
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
         """Encodings, segmentation logits and losses of a pair batch (the discriminator sees the encodings)."""
@@ -165,28 +156,11 @@ class PrivacyNetModule(SegmentationModuleBase):
         optimizer_es, optimizer_d = self.optimizers()
         self.toggle_optimizer(optimizer_es)  # the adversarial term must not train the discriminator
         losses = self._losses(batch)
-        loss = losses["loss_segmenter"] + self.hparams.adversarial_weight * losses["loss_adversarial"]
-        optimizer_es.zero_grad()
-        self.manual_backward(loss)
-        optimizer_es.step()
-        self.untoggle_optimizer(optimizer_es)
-
+        self.step_main(optimizer_es, losses["loss_segmenter"] + self.hparams.adversarial_weight * losses["loss_adversarial"])
         loss_discriminator, accuracy = self._discriminate(losses["encoded"].detach(), losses["same"])
-        optimizer_d.zero_grad()
-        self.manual_backward(loss_discriminator)
-        # Through the strategy (precision plugin, gradient scaling) but not LightningOptimizer.step,
-        # which would count a second trainer step for the batch.
-        self.trainer.strategy.optimizer_step(optimizer_d.optimizer, closure=lambda: None)
-        for scheduler in self._schedulers():
-            scheduler.step()
+        self.step_discriminator(optimizer_d, loss_discriminator)
         self._log("train", losses, loss_discriminator.detach(), accuracy)
 
     def validation_step(self, batch, batch_idx):
         losses = self._losses(batch)
         self._log("val", losses, -losses["loss_adversarial"], losses["accuracy"])
-
-    def _schedulers(self) -> list:
-        schedulers = self.lr_schedulers()
-        if schedulers is None:
-            return []
-        return schedulers if isinstance(schedulers, list) else [schedulers]

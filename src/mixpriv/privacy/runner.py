@@ -21,6 +21,7 @@ from mixpriv.constants import AUDIT_PARTS, TEST, TRAIN, VAL
 from mixpriv.data.datamodule import bank_from_cases
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.data.sources import resolve_data_dir
+from mixpriv.evaluation.compared import check_spacing
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
@@ -30,7 +31,12 @@ from mixpriv.privacy.attackers import (
     AttackerOptions,
     audit_attackers,
 )
-from mixpriv.privacy.attackers.report import attackers_section
+from mixpriv.privacy.attackers.compared import (
+    ComparedSystem,
+    audit_compared,
+    compared_attackers,
+)
+from mixpriv.privacy.attackers.report import attackers_section, compared_section
 from mixpriv.privacy.audit import (
     SweepAudit,
     SweepRow,
@@ -51,6 +57,7 @@ from mixpriv.privacy.report import (
     write_report,
 )
 from mixpriv.privacy.scans import load_scans
+from mixpriv.training import load_model
 from mixpriv.validation import InputError
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,11 @@ class AuditOptions:
             whole requests; the costliest part of the sweep).
         separation: sizes of the blind source separation attack (patches, initialisations,
             score-network training steps, Langevin levels and steps).
+        compared: Privacy-Net and Deformation-Proxy models (name, folder, checkpoint, URL or loaded): their
+            servers' views are attacked too (:mod:`~mixpriv.privacy.attackers.compared`), next to no proxy
+            and, with ``reid``, Mixup-Privacy (whatever ``parts`` says).
+        compared_views: views the learned attacker draws of each of its scans through a system whose views
+            are random (Deformation-Proxy's keys).
     """
 
     parts: Sequence[str] = AUDIT_PARTS
@@ -104,11 +116,15 @@ class AuditOptions:
     dice_cases: int | None = 8
     sweep_separation: bool = True
     separation: SeparationOptions = field(default_factory=SeparationOptions)
+    compared: Sequence = field(default_factory=tuple)
+    compared_views: int = 4
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.parts) - set(AUDIT_PARTS))
         if unknown:
             raise InputError(f"unknown audit part(s) {unknown}; choose from {list(AUDIT_PARTS)}")
+        if self.compared:
+            compared_attackers(self.attackers)
 
 
 def run_audit(
@@ -135,10 +151,11 @@ def run_audit(
 
     Raises:
         InputError: bad options or data (unknown part, too few scans or labels, a model that is not
-            a Mixup-Privacy model, ...).
+            a Mixup-Privacy model, a compared model that is not Privacy-Net or Deformation-Proxy, ...).
     """
     options = options or AuditOptions()
     model = _load(model, MixupPrivacyModule)
+    systems = [_compared_system(source, model.hparams.input_spacing) for source in options.compared]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = DatasetFolder(resolve_data_dir(data_dir))
@@ -150,15 +167,22 @@ def run_audit(
     sweep_models = [model, *(_load(source, MixupPrivacyModule) for source in options.sweep_models)]
     sweep_settings = _unique([MixingSettings.of_model(m.hparams) for m in sweep_models] + list(options.sweep_settings))
     sections = {}
-    if "reid" in options.parts or "sweep" in options.parts:
-        reid_settings = _unique([setting, *options.extra_settings,
-                                 *(sweep_settings if "sweep" in options.parts else [])])
+    reid = None
+    if "reid" in options.parts or "sweep" in options.parts or systems:
         attacker_folder = DatasetFolder(resolve_data_dir(options.attacker_data)) if options.attacker_data else folder
         attacker_scans = load_scans(attacker_folder, spacing, options.attacker_split, progress=progress,
                                     space=bank.space)
+    if "reid" in options.parts or "sweep" in options.parts:
+        reid_settings = _unique([setting, *options.extra_settings,
+                                 *(sweep_settings if "sweep" in options.parts else [])])
         reid = audit_attackers(scans, bank, reid_settings, attacker_scans, options.attackers, options.seed, progress)
         if "reid" in options.parts:
             sections["reidentification"] = attackers_section(reid, out_dir)
+    if systems:
+        compared = audit_compared(scans, systems, attacker_scans, options.attackers, options.seed,
+                                  options.compared_views, progress, reid.no_proxy_similarity if reid else None)
+        mixup = [row for row in reid.settings if row.setting == setting] if reid else []
+        sections["compared"] = compared_section(compared, out_dir, mixup, _name(model))
     if "icc" in options.parts:
         retest = audit_test_retest(model, scans, bank, setting, options.seed, progress)
         sections["test_retest"] = reliability_section(retest, out_dir)
@@ -179,10 +203,12 @@ def run_audit(
                 "data": str(folder.root), "split": options.split, "scans": len(scans),
                 "patients": len(set(scans.patient_ids)), "references in the key": len(bank),
                 "model's mixing": setting.name, "seed": options.seed, "parts": ", ".join(sections),
+                **({"compared systems": ", ".join(system.name for system in systems)} if systems else {}),
                 **({"attacker's brain prior": _attacker_data(attacker_images, key_is_train)}
                    if separates else {}),
                 "options": {k: v for k, v in asdict(options).items()
-                            if k in ("parts", "split", "max_cases", "k", "dice_cases", "sweep_separation", "separation")}}
+                            if k in ("parts", "split", "max_cases", "k", "dice_cases", "sweep_separation", "separation",
+                                     "compared_views")}}
     return write_report(sections, metadata, out_dir)
 
 
@@ -240,15 +266,21 @@ def _attacker_data(images: Sequence[torch.Tensor], key_is_train: bool) -> str:
     return text
 
 
-def _load(source: str | Path | torch.nn.Module, kind: type) -> torch.nn.Module:
-    """A loaded model of ``kind`` from a name, folder or URL (or the model itself)."""
-    from mixpriv.hub import from_pretrained
-
-    model = source if isinstance(source, torch.nn.Module) else from_pretrained(source)
-    if not isinstance(model, kind):
+def _load(source: str | Path | torch.nn.Module, kind: type | None = None) -> torch.nn.Module:
+    """A loaded model (of ``kind`` if given) from a name, folder, checkpoint or URL (or the model itself)."""
+    model = source if isinstance(source, torch.nn.Module) else load_model(source)
+    if kind is not None and not isinstance(model, kind):
         wanted = "a Mixup-Privacy model (segmenter + unmixer)" if kind is MixupPrivacyModule else "a baseline"
         raise InputError(f"{source} is a {type(model).__name__}; the audit needs {wanted} here")
     return model.eval()
+
+
+def _compared_system(source: str | Path | torch.nn.Module, spacing) -> ComparedSystem:
+    """The system of a ``compared`` model, refused unless Privacy-Net or Deformation-Proxy at the audit's voxel size."""
+    loaded = _load(source)
+    system = ComparedSystem.of_model(loaded, source if not isinstance(source, torch.nn.Module) else None)
+    check_spacing(loaded, spacing, system.name)
+    return system
 
 
 def _name(model: torch.nn.Module) -> str:

@@ -6,7 +6,9 @@
 - :mod:`~mixpriv.privacy.attackers.linking`: regrouping mixtures sent shuffled, by clustering;
 - :mod:`~mixpriv.privacy.attackers.traffic`: attackers of the whole traffic (correlation retrieval,
   and recovery of the key's recurring references from it);
-- :mod:`~mixpriv.privacy.attackers.suite`: all of them on each mixing setting; the worst case leads.
+- :mod:`~mixpriv.privacy.attackers.suite`: all of them on each mixing setting; the worst case leads;
+- :mod:`~mixpriv.privacy.attackers.compared`: those that apply on the compared systems' views (Privacy-Net,
+  Deformation-Proxy), next to the raw scans.
 """
 
 from mixpriv.privacy.attackers.estimates import VOLUME_ATTACKERS, Population

@@ -7,7 +7,8 @@ minus its population mean) so that two
 scans of one patient land close together whatever they were mixed with (NT-Xent, Chen et al. 2020).
 Half of its training views are single mixtures, half the mean of a K-mixture request, so one
 network attacks both. At audit time it embeds what the server received and retrieves by cosine
-similarity.
+similarity. :func:`train_embedding_on_views` trains the same network on views made otherwise (a
+compared system's encoded or deformed scans).
 
 Example:
     >>> import torch
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,13 @@ from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.reidentification import encode_scans
 from mixpriv.validation import InputError
 
-__all__ = ["EmbeddingNetwork", "LearnedAttackerOptions", "embed", "train_embedding"]
+__all__ = ["EmbeddingNetwork", "LearnedAttackerOptions", "ViewOfScan", "embed", "embedding_similarity",
+           "train_embedding", "train_embedding_on_views"]
 
 log = logging.getLogger(__name__)
+
+ViewOfScan = Callable[[int, torch.Generator], torch.Tensor]
+"""The index of one of the attacker's scans and a generator -> one view (D, H, W) of it, as the server would see it."""
 
 
 @dataclass(frozen=True)
@@ -150,19 +155,66 @@ def train_embedding(
     options = options or LearnedAttackerOptions()
     if len(images) != len(patient_ids):
         raise InputError(f"{len(patient_ids)} patient ids given for {len(images)} attacker scans")
+    stack = torch.stack([image.reshape(1, *image.shape[-3:]).float() for image in images])
+    own = ReferenceBank(stack, torch.zeros(stack.shape[0], *stack.shape[2:], dtype=torch.uint8), {"background": 0},
+                        ids=[f"attacker{i}" for i in range(len(images))], patient_ids=[str(p) for p in patient_ids])
+
+    def mixed_view(index: int, generator: torch.Generator) -> torch.Tensor:
+        """One mixture of the attacker's scan ``index``, or a K-mixture request's mean."""
+        request = float(torch.rand((), generator=generator)) < options.request_fraction
+        mixtures = encode_scans([own.images[index]], own, setting, generator, k if request else 1,
+                                case_ids=[own.ids[index]], patient_ids=[own.patient_ids[index]])[0]
+        return mixtures.mean(0)
+
+    # the centre is the attacker's population mean: the mixtures' expected value
+    return train_embedding_on_views(patient_ids, mixed_view, stack[:, 0].mean(0), options, seed, progress)
+
+
+def train_embedding_on_views(
+    patient_ids: Sequence[str],
+    make_view: ViewOfScan,
+    centre: torch.Tensor,
+    options: LearnedAttackerOptions | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> EmbeddingNetwork:
+    """Train the attacker's embedding on views of its own scans of known patients, whatever makes the views.
+
+    Each step draws ``options.patients_per_step`` patients with two or more scans, two of each
+    patient's scans, one view of each (``make_view``), and pulls the two views of a patient together
+    (NT-Xent). :func:`train_embedding` makes the views by mixing; a compared system's client makes them
+    otherwise (:mod:`mixpriv.privacy.attackers.compared`).
+
+    Args:
+        patient_ids: the patient of each of the attacker's scans (indexed as ``make_view`` takes them).
+        make_view: the attacker's scan index and a generator -> one view (D, H, W) of that scan.
+        centre: the mean view (D, H, W), subtracted from every input of the network.
+        options: network and training sizes.
+        seed: seed of the draws (passed to ``make_view``) and of the initialisation.
+        progress: show a progress bar.
+
+    Raises:
+        InputError: fewer than two patients with two scans.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> scans = [torch.rand(12, 12, 12, generator=g) for _ in range(4)]
+        >>> options = LearnedAttackerOptions(steps=2, patients_per_step=2, channels=(4,), embedding_dim=8, downsample=1)
+        >>> network = train_embedding_on_views(["a", "a", "b", "b"], lambda i, generator: scans[i],
+        ...                                    torch.stack(scans).mean(0), options, progress=False)
+        >>> tuple(embed(network, [s[None] for s in scans], options.downsample).shape)
+        (4, 8)
+    """
+    options = options or LearnedAttackerOptions()
     by_patient: dict[str, list[int]] = defaultdict(list)
     for index, patient in enumerate(patient_ids):
         by_patient[str(patient)].append(index)
     repeated = [scans for scans in by_patient.values() if len(scans) >= 2]
     if len(repeated) < 2:
         raise InputError(f"the learned attacker needs two patients with two scans each, got {len(repeated)}")
-    stack = torch.stack([image.reshape(1, *image.shape[-3:]).float() for image in images])
-    own = ReferenceBank(stack, torch.zeros(stack.shape[0], *stack.shape[2:], dtype=torch.uint8), {"background": 0},
-                        ids=[f"attacker{i}" for i in range(len(images))], patient_ids=[str(p) for p in patient_ids])
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    centre = _prepare(stack[:, 0].mean(0, keepdim=True), options.downsample)  # the attacker's population mean
-    network = EmbeddingNetwork(options.channels, options.embedding_dim, centre)
+    network = EmbeddingNetwork(options.channels, options.embedding_dim, _prepare(centre[None], options.downsample))
     optimiser = torch.optim.Adam(network.parameters(), lr=options.lr)
     per_step = min(options.patients_per_step, len(repeated))
     network.train()
@@ -171,7 +223,7 @@ def train_embedding(
         chosen = torch.randperm(len(repeated), generator=generator)[:per_step].tolist()
         pairs = [[repeated[c][j] for j in torch.randperm(len(repeated[c]), generator=generator)[:2].tolist()]
                  for c in chosen]
-        views = [_training_views([p[side] for p in pairs], own, setting, k, options, generator) for side in (0, 1)]
+        views = [torch.stack([make_view(p[side], generator) for p in pairs]) for side in (0, 1)]
         first, second = (network(_prepare(v, options.downsample)) for v in views)
         loss = nt_xent(first, second, options.temperature)
         optimiser.zero_grad()
@@ -184,21 +236,16 @@ def train_embedding(
     return network.eval()
 
 
-def _training_views(indices: Sequence[int], own: ReferenceBank, setting: MixingSettings, k: int,
-                    options: LearnedAttackerOptions, generator: torch.Generator) -> torch.Tensor:
-    """One view (D, H, W) of each of the attacker's scans: one mixture, or a K-mixture request's mean."""
-    views = []
-    for index in indices:
-        request = float(torch.rand((), generator=generator)) < options.request_fraction
-        mixtures = encode_scans([own.images[index]], own, setting, generator, k if request else 1,
-                                case_ids=[own.ids[index]], patient_ids=[own.patient_ids[index]])[0]
-        views.append(mixtures.mean(0))
-    return torch.stack(views)
-
-
 @torch.no_grad()
 def embed(network: EmbeddingNetwork, requests: Sequence[torch.Tensor], downsample: int,
           use_mean: bool = True) -> torch.Tensor:
     """Embeddings (N, E) of N requests (K, D, H, W): of their mean, or (``use_mean=False``) of their first mixture."""
     views = torch.stack([request.mean(0) if use_mean else request[0] for request in requests])
     return torch.cat([network(_prepare(views[i:i + 8], downsample)) for i in range(0, len(views), 8)])
+
+
+def embedding_similarity(network: EmbeddingNetwork, requests: Sequence[torch.Tensor], downsample: int,
+                         use_mean: bool = True) -> torch.Tensor:
+    """The cosine similarities (N, N) of the :func:`embed` embeddings of N requests, which the attacker ranks."""
+    embeddings = embed(network, requests, downsample, use_mean)
+    return embeddings @ embeddings.T

@@ -17,14 +17,29 @@ from matplotlib.figure import Figure
 
 from mixpriv.evaluation.report import markdown_table
 from mixpriv.plotting import save_figure
-from mixpriv.privacy.attackers.suite import ATTACKERS, AttackerAudit
+from mixpriv.privacy.attackers.compared import (
+    COMPARED_ATTACKERS,
+    NO_PROXY,
+    SEGMENTATION,
+    VIEW,
+    ComparedAudit,
+    attacker_name,
+)
+from mixpriv.privacy.attackers.suite import (
+    ATTACKERS,
+    PAPER,
+    AttackerAudit,
+    SettingAttacks,
+    WorstCase,
+)
 from mixpriv.privacy.figures import (
     PAPER_LINE_STYLES,
     PAPER_TABLE_2_MAP,
     plot_similarity_matrices,
 )
+from mixpriv.privacy.reidentification import ReidResult
 
-__all__ = ["attackers_section", "plot_attackers"]
+__all__ = ["attackers_section", "compared_section", "plot_attackers"]
 
 _DESCRIPTIONS = {
     "paper": "one mixture per scan, MS-SSIM retrieval (the paper's Table 2 attacker)",
@@ -44,6 +59,10 @@ _DESCRIPTIONS = {
 
 def _fmt(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _scores(result: ReidResult) -> dict[str, float]:
+    return {"map": result.mean_average_precision, "f1": result.f1, "top1_accuracy": result.top1_accuracy}
 
 
 def plot_attackers(rows: Sequence[Mapping], no_proxy_map: float, path: str | Path) -> Path:
@@ -83,12 +102,10 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
             "lambda_range": list(row.setting.lambda_range),
             "references_per_mix": row.setting.references_per_mix, "dirichlet_alpha": row.setting.dirichlet_alpha,
             "worst_case_map": row.worst_case_map, "worst_case_attacker": row.worst_attacker,
-            "attackers": {name: {"map": r.mean_average_precision, "f1": r.f1, "top1_accuracy": r.top1_accuracy}
-                          for name, r in row.results.items()},
+            "attackers": {name: _scores(r) for name, r in row.results.items()},
             "msssim_estimate_vs_patient": row.patient_msssim,
         })
-    no_proxy = {"map": audit.no_proxy.mean_average_precision, "f1": audit.no_proxy.f1,
-                "top1_accuracy": audit.no_proxy.top1_accuracy}
+    no_proxy = _scores(audit.no_proxy)
     bars = plot_attackers(rows, no_proxy["map"], out_dir / "attackers.png")
     matrices = plot_similarity_matrices(
         {"No proxy": audit.no_proxy_similarity,
@@ -133,4 +150,65 @@ def attackers_section(audit: AttackerAudit, out_dir: Path) -> tuple[dict, list[s
     data = {"k": audit.k, "msssim": audit.msssim.describe(), "attacker_data": audit.attacker_data,
             "no_proxy": no_proxy, "msssim_other_patient": other, "msssim_same_patient": same, "settings": rows,
             "figures": [bars.name, matrices.name]}
+    return data, lines
+
+
+def compared_section(audit: ComparedAudit, out_dir: Path, mixup: Sequence[SettingAttacks] = (),
+                     mixup_model: str = "—") -> tuple[dict, list[str]]:
+    """The compared systems' re-identification (paper Table 2): one row per system, No proxy first, then
+    Privacy-Net, Deformation-Proxy and, from the attacker suite, Mixup-Privacy (``mixup``: its rows of the
+    audited model's setting), each with its worst case and the F1 / mAP of every applicable attacker.
+
+    Example:
+        >>> data, lines = compared_section(audit, Path("audit"), reid.settings[:1])  # doctest: +SKIP
+        >>> [row["system"] for row in data["systems"]]  # doctest: +SKIP
+        ['No proxy', 'Privacy-Net', 'Deformation-Proxy', 'Mixup-Privacy (λ∈[0.65, 0.95])']
+    """
+    labelled: list[tuple[str, str, WorstCase, dict[str, float]]] = [
+        (row.system, row.model, row, row.patient_msssim) for row in audit.systems]
+    labelled += [(f"Mixup-Privacy ({row.name})", mixup_model, row, row.patient_msssim) for row in mixup]
+    rows = [{"system": system, "model": model, "worst_case_map": row.worst_case_map,
+             "worst_case_attacker": row.worst_attacker,
+             "attackers": {name: _scores(r) for name, r in row.results.items()},
+             "msssim_view_vs_patient": {view: own[attacker_name(PAPER, view)] for view in (VIEW, SEGMENTATION)
+                                        if attacker_name(PAPER, view) in own},
+             "paper_reported_map": PAPER_TABLE_2_MAP.get(f"{system.split(' (')[0]} (paper)")}
+            for system, model, row, own in labelled]
+    names = [attacker_name(attacker, view) for view in (VIEW, SEGMENTATION) for attacker in COMPARED_ATTACKERS
+             if any(attacker_name(attacker, view) in row["attackers"] for row in rows)]
+    views = [view for view in (VIEW, SEGMENTATION) if any(view in row["msssim_view_vs_patient"] for row in rows)]
+    table = [[row["system"], f"**{_fmt(row['worst_case_map'])}**", row["worst_case_attacker"],
+              *(f"{_fmt(row['attackers'][name]['f1'])} / {_fmt(row['attackers'][name]['map'])}"
+                if name in row["attackers"] else "—" for name in names),
+              *(_fmt(row["msssim_view_vs_patient"].get(view)) for view in views),
+              _fmt(row["paper_reported_map"]), row["model"]] for row in rows]
+    figure = plot_similarity_matrices(
+        {f"{row.system}\n{row.worst_attacker}": row.similarities[row.worst_attacker] for row in audit.systems},
+        audit.patient_ids, out_dir / "compared_reidentification.png")
+    other, same = audit.other_patient_msssim, audit.same_patient_msssim
+    lines = ["## Compared systems: re-identification (paper Table 2)", "",
+             ("What the server holds of each scan: the scan itself (No proxy), Privacy-Net's encoded image and the "
+              "segmentation it returns (on the scan's own grid: the client's answer, so the server holds the "
+              "patient's anatomy; attacked as its label map, `· segmentation`), or the scan warped by "
+              "Deformation-Proxy's secret key (a fresh key per scan; the answer stays in the same secret geometry "
+              "until the client warps it back). The attacker suite's attackers that apply: `paper`, 3D MS-SSIM "
+              f"retrieval of the view ({audit.msssim.describe()}), and `learned`, the learned attacker's embedding "
+              "trained on the views it makes of its own scans with the published client half (the models are "
+              "public in the zoo: the attacker runs Privacy-Net's encoder and segmenter and draws its own "
+              f"deformation keys, {audit.views_per_scan} views of each of its scans), retrieved by cosine; it learnt "
+              f"from {audit.attacker_data}. The request, population and traffic attackers do not apply (one view "
+              "per scan, no key shared between scans). The Mixup-Privacy rows come from the attacker suite above "
+              "(its worst case over the whole suite). Cells: F1 / mAP over "
+              f"{len(audit.patient_ids)} scans of {len(set(audit.patient_ids))} patients; a system's privacy is "
+              "its **worst-case mAP**. *Reported mAP*: what the Mixup-Privacy paper's Table 2 reports for the "
+              "system (its attacker: MS-SSIM retrieval, the `paper` column)."), "",
+             *markdown_table(["System", "worst-case mAP", "worst attacker", *(f"{name} F1 / mAP" for name in names),
+                              *(f"MS-SSIM({view}, own scan)" for view in views), "reported mAP", "model"], table), "",
+             (f"A scan against the scans of other patients scores MS-SSIM {_fmt(other)}, against its patient's other "
+              f"scan {_fmt(same)}: a view protects its patient only if MS-SSIM(view, own scan) is no higher than "
+              f"another patient's ({NO_PROXY}: 1, the view is the scan)."), "",
+             f"![similarity matrices of the compared systems' worst attackers]({figure.name})", ""]
+    data = {"msssim": audit.msssim.describe(), "attacker_data": audit.attacker_data,
+            "views_per_scan": audit.views_per_scan, "msssim_other_patient": other, "msssim_same_patient": same,
+            "systems": rows, "figure": figure.name}
     return data, lines

@@ -37,7 +37,7 @@ from mixpriv.privacy.attackers.estimates import VOLUME_ATTACKERS, Population
 from mixpriv.privacy.attackers.learned import (
     EmbeddingNetwork,
     LearnedAttackerOptions,
-    embed,
+    embedding_similarity,
     train_embedding,
 )
 from mixpriv.privacy.attackers.linking import link_by_clustering
@@ -57,8 +57,10 @@ from mixpriv.privacy.similarity import (
 )
 from mixpriv.validation import InputError
 
-__all__ = ["ATTACKERS", "REQUEST_DESIGNS", "AttackerAudit", "AttackerOptions", "SettingAttacks", "audit_attackers"]
+__all__ = ["ATTACKERS", "REQUEST_DESIGNS", "AttackerAudit", "AttackerOptions", "SettingAttacks", "WorstCase",
+           "audit_attackers", "msssim_attack", "pair_mean"]
 
+PAPER = "paper"
 LEARNED_SINGLE, LEARNED_REQUEST = "learned", "learned-request"
 #: Every attacker of the suite, in report order.
 ATTACKERS = (*VOLUME_ATTACKERS, *TRAFFIC_ATTACKERS, LEARNED_SINGLE, LEARNED_REQUEST)
@@ -101,8 +103,24 @@ class AttackerOptions:
             raise InputError(f"unknown or no request design(s) {unknown}; choose from {list(REQUEST_DESIGNS)}")
 
 
+class WorstCase:
+    """What the server's view leaks is its worst case: the attacker of ``results`` with the highest mAP."""
+
+    results: dict[str, ReidResult]
+
+    @property
+    def worst_attacker(self) -> str:
+        """The attacker with the highest mAP (then F1; then report order)."""
+        return max(self.results, key=lambda name: (self.results[name].mean_average_precision, self.results[name].f1))
+
+    @property
+    def worst_case_map(self) -> float:
+        """The privacy of the view: the highest mAP of any attacker."""
+        return self.results[self.worst_attacker].mean_average_precision
+
+
 @dataclass
-class SettingAttacks:
+class SettingAttacks(WorstCase):
     """Every attacker's re-identification of the scans encoded by one setting.
 
     Attributes:
@@ -133,16 +151,6 @@ class SettingAttacks:
         """The setting's name, with the design unless it is the plain request."""
         return self.setting.name if self.design == "request" else f"{self.setting.name} · {self.design}"
 
-    @property
-    def worst_attacker(self) -> str:
-        """The attacker with the highest mAP (then F1; then report order)."""
-        return max(self.results, key=lambda name: (self.results[name].mean_average_precision, self.results[name].f1))
-
-    @property
-    def worst_case_map(self) -> float:
-        """The setting's privacy: the highest mAP of any attacker."""
-        return self.results[self.worst_attacker].mean_average_precision
-
 
 @dataclass
 class AttackerAudit:
@@ -166,21 +174,46 @@ class AttackerAudit:
     msssim: MSSSIMSettings
     attacker_data: str
 
-    def _pairs(self, same: bool) -> float:
-        ids = self.patient_ids
-        values = [float(self.no_proxy_similarity[i, j]) for i in range(len(ids)) for j in range(len(ids))
-                  if i != j and (ids[i] == ids[j]) == same]
-        return sum(values) / len(values) if values else math.nan
-
     @property
     def other_patient_msssim(self) -> float:
         """Mean MS-SSIM of a scan against the scans of *other* patients: what no information looks like."""
-        return self._pairs(same=False)
+        return pair_mean(self.no_proxy_similarity, self.patient_ids, same=False)
 
     @property
     def same_patient_msssim(self) -> float:
         """Mean MS-SSIM of a scan against its patient's other scans (another acquisition)."""
-        return self._pairs(same=True)
+        return pair_mean(self.no_proxy_similarity, self.patient_ids, same=True)
+
+
+def pair_mean(similarity: torch.Tensor, patient_ids: Sequence[str], same: bool) -> float:
+    """Mean similarity of the pairs of distinct scans of one patient (``same``) or of two patients (NaN: none).
+
+    Example:
+        >>> similarity = torch.tensor([[1.0, 0.8, 0.2], [0.8, 1.0, 0.4], [0.2, 0.4, 1.0]])
+        >>> round(pair_mean(similarity, ["a", "a", "b"], same=True), 3), round(pair_mean(similarity, ["a", "a", "b"], False), 3)
+        (0.8, 0.3)
+    """
+    ids = list(patient_ids)
+    values = [float(similarity[i, j]) for i in range(len(ids)) for j in range(len(ids))
+              if i != j and (ids[i] == ids[j]) == same]
+    return sum(values) / len(values) if values else math.nan
+
+
+def msssim_attack(estimates: Sequence[torch.Tensor], images: Sequence[torch.Tensor],
+                  msssim: MSSSIMSettings) -> tuple[torch.Tensor, float]:
+    """MS-SSIM retrieval of one estimate (1, D, H, W) per scan: the (N, N) matrix it ranks, and the mean
+    MS-SSIM of each estimate against its own scan (1, D, H, W).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> scans = [torch.rand(1, 12, 12, 12, generator=g) for _ in range(3)]
+        >>> matrix, own = msssim_attack(scans, scans, settings_for((12, 12, 12)))
+        >>> tuple(matrix.shape), round(own, 4)
+        ((3, 3), 1.0)
+    """
+    similarity = similarity_matrix(list(estimates), msssim, progress=False)
+    own = torch.cat([ms_ssim_3d(estimate[None], image[None], msssim) for estimate, image in zip(estimates, images)])
+    return similarity, float(own.mean())
 
 
 def audit_attackers(
@@ -253,15 +286,13 @@ def _attack_setting(setting: MixingSettings, design: str, requests: list[torch.T
             similarities[name] = attack_traffic(requests, design, population.mean, name).similarity
         elif name in VOLUME_ATTACKERS:
             estimates = [VOLUME_ATTACKERS[name](request, population)[None] for request in seen]
-            similarities[name] = similarity_matrix(estimates, msssim, progress=False)
-            patient_msssim[name] = float(torch.cat([ms_ssim_3d(e[None], s[None], msssim)
-                                                    for e, s in zip(estimates, scans.images)]).mean())
+            similarities[name], patient_msssim[name] = msssim_attack(estimates, scans.images, msssim)
         else:
             if network is None:
                 network = train_embedding(attacker_scans.images, attacker_scans.patient_ids, setting, options.k,
                                           options.learned, seed, progress)
-            embeddings = embed(network, seen, options.learned.downsample, use_mean=name == LEARNED_REQUEST)
-            similarities[name] = embeddings @ embeddings.T
+            similarities[name] = embedding_similarity(network, seen, options.learned.downsample,
+                                                      use_mean=name == LEARNED_REQUEST)
         results[name] = retrieval_metrics(similarities[name], scans.patient_ids)
     return SettingAttacks(setting, design, results, similarities, patient_msssim, key_recovery_ari=key_recovery[0],
                           key_recovery_neighbours=key_recovery[1]), network

@@ -49,15 +49,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     from mixpriv.data.datamodule import bank_from_cases
     from mixpriv.data.folder import DatasetFolder
     from mixpriv.data.sources import resolve_data_dir
+    from mixpriv.evaluation.compared import compared_systems
     from mixpriv.evaluation.runner import evaluate_models
     from mixpriv.mixing.bank import ReferenceBank
     from mixpriv.training import load_model
 
     private = load_model(args.mixpriv, kind="mixpriv")
     baseline = load_model(args.baseline, kind="baseline") if args.baseline else None
-    compared = {name: load_model(source, kind=kind) for name, kind, source in (
-        ("Privacy-Net", "privacynet", args.privacynet), ("Deformation-Proxy", "deformproxy", args.deformproxy))
-        if source}
+    compared = compared_systems(load_model(source, kind=kind) for kind, source in (
+        ("privacynet", args.privacynet), ("deformproxy", args.deformproxy)) if source)
     folder = DatasetFolder(resolve_data_dir(args.data))
     bank = ReferenceBank.load(args.key) if args.key else bank_from_cases(folder, "train", private.hparams.input_spacing)
     result = evaluate_models(baseline, private, folder, bank, args.out, k=args.k, seed=args.seed,

@@ -13,6 +13,9 @@ MIX_LAMBDA = "mix_lambda"
 MIX_REFERENCE_ID = "mix_reference_id"
 MIX_REFERENCE_WEIGHTS = "mix_reference_weights"
 
+# The tumour task's classes (BraTS 2021 labels 1 NCR, 2 ED, 4 ET, remapped to consecutive values).
+TUMOUR_CLASSES = {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
+
 # Split names of a dataset folder.
 TRAIN = "train"
 VAL = "val"

@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 import torchio as tio
 
-from mixpriv.constants import IMAGE, LABEL, SPLITS, TEST, TRAIN, VAL
+from mixpriv.constants import IMAGE, LABEL, SPLITS, TEST, TRAIN, TUMOUR_CLASSES, VAL
 from mixpriv.data.brats_patients import (
     DEFAULT_FRACTIONS,
     read_patients,
@@ -56,7 +56,7 @@ CASE_PATTERN = re.compile(r"BraTS2021_\d{5}")
 #: Label values of the challenge's ``_seg`` files.
 BRATS_LABELS = {"background": 0, "NCR": 1, "ED": 2, "ET": 4}
 #: Consecutive classes mixpriv trains on.
-CLASS_LABELS = {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
+CLASS_LABELS = TUMOUR_CLASSES
 LABEL_DESCRIPTIONS = {"background": "background and healthy tissue", "NCR": "necrotic tumour core",
                       "ED": "peritumoural oedema", "ET": "enhancing tumour"}
 _LAYOUT = "BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz"

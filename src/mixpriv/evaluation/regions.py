@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from mixpriv.constants import TUMOUR_CLASSES
 from mixpriv.evaluation.dice import as_label_array
 from mixpriv.evaluation.report import DiceTable, to_json
 from mixpriv.files import write_text_atomically
@@ -45,8 +46,6 @@ __all__ = ["BRATS_REGIONS", "TUMOUR_CLASSES", "RegionTable", "hausdorff95", "reg
 
 #: BraTS region -> the classes it unites (class values of :data:`mixpriv.data.brats.CLASS_LABELS`).
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-#: The tumour task's label set; a dataset with exactly these labels is scored by region as well.
-TUMOUR_CLASSES = {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
 
 
 def _region_masks(prediction: ArrayLike, target: ArrayLike,

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA, DEFAULT_REFERENCES_PER_MIX
+from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA, DEFAULT_REFERENCES_PER_MIX, TUMOUR_CLASSES
 from mixpriv.hub.errors import ModelCardError
 from mixpriv.hub.integrity import BANK_FILE, METADATA_FILE, WEIGHTS_FILE, check_file_name
 
@@ -129,7 +129,7 @@ def build_card(
     if clash:
         raise ModelCardError(f"card keys {clash} are computed by the exporter and cannot be set by the caller")
     labels = dict(hparams.get("label_names", {}))
-    tumour = set(labels) == {"background", "NCR", "ED", "ET"}
+    tumour = labels == TUMOUR_CLASSES
     card = {
         "format": CARD_FORMAT,
         "format_version": CARD_FORMAT_VERSION,

@@ -57,6 +57,13 @@ DESCRIPTIONS = {
     "deformproxy": "Deformation-Proxy: client-side key-seeded diffeomorphic flow-field generator, server-side "
                    "U-Net++ segmenter (adversarially trained against a Siamese identity discriminator)",
 }
+#: What each kind's networks return, for the card's ``outputs`` entry.
+OUTPUT_KINDS = {
+    "baseline": "logits (N, C, D, H, W)",
+    "mixpriv": "server: mixed class probabilities; client: unmixed class probabilities",
+    "privacynet": "server: class probabilities of the encoded image, returned as the segmentation (no decoding)",
+    "deformproxy": "server: class probabilities on the warped grid; client: warped back by the key's inverse",
+}
 
 
 def to_json_value(value, where: str = "hparams"):
@@ -149,8 +156,7 @@ def build_card(
             "patch_size": hparams.get("patch_size"),
             "dtype": "float32",
         },
-        "outputs": {"classes": len(labels), "kind": "logits (N, C, D, H, W)" if kind == "baseline"
-                    else "server: mixed class probabilities; client: unmixed class probabilities"},
+        "outputs": {"classes": len(labels), "kind": OUTPUT_KINDS[kind]},
         "hparams": hparams,
         "weights": dict(weights or {}),
         "versions": package_versions(),

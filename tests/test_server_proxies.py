@@ -4,15 +4,18 @@ Each tiny model is exported, its segmenter hosted by ``HostedSegmenter.from_pret
 FastAPI app, and reached in process (starlette's ``TestClient``) through a transport that
 records every request body: the served segmentation matches the in-process pipeline, only the
 view crosses the wire, the server reads only the segmenter's tensors, and a baseline model or a
-server of another kind is refused with a clear message.
+server of another kind is refused with a clear message. ``mixpriv predict-compared`` writes the same
+segmentation in-process and through the server.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 
 import httpx
+import nibabel as nib
 import numpy as np
 import pytest
 import safetensors
@@ -20,8 +23,13 @@ import torch
 from conftest import TINY_SEGMENTER, TINY_UNMIXER, phantom
 from starlette.testclient import TestClient
 
+import mixpriv.cli.inference as cli_inference
+import mixpriv.server.client as client_module
+from mixpriv.cli import build_parser, main
 from mixpriv.hub import export_pretrained, from_pretrained
+from mixpriv.inference.mixtures import client_generator
 from mixpriv.inference.proxies import ProxyPipeline
+from mixpriv.inference.scans import prepare_scan
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.deformation_proxy import DeformationProxyModule
 from mixpriv.lightning.mixup import MixupPrivacyModule
@@ -244,3 +252,59 @@ def test_model_info_reports_the_kind_and_mixing_only_for_mixup_privacy(kind, app
     hosted = HostedSegmenter(mixpriv.segmenter, {"kind": "mixpriv", "labels": LABELS,
                                                  "hparams": dict(mixpriv.hparams)})
     assert tuple(hosted.info()["mixing"]["lambda_range"]) == tuple(mixpriv.hparams.lambda_range)
+
+
+# ---------------------------------------------------------------- `mixpriv predict-compared`, in-process and served
+
+
+def write_scan(path, image: torch.Tensor) -> None:
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = (-30.0, 12.0, 5.0)
+    nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), affine), str(path))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_predict_compared_segments_a_scan_here_or_through_the_server(kind, published, models, transports, tmp_path,
+                                                                     monkeypatch):
+    scan = tmp_path / "scan.nii.gz"
+    write_scan(scan, make_image(4))
+    runs = {}
+    for where in ("here", "served"):
+        out = {name: tmp_path / f"{where}-{name}.nii.gz" for name in ("seg", "prob", "view")}
+        command = ["predict-compared", str(scan), "--model", str(published[kind]), "--seed", "5",
+                   "--out", str(out["seg"]), "--probabilities", str(out["prob"]), "--view", str(out["view"])]
+        if where == "served":
+            monkeypatch.setattr(client_module, "ProxyClient",
+                                functools.partial(ProxyClient, transport=transports[kind]))
+            monkeypatch.setenv("MIXPRIV_SERVER_TOKEN", TOKEN)
+            command += ["--server", URL]
+        assert main(command) == 0
+        runs[where] = {name: nib.load(str(path)) for name, path in out.items()}
+    image = prepare_scan(scan, spacing=models[kind].hparams.input_spacing).image
+    expected = ProxyPipeline(models[kind])(image, client_generator(5))
+    reference = nib.load(str(scan))
+    for where, written in runs.items():
+        assert np.allclose(written["seg"].affine, reference.affine) and written["seg"].shape == reference.shape
+        probabilities = torch.from_numpy(np.asarray(written["prob"].dataobj)).permute(3, 0, 1, 2)
+        torch.testing.assert_close(probabilities, expected.probabilities, atol=ATOL if where == "served" else 1e-5,
+                                   rtol=0)
+        view = np.asarray(written["view"].dataobj)
+        np.testing.assert_allclose(view, expected.view[0].numpy(), atol=1e-6)
+        labels = np.asarray(written["seg"].dataobj)
+        assert set(np.unique(labels)) == {0, 1}
+    (sent,) = transports[kind].sent_volumes()  # the served run sent the view, and only it
+    np.testing.assert_allclose(sent[0], expected.view[0].numpy(), atol=1e-6)
+
+
+def test_predict_compared_refuses_other_models_and_writes_nothing(tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    write_scan(scan, make_image(5))
+    baseline = export_pretrained(BaselineSegmenter(LABELS, TINY_SEGMENTER, patch_size=16), tmp_path, "base")
+    out, before = tmp_path / "seg.nii.gz", scan.read_bytes()
+    with pytest.raises(InputError, match="is a BaselineSegmenter, not a compared system"):
+        cli_inference._predict_compared(build_parser().parse_args(
+            ["predict-compared", str(scan), "--model", str(baseline), "--out", str(out)]))
+    assert main(["predict-compared", str(scan), "--model", str(baseline), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert main(["predict-compared", str(scan), "--model", str(baseline), "--out", str(scan)]) == 2  # never an input
+    assert scan.read_bytes() == before

@@ -318,5 +318,6 @@ def load_model(source: str | os.PathLike, map_location: str | torch.device = "cp
         model = from_pretrained(source, device=map_location)
     if kind is not None and model_kind(model) != kind:
         raise InputError(f"{os.fspath(source)} is {KIND_NAMES[model_kind(model)]}, but {KIND_NAMES[kind]} is needed "
-                         "(`mixpriv predict` runs Mixup-Privacy models, `mixpriv predict-baseline` baselines)")
+                         "(`mixpriv predict` runs Mixup-Privacy models, `mixpriv predict-baseline` baselines, "
+                         "`mixpriv predict-compared` Privacy-Net and Deformation-Proxy models)")
     return model.eval()

@@ -6,7 +6,7 @@ of the library (torch, matplotlib, the server) only then, so that ``mixpriv --he
 
 - :mod:`mixpriv.cli.data`: ``build-cohort``, ``convert-brats``, ``keygen``
 - :mod:`mixpriv.cli.training`: ``train``, ``finetune``
-- :mod:`mixpriv.cli.inference`: ``evaluate``, ``predict``, ``predict-baseline``
+- :mod:`mixpriv.cli.inference`: ``evaluate``, ``predict``, ``predict-baseline``, ``predict-compared``
 - :mod:`mixpriv.cli.service`: ``serve``, ``segment``
 - :mod:`mixpriv.cli.hub`: ``models``, ``publish``
 - :mod:`mixpriv.cli.audit`: ``audit``
@@ -26,7 +26,12 @@ from mixpriv.cli.audit import add_audit
 from mixpriv.cli.data import add_build_cohort, add_convert_brats, add_keygen
 from mixpriv.cli.demo import add_demo
 from mixpriv.cli.hub import add_models, add_publish
-from mixpriv.cli.inference import add_evaluate, add_predict, add_predict_baseline
+from mixpriv.cli.inference import (
+    add_evaluate,
+    add_predict,
+    add_predict_baseline,
+    add_predict_compared,
+)
 from mixpriv.cli.service import add_segment, add_serve
 from mixpriv.cli.training import add_finetune, add_train
 
@@ -36,7 +41,8 @@ log = logging.getLogger("mixpriv")
 
 # The order of the commands in ``mixpriv --help``.
 _COMMANDS = (add_build_cohort, add_convert_brats, add_train, add_finetune, add_evaluate, add_keygen, add_predict,
-             add_predict_baseline, add_serve, add_segment, add_models, add_publish, add_audit, add_demo)
+             add_predict_baseline, add_predict_compared, add_serve, add_segment, add_models, add_publish, add_audit,
+             add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
-"""``mixpriv evaluate``, ``mixpriv predict`` and ``mixpriv predict-baseline``: segmentation in-process.
+"""``mixpriv evaluate``, ``mixpriv predict``, ``predict-baseline`` and ``predict-compared``: segmentation.
 
 ``evaluate`` writes a Dice table, ``predict`` privately segments one scan, ``predict-baseline``
-segments one scan with the non-private baseline. Models are checkpoints, model folders or
+segments one scan with the non-private baseline, ``predict-compared`` with a compared system
+(Privacy-Net, Deformation-Proxy), in-process or through its ``mixpriv serve``. Models are checkpoints, model folders or
 registry names (:func:`mixpriv.training.load_model`). The output files are checked (never an
 input, a NIfTI name, a writable folder) before anything is computed and all appear at the end,
 or none. Each command imports what it uses when it runs.
@@ -118,27 +119,106 @@ def add_predict_baseline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("scan", type=Path, help="NIfTI scan")
     p.add_argument("--model", required=True, help="baseline model: checkpoint, folder, registry name or URL")
     _add_outputs(p)
-    p.add_argument("--template-data", type=Path, default=None,
-                   help="with --register: nnU-Net folder whose training cases make the template (default: the "
-                        "embedded cohort, the published baselines' training data)")
+    _add_template_data(p)
     p.set_defaults(func=_predict_baseline)
 
 
 def _predict_baseline(args: argparse.Namespace) -> None:
-    from mixpriv.data.folder import DatasetFolder
-    from mixpriv.data.sources import resolve_data_dir
-    from mixpriv.inference.scans import TemplateSpace
     from mixpriv.inference.volume import baseline_probabilities
     from mixpriv.training import load_model
 
     with _ScanOutputs(args, inputs=(args.model,)) as outputs:
         model = load_model(args.model, kind="baseline")
         spacing = model.hparams.input_spacing
-        space = None  # a baseline segments any field of view; a registered scan goes to the template's
-        if args.register:  # the embedded cohort is built at the model's (isotropic) voxel size
-            side = spacing if isinstance(spacing, (int, float)) or spacing is None else max(spacing)
-            space = TemplateSpace.of_cases(DatasetFolder(resolve_data_dir(args.template_data, side or 2.0)), spacing)
-        outputs.save(baseline_probabilities(model, outputs.load_scan(space, spacing)))
+        outputs.save(baseline_probabilities(model, outputs.load_scan(_template_space(args, spacing), spacing)))
+
+
+def add_predict_compared(sub: argparse._SubParsersAction) -> None:
+    """Declare ``mixpriv predict-compared``: segment one NIfTI scan with Privacy-Net or Deformation-Proxy.
+
+    The client half (the encoder, or the warp by a fresh secret key and its inverse) runs here; the
+    segmenter runs here too, or on ``--server`` (a ``mixpriv serve`` of the same model), which is
+    then sent only the view.
+
+    Example:
+        >>> from mixpriv.cli import build_parser
+        >>> args = build_parser().parse_args(["predict-compared", "scan.nii.gz", "--model", "tissue-privacynet-2mm",
+        ...                                   "--out", "seg.nii.gz"])
+        >>> args.server, args.seed, args.wire_dtype, args.register
+        (None, None, 'float32', False)
+    """
+    p = sub.add_parser("predict-compared", help="segment one scan with a compared system (Privacy-Net, "
+                                                "Deformation-Proxy), in-process or through its server")
+    p.add_argument("scan", type=Path, help="NIfTI scan")
+    p.add_argument("--model", required=True, help="Privacy-Net or Deformation-Proxy model: checkpoint, folder, "
+                                                  "registry name or URL (its client half runs here)")
+    _add_outputs(p)
+    _add_template_data(p)
+    p.add_argument("--view", type=Path, default=None,
+                   help="also write what the server sees (the encoded or warped scan), resampled onto the scan's grid")
+    p.add_argument("--server", default=None, help="segment on this `mixpriv serve` (e.g. http://127.0.0.1:8000) "
+                                                  "instead of in-process: only the view is sent")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="with --server: file holding the bearer token (default: $MIXPRIV_SERVER_TOKEN)")
+    p.add_argument("--wire-dtype", choices=("float32", "float16"), default="float32",
+                   help="with --server: dtype of the view sent")
+    p.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds the request may take")
+    p.add_argument("--seed", type=int, default=None, help="seed of the deformation key (reproduction only)")
+    p.set_defaults(func=_predict_compared)
+
+
+def _predict_compared(args: argparse.Namespace) -> None:
+    from mixpriv.evaluation.compared import system_name
+    from mixpriv.inference.mixtures import client_generator
+    from mixpriv.inference.proxies import ProxyPipeline
+    from mixpriv.training import load_model
+
+    with _ScanOutputs(args, inputs=(args.model,), view=args.view) as outputs:
+        model = load_model(args.model)
+        system_name(model, args.model)  # refuses a baseline or a Mixup-Privacy model
+        spacing = model.hparams.input_spacing
+        image = outputs.load_scan(_template_space(args, spacing), spacing)
+        if args.server is None:
+            run = ProxyPipeline.of_model(model)(image, client_generator(args.seed))
+        else:
+            run = _segment_remotely(args, model, image)
+        outputs.save(run.probabilities, view=run.view)
+
+
+def _segment_remotely(args: argparse.Namespace, model, image: torch.Tensor):
+    """One scan through a remote compared-system server (only the view is sent)."""
+    import logging
+
+    from mixpriv.server.auth import read_token
+    from mixpriv.server.client import ProxyClient, ServerError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        with ProxyClient(args.server, model, token=read_token(args.token_file), seed=args.seed,
+                         wire_dtype=args.wire_dtype, timeout=args.timeout) as client:
+            return client.segment(image)
+    except ServerError as error:
+        logging.getLogger("mixpriv").error("%s", error)
+        raise SystemExit(1) from None
+
+
+def _template_space(args: argparse.Namespace, spacing) -> TemplateSpace | None:
+    """Where a model without a key segments: any field of view, or with ``--register`` the template's
+    (the training cases of ``--template-data``, default the embedded cohort at the model's voxel size)."""
+    if not args.register:
+        return None
+    from mixpriv.data.folder import DatasetFolder
+    from mixpriv.data.sources import resolve_data_dir
+    from mixpriv.inference.scans import TemplateSpace
+
+    side = spacing if isinstance(spacing, (int, float)) or spacing is None else max(spacing)
+    return TemplateSpace.of_cases(DatasetFolder(resolve_data_dir(args.template_data, side or 2.0)), spacing)
+
+
+def _add_template_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template-data", type=Path, default=None,
+                   help="with --register: nnU-Net folder whose training cases make the template (default: the "
+                        "embedded cohort, the published models' training data)")
 
 
 def _add_outputs(p: argparse.ArgumentParser) -> None:

@@ -264,8 +264,8 @@ def write_scan(path, image: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_predict_compared_segments_a_scan_here_or_through_the_server(kind, published, models, transports, tmp_path,
-                                                                     monkeypatch):
+def test_predict_compared_segments_a_scan_here_or_through_the_server(kind, published, models, tmp_path, monkeypatch):
+    transport = Recording(create_app(HostedSegmenter.from_pretrained(str(published[kind])), ServerConfig(token=TOKEN)))
     scan = tmp_path / "scan.nii.gz"
     write_scan(scan, make_image(4))
     runs = {}
@@ -275,7 +275,7 @@ def test_predict_compared_segments_a_scan_here_or_through_the_server(kind, publi
                    "--out", str(out["seg"]), "--probabilities", str(out["prob"]), "--view", str(out["view"])]
         if where == "served":
             monkeypatch.setattr(client_module, "ProxyClient",
-                                functools.partial(ProxyClient, transport=transports[kind]))
+                                functools.partial(ProxyClient, transport=transport))
             monkeypatch.setenv("MIXPRIV_SERVER_TOKEN", TOKEN)
             command += ["--server", URL]
         assert main(command) == 0
@@ -292,8 +292,9 @@ def test_predict_compared_segments_a_scan_here_or_through_the_server(kind, publi
         np.testing.assert_allclose(view, expected.view[0].numpy(), atol=1e-6)
         labels = np.asarray(written["seg"].dataobj)
         assert set(np.unique(labels)) == {0, 1}
-    (sent,) = transports[kind].sent_volumes()  # the served run sent the view, and only it
+    (sent,) = transport.sent_volumes()  # the served run sent the view, and only it
     np.testing.assert_allclose(sent[0], expected.view[0].numpy(), atol=1e-6)
+    transport.app.close()
 
 
 def test_predict_compared_refuses_other_models_and_writes_nothing(tmp_path):

@@ -30,21 +30,14 @@ from mixpriv.constants import IMAGE, PAIR_IMAGE_A
 from mixpriv.data.datamodule import MixprivDataModule
 from mixpriv.data.pairs import PairedPatchDataModule
 from mixpriv.hub.export import model_kind
-from mixpriv.hub.pretrained import build_module, from_pretrained
-from mixpriv.lightning.baseline import BaselineSegmenter
-from mixpriv.lightning.deformation_proxy import DeformationProxyModule
+from mixpriv.hub.pretrained import build_module, from_pretrained, module_class
+from mixpriv.kinds import KINDS, kind_of_hparams
 from mixpriv.lightning.freezing import FreezeModules, frozen_submodule
-from mixpriv.lightning.mixup import MixupPrivacyModule
-from mixpriv.lightning.privacy_net import PrivacyNetModule
 from mixpriv.recipe import RecipeError, dump_recipe
 from mixpriv.validation import InputError
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = {"baseline": BaselineSegmenter, "mixpriv": MixupPrivacyModule, "privacynet": PrivacyNetModule,
-               "deformproxy": DeformationProxyModule}
-#: Kinds trained on same-or-different-patient patch pairs (their Siamese discriminators need them).
-PAIRED_KINDS = ("privacynet", "deformproxy")
 # Mixing settings a recipe gives once, in its model section, and the data module receives too.
 MIXING_KEYS = ("lambda_range", "references_per_mix", "dirichlet_alpha")
 
@@ -119,15 +112,15 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
     """
     model_config = dict(recipe["model"])
     kind = model_config.pop("kind", None)
-    if kind not in MODEL_KINDS:
-        raise RecipeError(f"model.kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    if kind not in KINDS:
+        raise RecipeError(f"model.kind must be one of {sorted(KINDS)}, got {kind!r}")
     data_config = dict(recipe.get("data", {}))
     if kind == "mixpriv":
         data_config["mixing"] = True
         for key in MIXING_KEYS:
             if key in model_config:
                 data_config[key] = model_config[key]
-    datamodule_class = PairedPatchDataModule if kind in PAIRED_KINDS else MixprivDataModule
+    datamodule_class = PairedPatchDataModule if KINDS[kind].paired else MixprivDataModule
     accepted_data = set(inspect.signature(datamodule_class.__init__).parameters) - {"self"}
     unknown_data = sorted(set(data_config) - accepted_data)
     if unknown_data:
@@ -138,13 +131,13 @@ def build_from_recipe(recipe: Mapping) -> tuple[pl.LightningModule, MixprivDataM
     model_config["patch_size"] = datamodule.hparams.patch_size
     spacing = datamodule.hparams.spacing or datamodule.folder.spacing
     model_config["input_spacing"] = spacing if isinstance(spacing, (int, float)) else list(spacing)
-    module_class = MODEL_KINDS[kind]
-    accepted = set(inspect.signature(module_class.__init__).parameters) - {"self", "label_names"}
+    module_type = module_class(kind)
+    accepted = set(inspect.signature(module_type.__init__).parameters) - {"self", "label_names"}
     unknown = sorted(set(model_config) - accepted)
     if unknown:
-        raise RecipeError(f"model section has keys {unknown} that {module_class.__name__} does not take; "
+        raise RecipeError(f"model section has keys {unknown} that {module_type.__name__} does not take; "
                           f"it takes {sorted(accepted)}")
-    return module_class(label_names=datamodule.folder.labels, **model_config), datamodule
+    return module_type(label_names=datamodule.folder.labels, **model_config), datamodule
 
 
 def train(
@@ -248,15 +241,6 @@ def transfer_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]
     return sorted(name for name in state if name not in kept)
 
 
-#: How messages name the kinds of model.
-KIND_NAMES = {"baseline": "a non-private baseline model (kind 'baseline')",
-              "mixpriv": "a Mixup-Privacy model (kind 'mixpriv')",
-              "privacynet": "a Privacy-Net model (kind 'privacynet')",
-              "deformproxy": "a Deformation-Proxy model (kind 'deformproxy')"}
-#: The init argument that only modules of that kind take (how a checkpoint's hyper_parameters tell its kind).
-KIND_MARKERS = {"unmixer": "mixpriv", "encoder": "privacynet", "deformation": "deformproxy"}
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """The content of a Lightning checkpoint, unpickled with ``weights_only=True``: tensors and plain data
     only, so that a crafted file cannot run code.
@@ -297,7 +281,8 @@ def load_model(source: str | os.PathLike, map_location: str | torch.device = "cp
     Args:
         source: a ``.ckpt`` file, a model folder, a registry name (``tissue-mixpriv-2mm``) or a URL.
         map_location: the device of the module.
-        kind: ``"baseline"`` or ``"mixpriv"``: refuse a model of the other kind with a clear message.
+        kind: a kind of :data:`mixpriv.kinds.KINDS` (``"baseline"``, ``"mixpriv"``, ...): refuse a model of
+            another kind with a clear message.
 
     Example:
         >>> load_model("runs/tissue-mixpriv/checkpoints/last.ckpt", kind="mixpriv")  # doctest: +SKIP
@@ -310,14 +295,14 @@ def load_model(source: str | os.PathLike, map_location: str | torch.device = "cp
     if path.is_file():
         checkpoint = read_checkpoint(path)
         hparams = checkpoint["hyper_parameters"]
-        found = next((kind for marker, kind in KIND_MARKERS.items() if marker in hparams), "baseline")
-        model = build_module(found, hparams, checkpoint["state_dict"], str(path)).to(map_location)
+        model = build_module(kind_of_hparams(hparams), hparams, checkpoint["state_dict"], str(path)).to(map_location)
     elif os.fspath(source).endswith(".ckpt"):
         raise FileNotFoundError(f"checkpoint {source} does not exist")
     else:
         model = from_pretrained(source, device=map_location)
     if kind is not None and model_kind(model) != kind:
-        raise InputError(f"{os.fspath(source)} is {KIND_NAMES[model_kind(model)]}, but {KIND_NAMES[kind]} is needed "
+        raise InputError(f"{os.fspath(source)} is {KINDS[model_kind(model)].message_name}, but "
+                         f"{KINDS[kind].message_name} is needed "
                          "(`mixpriv predict` runs Mixup-Privacy models, `mixpriv predict-baseline` baselines, "
                          "`mixpriv predict-compared` Privacy-Net and Deformation-Proxy models)")
     return model.eval()

@@ -24,15 +24,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from mixpriv.hub.pretrained import module_class
 from mixpriv.inference.proxies import ProxyPipeline
+from mixpriv.kinds import compared_kinds
 from mixpriv.lightning.deformation_proxy import DeformationProxyModule
 from mixpriv.lightning.privacy_net import PrivacyNetModule
 from mixpriv.validation import InputError
 
 CompareModel = PrivacyNetModule | DeformationProxyModule
 
-#: The row name of each compared system's module class.
-SYSTEM_NAMES = {PrivacyNetModule: "Privacy-Net", DeformationProxyModule: "Deformation-Proxy"}
 
 
 def system_name(model: torch.nn.Module, source: object = None) -> str:
@@ -47,9 +47,9 @@ def system_name(model: torch.nn.Module, source: object = None) -> str:
         ...
         mixpriv.validation.InputError: my.ckpt is a Linear, not a compared system: give a Privacy-Net or a Deformation-Proxy model
     """
-    for module_class, name in SYSTEM_NAMES.items():
-        if isinstance(model, module_class):
-            return name
+    for kind in compared_kinds():
+        if isinstance(model, module_class(kind.name)):
+            return kind.system
     raise InputError(f"{source if source is not None else 'the model'} is a {type(model).__name__}, not a compared "
                      "system: give a Privacy-Net or a Deformation-Proxy model")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA, DEFAULT_REFERENCES_PER_MIX, TUMOUR_CLASSES
 from mixpriv.hub.errors import ModelCardError
 from mixpriv.hub.integrity import BANK_FILE, METADATA_FILE, WEIGHTS_FILE, check_file_name
+from mixpriv.kinds import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +40,6 @@ PACKAGES = ("mixpriv", "torch", "pytorch-lightning", "torchio", "segmentation-mo
 #: Keys computed by the exporter that a caller's ``card`` may not override.
 RESERVED_KEYS = frozenset({"format", "format_version", "name", "kind", "module_class", "hparams", "labels",
                            "inputs", "files", "versions", "weights"})
-#: Module class of each kind (import paths, so that reading a card imports no deep-learning code).
-MODULE_CLASSES = {
-    "baseline": "mixpriv.lightning.baseline.BaselineSegmenter",
-    "mixpriv": "mixpriv.lightning.mixup.MixupPrivacyModule",
-    "privacynet": "mixpriv.lightning.privacy_net.PrivacyNetModule",
-    "deformproxy": "mixpriv.lightning.deformation_proxy.DeformationProxyModule",
-}
-
-
-#: A card's default description of each kind.
-DESCRIPTIONS = {
-    "baseline": "non-private U-Net++ baseline segmenter",
-    "mixpriv": "Mixup-Privacy U-Net++ segmenter with its learned AdaIN unmixer",
-    "privacynet": "Privacy-Net: client-side U-Net encoder, server-side U-Net++ segmenter (adversarially trained "
-                  "against a Siamese identity discriminator)",
-    "deformproxy": "Deformation-Proxy: client-side key-seeded diffeomorphic flow-field generator, server-side "
-                   "U-Net++ segmenter (adversarially trained against a Siamese identity discriminator)",
-}
-#: What each kind's networks return, for the card's ``outputs`` entry.
-OUTPUT_KINDS = {
-    "baseline": "logits (N, C, D, H, W)",
-    "mixpriv": "server: mixed class probabilities; client: unmixed class probabilities",
-    "privacynet": "server: class probabilities of the encoded image, returned as the segmentation (no decoding)",
-    "deformproxy": "server: class probabilities on the warped grid; client: warped back by the key's inverse",
-}
-
-
 def to_json_value(value, where: str = "hparams"):
     """Convert ``value`` to plain JSON types (mappings -> dict, tuples -> list), or raise.
 
@@ -128,8 +102,8 @@ def build_card(
     from mixpriv import __version__
     from mixpriv.data.preprocessing import INTENSITY_NORMALISATION
 
-    if kind not in MODULE_CLASSES:
-        raise ModelCardError(f"unknown model kind {kind!r}; known kinds: {sorted(MODULE_CLASSES)}")
+    if kind not in KINDS:
+        raise ModelCardError(f"unknown model kind {kind!r}; known kinds: {sorted(KINDS)}")
     hparams = to_json_value(dict(hparams))
     extra = to_json_value(dict(extra or {}), "card")
     clash = sorted(RESERVED_KEYS & set(extra))
@@ -143,9 +117,9 @@ def build_card(
         "name": name,
         "version": __version__,
         "kind": kind,
-        "module_class": MODULE_CLASSES[kind],
+        "module_class": KINDS[kind].module_class,
         "task": TUMOUR_TASK if tumour else TASK,
-        "description": DESCRIPTIONS[kind],
+        "description": KINDS[kind].description,
         "labels": labels,
         "inputs": {
             "modality": "contrast-enhanced T1-weighted MRI (T1ce)" if tumour else "T1-weighted MRI",
@@ -156,7 +130,7 @@ def build_card(
             "patch_size": hparams.get("patch_size"),
             "dtype": "float32",
         },
-        "outputs": {"classes": len(labels), "kind": OUTPUT_KINDS[kind]},
+        "outputs": {"classes": len(labels), "kind": KINDS[kind].outputs},
         "hparams": hparams,
         "weights": dict(weights or {}),
         "versions": package_versions(),
@@ -198,9 +172,9 @@ def check_card(card, where: str) -> dict:
     if int(card.get("format_version", 0)) > CARD_FORMAT_VERSION:
         raise ModelCardError(f"{where} has card format version {card['format_version']}; this mixpriv reads up "
                              f"to {CARD_FORMAT_VERSION}: upgrade mixpriv")
-    if card.get("kind") not in MODULE_CLASSES:
+    if card.get("kind") not in KINDS:
         raise ModelCardError(f"{where} has unknown model kind {card.get('kind')!r}; "
-                             f"known kinds: {sorted(MODULE_CLASSES)}")
+                             f"known kinds: {sorted(KINDS)}")
     files = card.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:
         raise ModelCardError(f"{where} lists no {WEIGHTS_FILE} in its 'files' table")

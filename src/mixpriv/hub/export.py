@@ -28,6 +28,7 @@ from mixpriv.hub.cards import build_card, render_readme
 from mixpriv.hub.errors import ModelCardError
 from mixpriv.hub.integrity import (BANK_FILE, METADATA_FILE, README_FILE, UNHASHED_IN_CARD, WEIGHTS_FILE,
                                    check_model_name, file_record)
+from mixpriv.kinds import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,13 @@ _DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "
 
 def model_kind(model: torch.nn.Module) -> str:
     """The card's ``kind`` of a module: ``"baseline"``, ``"mixpriv"``, ``"privacynet"`` or ``"deformproxy"``."""
-    from mixpriv.hub.cards import MODULE_CLASSES
     from mixpriv.hub.pretrained import module_class
 
-    for kind in MODULE_CLASSES:
+    for kind in KINDS:
         if isinstance(model, module_class(kind)):
             return kind
     raise ModelCardError(f"cannot export a {type(model).__name__}: expected one of "
-                         f"{sorted(p.rsplit('.', 1)[1] for p in MODULE_CLASSES.values())}")
+                         f"{sorted(kind.module_class.rsplit('.', 1)[1] for kind in KINDS.values())}")
 
 
 def weights_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mixpriv.hub.cards import MODULE_CLASSES, check_card, read_card
+from mixpriv.hub.cards import check_card, read_card
 from mixpriv.hub.download import (
     DEFAULT_TIMEOUT,
     download_file,
@@ -48,6 +48,7 @@ from mixpriv.hub.integrity import (
     verify_file,
 )
 from mixpriv.hub.registry import ENV_REGISTRY, load_registry
+from mixpriv.kinds import KINDS
 from mixpriv.safetensors_metadata import read_format_metadata
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,9 @@ log = logging.getLogger(__name__)
 
 def module_class(kind: str) -> type:
     """The LightningModule class of a card's ``kind`` (imported on demand)."""
-    if kind not in MODULE_CLASSES:
-        raise ModelCardError(f"unknown model kind {kind!r}; known kinds: {sorted(MODULE_CLASSES)}")
-    module_name, class_name = MODULE_CLASSES[kind].rsplit(".", 1)
+    if kind not in KINDS:
+        raise ModelCardError(f"unknown model kind {kind!r}; known kinds: {sorted(KINDS)}")
+    module_name, class_name = KINDS[kind].module_class.rsplit(".", 1)
     return getattr(importlib.import_module(module_name), class_name)
 
 

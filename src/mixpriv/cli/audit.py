@@ -51,9 +51,13 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
                         "first is the sweep's")
     p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sweep-settings", nargs="*", type=_mixing_setting, default=None, metavar="LOW:HIGH[:R]",
+    p.add_argument("--reid-settings", nargs="*", type=_mixing_setting, default=[], metavar="LOW:HIGH[:R[:WARP]]",
+                   help="mixing settings the reid part attacks besides the model's own (privacy only, no Dice; the "
+                        "format of --sweep-settings)")
+    p.add_argument("--sweep-settings", nargs="*", type=_mixing_setting, default=None, metavar="LOW:HIGH[:R[:WARP]]",
                    help="mixing settings the sweep attacks besides its models' (default: the five of the paper's "
-                        "sweep), e.g. 0.35:0.65 0.5:0.8:3 (R references per mixture)")
+                        "sweep), e.g. 0.35:0.65 0.5:0.8:3 (R references per mixture) 0.1:0.3:1:4 (each "
+                        "reference warped afresh for each mixture, peak 4 voxels)")
     p.add_argument("--sweep-models", nargs="*", default=[],
                    help="models trained for other mixing settings (names or folders), for the sweep's Dice")
     p.add_argument("--baseline", default="tissue-baseline-2mm", help="non-private model the sweep compares with")
@@ -73,22 +77,27 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
 
 
 def _mixing_setting(text: str):
-    """``--sweep-settings``: ``LOW:HIGH`` or ``LOW:HIGH:R`` as a :class:`~mixpriv.mixing.settings.MixingSettings`.
+    """``--sweep-settings``: ``LOW:HIGH[:R[:WARP]]`` as a :class:`~mixpriv.mixing.settings.MixingSettings`
+    (R references per mixture, default 1; WARP the references' fresh warps in voxels, default 0).
 
     Example:
         >>> _mixing_setting("0.2:0.5:3").name
         'λ∈[0.2, 0.5], 3 refs'
+        >>> _mixing_setting("0.1:0.3:1:4").name
+        'λ∈[0.1, 0.3], refs warped 4 vox'
     """
     from mixpriv.mixing.settings import MixingSettings
     from mixpriv.validation import InputError
 
     parts = text.split(":")
     try:
-        if len(parts) not in (2, 3):
+        if len(parts) not in (2, 3, 4):
             raise ValueError
-        return MixingSettings((float(parts[0]), float(parts[1])), int(parts[2]) if len(parts) == 3 else 1)
+        return MixingSettings((float(parts[0]), float(parts[1])), int(parts[2]) if len(parts) > 2 else 1,
+                              reference_warp=float(parts[3]) if len(parts) > 3 else 0.0)
     except (ValueError, InputError) as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LOW:HIGH[:R] with 0 < LOW <= HIGH <= 1 ({error})") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW:HIGH[:R[:WARP]] with 0 < LOW <= HIGH <= 1 "
+                                         f"({error})") from None
 
 
 def _control_lambda(text: str) -> float | None:
@@ -108,6 +117,7 @@ def _audit(args: argparse.Namespace) -> None:
                            attacker_data=args.attacker_data, attackers=attackers,
                            max_cases=args.max_cases or None, seed=args.seed,
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
+                           extra_settings=tuple(args.reid_settings),
                            **({"sweep_settings": tuple(args.sweep_settings)} if args.sweep_settings is not None else {}),
                            dice_cases=args.dice_cases or None, sweep_separation=args.sweep_separation,
                            compared=tuple(args.compared), compared_views=args.compared_views,

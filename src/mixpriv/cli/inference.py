@@ -42,6 +42,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=8, help="number of TTA references")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--reference-warp", type=float, default=None,
+                   help="warp every reference of every mixture by a fresh random diffeomorphism of this peak "
+                        "displacement (voxels), against the key-recovery attacker (default: none)")
     p.add_argument("--out", type=Path, default=Path("outputs/evaluation"))
     p.set_defaults(func=_evaluate)
 
@@ -53,17 +56,20 @@ def _evaluate(args: argparse.Namespace) -> None:
     from mixpriv.evaluation.compared import compared_systems
     from mixpriv.evaluation.runner import evaluate_models
     from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.mixing.settings import MixingSettings
     from mixpriv.training import load_model
 
     private = load_model(args.mixpriv, kind="mixpriv")
+    mixing = MixingSettings.of_model(private.hparams, reference_warp=args.reference_warp)
     baseline = load_model(args.baseline, kind="baseline") if args.baseline else None
     compared = compared_systems(load_model(source, kind=kind) for kind, source in (
         ("privacynet", args.privacynet), ("deformproxy", args.deformproxy)) if source)
     folder = DatasetFolder(resolve_data_dir(args.data))
     bank = ReferenceBank.load(args.key) if args.key else bank_from_cases(folder, "train", private.hparams.input_spacing)
     result = evaluate_models(baseline, private, folder, bank, args.out, k=args.k, seed=args.seed,
-                             max_cases=args.max_cases, compared=compared)
-    print(result.table.to_markdown(title="Segmentation (Dice), test split", notes={"K": str(args.k)}))
+                             max_cases=args.max_cases, compared=compared, mixing=mixing)
+    print(result.table.to_markdown(title="Segmentation (Dice), test split", notes={"K": str(args.k),
+                                                                                  "mixing": mixing.name}))
     print("whole-volume seconds per case:", {k: round(v, 2) for k, v in result.seconds.items()})
     print(f"outputs in {args.out}")
 

@@ -39,7 +39,7 @@ from mixpriv.inference.volume import baseline_probabilities, save_like, to_origi
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
 from mixpriv.mixing.bank import ReferenceBank
-from mixpriv.mixing.composite import composite_reference
+from mixpriv.mixing.settings import MixingSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,14 @@ def evaluate_models(
     progress: bool = True,
     *,
     compared: Mapping[str, CompareModel] | None = None,
+    mixing: MixingSettings | None = None,
 ) -> EvaluationResult:
     """Run the evaluation, write ``summary.json``, ``table.md``, figures and the first case's NIfTIs; for the
     tumour task (labels NCR / ED / ET) also the BraTS regions' Dice and HD95 (``regions.json``, ``regions.md``).
 
     ``compared`` (row name -> model, :func:`~mixpriv.evaluation.compared.compared_systems`) adds the
     Privacy-Net and Deformation-Proxy rows, scored on the same scans, and their whole-volume seconds.
+    ``mixing`` replaces the private model's own mixing (e.g. to add the references' fresh warps).
 
     Example:
         >>> result = evaluate_models(baseline, private, folder, bank, "eval",  # doctest: +SKIP
@@ -85,7 +87,7 @@ def evaluate_models(
         raise ValueError(f"{folder.root} has no labelled test case to evaluate")
     generator = torch.Generator().manual_seed(seed)
     spacing = private.hparams.input_spacing
-    pipeline = PrivatePipeline.of_model(private)
+    pipeline = PrivatePipeline.of_model(private, mixing=mixing)
     systems = ComparedRows(compared or {}, spacing, seed)
     mixing = pipeline.mixing.check_bank(len(bank))
     table = DiceTable(folder.labels)
@@ -134,6 +136,8 @@ def evaluate_models(
     if mixing.references_per_mix > 1:
         notes["references per mixture (K-way)"] = (f"{mixing.references_per_mix}, Dirichlet(α = {mixing.dirichlet_alpha})"
                                                     " weights")
+    if mixing.reference_warp > 0:
+        notes["references"] = f"warped afresh for each mixture (peak {mixing.reference_warp:g} voxels)"
     if compared:
         notes["compared systems"] = ", ".join(compared) + (" (the client's segmentation; Deformation-Proxy: a fresh "
                                                            "secret key per scan)")
@@ -162,12 +166,11 @@ def _write_case_outputs(case, subject, bank: ReferenceBank, run: PrivateRun, lab
     mixtures, naive, learned = run.mixtures, run["naive"], run["learned"]
     image = subject[IMAGE].data[0].numpy()
     label = subject[LABEL].data[0].numpy()
-    # All K references go to the figure: it draws the first three and states that TTA used K. A
-    # composite reference (K-way mixing) is drawn as its weighted image and its dominant label.
-    composites = [composite_reference(bank, indices, weights)
-                  for indices, weights in zip(mixtures.reference_indices, mixtures.reference_weights)]
-    references = [reference_image[0].numpy() for reference_image, _ in composites]
-    reference_labels = [reference_label.argmax(0).to(bank.labels.dtype).numpy() for _, reference_label in composites]
+    # All K references go to the figure, as they were mixed: it draws the first three and states that
+    # TTA used K. A composite reference (K-way mixing) is drawn as its weighted image and its dominant label.
+    references = [reference_image[0].numpy() for reference_image in mixtures.references]
+    reference_labels = [mixtures.reference_probabilities(k).argmax(0).to(bank.labels.dtype).numpy()
+                        for k in range(len(mixtures))]
     outputs = {
         "figure": plot_private_segmentation(
             image, label, references, reference_labels, [m[0].numpy() for m in mixtures.mixtures],

@@ -26,6 +26,7 @@ from mixpriv.mixing.composite import (
 )
 from mixpriv.mixing.functional import fit_to_shape
 from mixpriv.mixing.settings import DEFAULT_MIXING, MixingSettings
+from mixpriv.mixing.warps import warp_references
 from mixpriv.validation import (
     InputError,
     check_finite,
@@ -70,13 +71,15 @@ class Mixtures:
     Attributes:
         mixtures: (K, 1, D, H, W), the only thing sent to the server.
         reference_labels: (K, R, D, H, W) uint8, secret: the label maps of each mixture's R
-            references, on the scan's array.
+            references, on the scan's array (warped with them when ``reference_warp`` is set).
         lambdas: (K,), secret: the target's weight in each mixture.
         reference_indices: secret: for each mixture, the tuple of its R bank indices (a
             one-tuple ``(i,)`` for R = 1).
         reference_weights: (K, R), secret: the references' weights within each composite
             (all ones for R = 1).
         num_classes: C, the number of label channels.
+        references: (K, 1, D, H, W), secret: each mixture's composite reference image as it was
+            mixed (after the fresh warps of ``reference_warp``); ``None`` when not kept.
     """
 
     mixtures: torch.Tensor
@@ -85,6 +88,7 @@ class Mixtures:
     reference_indices: list[tuple[int, ...]]
     reference_weights: torch.Tensor
     num_classes: int
+    references: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.mixtures.shape[0]
@@ -137,15 +141,16 @@ def mix_with_references(
     by its affine first, see :func:`mixpriv.inference.volume.load_scan`); only a bank that
     records no space is centre-cropped or padded to the image by array index.
 
-    Every draw (references, then lambdas, then Dirichlet weights) comes from ``generator``
-    (``None``: torch's global generator), in the order mixpriv has always drawn them, so a
-    seed gives the same mixtures as before. The mixtures are computed in one vectorised pass.
+    Every draw (references, then lambdas, then Dirichlet weights, then the references' warps
+    when ``mixing.reference_warp`` is set) comes from ``generator`` (``None``: torch's global
+    generator), in the order mixpriv has always drawn them, so a seed gives the same mixtures as
+    before. The mixtures are computed in one vectorised pass.
 
     Args:
         image: the preprocessed target (1, D, H, W).
         bank: the client's reference bank.
         k: number of mixtures K.
-        mixing: λ range, references per mixture R and Dirichlet α.
+        mixing: λ range, references per mixture R, Dirichlet α and the references' fresh warps.
         generator: source of every draw.
         reference_indices: use these references instead of drawing them, one entry per
             mixture: an index, or a sequence of R indices (K is then its length).
@@ -194,12 +199,14 @@ def mix_with_references(
                          f"the scan into the key's space first (mixpriv.inference.volume.load_scan(path, "
                          f"space=key.space), or mixpriv.inference.scans.prepare_scan)")
     flat = torch.tensor([i for entry in indices for i in entry])
-    references = _fitted(bank.images, flat, shape).reshape(len(indices), r, *shape)
-    labels = _fitted(bank.labels[:, None], flat, shape).reshape(len(indices), r, *shape)
+    references, labels = warp_references(_fitted(bank.images, flat, shape), _fitted(bank.labels[:, None], flat, shape),
+                                         mixing.reference_warp, generator)
+    references, labels = references.reshape(len(indices), r, *shape), labels.reshape(len(indices), r, *shape)
     composite = references[:, 0] if r == 1 else torch.einsum("kr,kr...->k...", reference_weights, references)
     lam = lambdas.reshape(-1, 1, 1, 1)
     mixtures = lam * image.float() + (1 - lam) * composite
-    return Mixtures(mixtures[:, None], labels, lambdas, indices, reference_weights, bank.num_classes)
+    return Mixtures(mixtures[:, None], labels, lambdas, indices, reference_weights, bank.num_classes,
+                    composite[:, None])
 
 
 def _fitted(volumes: torch.Tensor, indices: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -2,11 +2,14 @@
 
 A model records its mixing in its ``hparams`` (``lambda_range``, ``references_per_mix``,
 ``dirichlet_alpha``); :meth:`MixingSettings.of_model` reads them back, with the defaults of the
-single-reference scheme for models trained before K-way mixing.
+single-reference scheme for models trained before K-way mixing. ``reference_warp`` is the client's
+alone (no model records it): a fresh random diffeomorphism of each reference for each mixture
+(:mod:`mixpriv.mixing.warps`), so that no reference recurs exactly in the server's traffic.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -15,7 +18,7 @@ from mixpriv.constants import (
     DEFAULT_LAMBDA_RANGE,
     DEFAULT_REFERENCES_PER_MIX,
 )
-from mixpriv.validation import check_lambda_range, check_references_per_mix
+from mixpriv.validation import InputError, check_lambda_range, check_references_per_mix
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,19 @@ class MixingSettings:
         lambda_range: (low, high) of the target's weight λ, 0 < low <= high <= 1.
         references_per_mix: R, distinct references in each mixture's composite (1: the paper's scheme).
         dirichlet_alpha: α, concentration of the references' weights β (unused when R = 1).
+        reference_warp: peak displacement, in voxels of the key's grid, of the fresh random
+            diffeomorphism applied to every reference (image and labels together) of every mixture;
+            0 (the default): the references as the key holds them.
 
     Example:
         >>> MixingSettings()
-        MixingSettings(lambda_range=(0.65, 0.95), references_per_mix=1, dirichlet_alpha=1.0)
+        MixingSettings(lambda_range=(0.65, 0.95), references_per_mix=1, dirichlet_alpha=1.0, reference_warp=0.0)
         >>> MixingSettings.of_model({"lambda_range": [0.5, 0.8], "references_per_mix": 3})
-        MixingSettings(lambda_range=(0.5, 0.8), references_per_mix=3, dirichlet_alpha=1.0)
+        MixingSettings(lambda_range=(0.5, 0.8), references_per_mix=3, dirichlet_alpha=1.0, reference_warp=0.0)
         >>> MixingSettings((0.5, 0.8), references_per_mix=3).name
         'λ∈[0.5, 0.8], 3 refs'
+        >>> MixingSettings((0.1, 0.3), reference_warp=4).name
+        'λ∈[0.1, 0.3], refs warped 4 vox'
         >>> MixingSettings(lambda_range=(0.0, 0.5))
         Traceback (most recent call last):
         ...
@@ -43,9 +51,14 @@ class MixingSettings:
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE
     references_per_mix: int = DEFAULT_REFERENCES_PER_MIX
     dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA
+    reference_warp: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lambda_range", check_lambda_range(self.lambda_range))
+        if not (isinstance(self.reference_warp, (int, float)) and math.isfinite(self.reference_warp)
+                and self.reference_warp >= 0):
+            raise InputError(f"reference_warp must be a finite number of voxels >= 0, got {self.reference_warp!r}")
+        object.__setattr__(self, "reference_warp", float(self.reference_warp))
         references, alpha = check_references_per_mix(self.references_per_mix, self.dirichlet_alpha)
         object.__setattr__(self, "references_per_mix", references)
         object.__setattr__(self, "dirichlet_alpha", alpha)
@@ -68,7 +81,8 @@ class MixingSettings:
         """A short display name, e.g. ``λ∈[0.5, 0.8], 3 refs``."""
         low, high = self.lambda_range
         refs = f", {self.references_per_mix} refs" if self.references_per_mix > 1 else ""
-        return f"λ∈[{low:g}, {high:g}]{refs}"
+        warped = f", refs warped {self.reference_warp:g} vox" if self.reference_warp > 0 else ""
+        return f"λ∈[{low:g}, {high:g}]{refs}{warped}"
 
     def with_(self, **changes) -> MixingSettings:
         """A copy with some settings changed (``None`` keeps the current value)."""
@@ -80,9 +94,10 @@ class MixingSettings:
         return self
 
     def to_dict(self) -> dict:
-        """JSON-ready values, under the names the models' ``hparams`` use."""
-        return {"lambda_range": list(self.lambda_range), "references_per_mix": self.references_per_mix,
-                "dirichlet_alpha": self.dirichlet_alpha}
+        """JSON-ready values, under the names the models' ``hparams`` use (``reference_warp`` only when set)."""
+        values = {"lambda_range": list(self.lambda_range), "references_per_mix": self.references_per_mix,
+                  "dirichlet_alpha": self.dirichlet_alpha}
+        return values | ({"reference_warp": self.reference_warp} if self.reference_warp > 0 else {})
 
 
 #: The paper's scheme with mixpriv's default λ range: one reference, λ ~ U(0.65, 0.95).

@@ -179,6 +179,7 @@ class RandomMix(RandomTransform):
             over the R references (1: uniform over the simplex; unused when R = 1).
         mixing: the three settings above as one :class:`~mixpriv.mixing.settings.MixingSettings`
             (default: the single-reference scheme); the separate arguments, where given, override it.
+            Its ``reference_warp`` must be 0: the fresh warps are the client's.
 
     Example:
         >>> import torch, torchio as tio
@@ -193,7 +194,7 @@ class RandomMix(RandomTransform):
         >>> len(set(mixed["mix_reference_id"])), round(sum(mixed["mix_reference_weights"]), 5)
         (2, 1.0)
         >>> RandomMix(bank, mixing=MixingSettings((0.6, 0.9), references_per_mix=2)).mixing
-        MixingSettings(lambda_range=(0.6, 0.9), references_per_mix=2, dirichlet_alpha=1.0)
+        MixingSettings(lambda_range=(0.6, 0.9), references_per_mix=2, dirichlet_alpha=1.0, reference_warp=0.0)
     """
 
     def __init__(
@@ -210,6 +211,9 @@ class RandomMix(RandomTransform):
         self.bank = bank
         mixing = (mixing or MixingSettings()).with_(lambda_range=lambda_range, references_per_mix=references_per_mix,
                                                     dirichlet_alpha=dirichlet_alpha)
+        if mixing.reference_warp > 0:
+            raise InputError("RandomMix (training) mixes the references as the key holds them: reference_warp is a "
+                             "client setting (mixpriv.inference.mixtures.mix_with_references)")
         self.mixing = mixing.check_bank(len(bank))
         self.exclude_same_patient = exclude_same_patient
         self.args_names = ["lambda_range", "exclude_same_patient", "references_per_mix", "dirichlet_alpha"]

@@ -1,0 +1,50 @@
+"""Fresh random warps of the references: a key whose references never recur exactly.
+
+A key holds a finite set of references, and a server that receives many mixtures sees each of
+them again and again; the key-recovery attacker (:mod:`mixpriv.privacy.attackers.traffic`)
+averages the mixtures that share a reference to estimate it and subtracts it. Warping every
+reference by a fresh random diffeomorphism for every mixture (drawn from the client's generator,
+never sent) makes each mixture's reference a new, equally plausible brain, with its label map
+warped the same way, so the unmixing stays exact: the labels still describe the reference that
+was mixed.
+
+The warps are Deformation-Proxy's key-seeded stationary velocity fields
+(:class:`~mixpriv.proxies.deformation.DeformationKey`, integrated by scaling and squaring, so
+they never fold); images are resampled trilinearly, label maps by nearest neighbour.
+
+Example:
+    >>> images = torch.rand(2, 12, 12, 12)
+    >>> labels = (images > 0.5).to(torch.uint8)
+    >>> warped, warped_labels = warp_references(images, labels, 2.0, torch.Generator().manual_seed(0))
+    >>> warped.shape, warped_labels.dtype, bool((warped - images).abs().max() > 0.1)
+    (torch.Size([2, 12, 12, 12]), torch.uint8, True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixpriv.proxies.deformation import DeformationKey, integrate_velocity, key_velocities, warp
+
+_SEED_BOUND = 2 ** 62
+
+
+def warp_references(images: torch.Tensor, labels: torch.Tensor, magnitude: float,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp each of N references (N, D, H, W) and its label map (N, D, H, W) by its own fresh diffeomorphism.
+
+    Args:
+        images: the references' images.
+        labels: their integer label maps, on the same grid.
+        magnitude: peak displacement in voxels (0: returned as they are).
+        generator: source of the warps' seeds (the client's generator: a fresh draw per call).
+
+    Raises:
+        ValueError: a magnitude that would fold the field on this grid (the message says what to change).
+    """
+    if magnitude == 0:
+        return images, labels
+    seeds = torch.randint(0, _SEED_BOUND, (images.shape[0],), generator=generator).tolist()
+    keys = [DeformationKey(int(seed), magnitude=float(magnitude)) for seed in seeds]
+    forward = integrate_velocity(key_velocities(keys, images.shape[1:], images.device), keys[0].steps)
+    return warp(images[:, None], forward)[:, 0], warp(labels[:, None], forward, mode="nearest")[:, 0]

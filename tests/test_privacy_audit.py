@@ -71,7 +71,7 @@ def tiny_model() -> MixupPrivacyModule:
 
 
 def test_reidentification_and_test_retest_report(patient_folder, tiny_model, tmp_path):
-    options = AuditOptions(parts=("reid", "icc"), extra_settings=(MixingSettings((0.5, 0.6)),),
+    options = AuditOptions(parts=("reid", "icc"), reid_settings=(MixingSettings(), MixingSettings((0.5, 0.6))),
                            attackers=TINY_ATTACKERS)
     paths = run_audit(tiny_model, patient_folder, tmp_path / "audit", options, progress=False)
     report = json.loads(paths["json"].read_text())

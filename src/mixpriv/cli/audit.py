@@ -52,8 +52,8 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cases", type=int, default=None, help="at most this many scans (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reid-settings", nargs="*", type=_mixing_setting, default=[], metavar="LOW:HIGH[:R[:WARP]]",
-                   help="mixing settings the reid part attacks besides the model's own (privacy only, no Dice; the "
-                        "format of --sweep-settings)")
+                   help="mixing settings the reid part attacks instead of the model's own (privacy only, no Dice; "
+                        "the format of --sweep-settings)")
     p.add_argument("--sweep-settings", nargs="*", type=_mixing_setting, default=None, metavar="LOW:HIGH[:R[:WARP]]",
                    help="mixing settings the sweep attacks besides its models' (default: the five of the paper's "
                         "sweep), e.g. 0.35:0.65 0.5:0.8:3 (R references per mixture) 0.1:0.3:1:4 (each "
@@ -117,7 +117,7 @@ def _audit(args: argparse.Namespace) -> None:
                            attacker_data=args.attacker_data, attackers=attackers,
                            max_cases=args.max_cases or None, seed=args.seed,
                            sweep_models=args.sweep_models, baseline=args.baseline, k=args.k,
-                           extra_settings=tuple(args.reid_settings),
+                           reid_settings=tuple(args.reid_settings) or None,
                            **({"sweep_settings": tuple(args.sweep_settings)} if args.sweep_settings is not None else {}),
                            dice_cases=args.dice_cases or None, sweep_separation=args.sweep_separation,
                            compared=tuple(args.compared), compared_views=args.compared_views,

@@ -83,7 +83,7 @@ class AuditOptions:
         attackers: which attackers and how big (K mixtures per request, the learned attacker).
         max_cases: at most this many scans (``None``: all).
         seed: seed of every random draw (references, λ, attack initialisations).
-        extra_settings: mixing settings re-identified besides the model's own.
+        reid_settings: the mixing settings the reid part attacks (``None``: the model's own).
         sweep_settings: the sweep's settings (besides those of ``sweep_models``).
         sweep_models: models trained for other settings (name, folder, URL or loaded), whose
             Learned+TTA Dice enters the sweep; the audited model is always the first.
@@ -108,7 +108,7 @@ class AuditOptions:
     attackers: AttackerOptions = field(default_factory=AttackerOptions)
     max_cases: int | None = None
     seed: int = 0
-    extra_settings: Sequence[MixingSettings] = field(default_factory=tuple)
+    reid_settings: Sequence[MixingSettings] | None = None
     sweep_settings: Sequence[MixingSettings] = DEFAULT_SWEEP_SETTINGS
     sweep_models: Sequence = field(default_factory=tuple)
     baseline: str | Path | BaselineSegmenter | None = "tissue-baseline-2mm"
@@ -173,7 +173,7 @@ def run_audit(
         attacker_scans = load_scans(attacker_folder, spacing, options.attacker_split, progress=progress,
                                     space=bank.space)
     if "reid" in options.parts or "sweep" in options.parts:
-        reid_settings = _unique([setting, *options.extra_settings,
+        reid_settings = _unique([*(options.reid_settings or [setting]),
                                  *(sweep_settings if "sweep" in options.parts else [])])
         reid = audit_attackers(scans, bank, reid_settings, attacker_scans, options.attackers, options.seed, progress)
         if "reid" in options.parts:

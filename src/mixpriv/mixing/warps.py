@@ -10,7 +10,10 @@ was mixed.
 
 The warps are Deformation-Proxy's key-seeded stationary velocity fields
 (:class:`~mixpriv.proxies.deformation.DeformationKey`, integrated by scaling and squaring, so
-they never fold); images are resampled trilinearly, label maps by nearest neighbour.
+they never fold), drawn and integrated on a grid ``COARSE`` times coarser than the references'
+(the fields are smooth: their control points lie 12 voxels apart) and upsampled trilinearly, so a
+warp costs little more than resampling the reference once; images are resampled trilinearly,
+label maps by nearest neighbour.
 
 Example:
     >>> images = torch.rand(2, 12, 12, 12)
@@ -23,19 +26,22 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mixpriv.proxies.deformation import DeformationKey, integrate_velocity, key_velocities, warp
 
 _SEED_BOUND = 2 ** 62
+#: How much coarser than the references the warps are drawn and integrated.
+COARSE = 4
 
 
-def warp_references(images: torch.Tensor, labels: torch.Tensor, magnitude: float,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def warp_references(images: torch.Tensor, labels: torch.Tensor | None, magnitude: float,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Warp each of N references (N, D, H, W) and its label map (N, D, H, W) by its own fresh diffeomorphism.
 
     Args:
         images: the references' images.
-        labels: their integer label maps, on the same grid.
+        labels: their integer label maps, on the same grid (``None``: images only).
         magnitude: peak displacement in voxels (0: returned as they are).
         generator: source of the warps' seeds (the client's generator: a fresh draw per call).
 
@@ -44,7 +50,14 @@ def warp_references(images: torch.Tensor, labels: torch.Tensor, magnitude: float
     """
     if magnitude == 0:
         return images, labels
+    shape = tuple(images.shape[1:])
+    coarse = tuple(max(2, round(n / COARSE)) for n in shape)
     seeds = torch.randint(0, _SEED_BOUND, (images.shape[0],), generator=generator).tolist()
-    keys = [DeformationKey(int(seed), magnitude=float(magnitude)) for seed in seeds]
-    forward = integrate_velocity(key_velocities(keys, images.shape[1:], images.device), keys[0].steps)
-    return warp(images[:, None], forward)[:, 0], warp(labels[:, None], forward, mode="nearest")[:, 0]
+    base = DeformationKey(0)  # the default smoothness, in the references' voxels
+    keys = [DeformationKey(int(seed), magnitude=float(magnitude) / COARSE, control_spacing=base.control_spacing / COARSE,
+                           smoothing=base.smoothing / COARSE) for seed in seeds]
+    field = integrate_velocity(key_velocities(keys, coarse, images.device), base.steps)
+    scale = torch.tensor([(n - 1) / (c - 1) for n, c in zip(shape, coarse)], device=field.device)
+    forward = F.interpolate(field, size=shape, mode="trilinear", align_corners=True) * scale.reshape(1, 3, 1, 1, 1)
+    warped_labels = None if labels is None else warp(labels[:, None], forward, mode="nearest")[:, 0]
+    return warp(images[:, None], forward)[:, 0], warped_labels

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
+from mixpriv.mixing.warps import warp_references
 from mixpriv.privacy.reidentification import encode_scans
 from mixpriv.validation import InputError
 
@@ -61,6 +62,9 @@ class LearnedAttackerOptions:
         temperature: of the NT-Xent loss.
         lr: Adam's learning rate.
         request_fraction: fraction of training views that are a request's mean rather than one mixture.
+        warped_copies: against a client that warps its references afresh (``reference_warp``), the
+            attacker mixes with a pool of this many warped copies of each of its scans, drawn once
+            (fresh warps for each of its training views would cost minutes per step on a CPU).
     """
 
     steps: int = 600
@@ -71,8 +75,11 @@ class LearnedAttackerOptions:
     temperature: float = 0.1
     lr: float = 1e-3
     request_fraction: float = 0.5
+    warped_copies: int = 4
 
     def __post_init__(self) -> None:
+        if self.warped_copies < 1:
+            raise InputError(f"learned attacker: warped_copies >= 1, got {self.warped_copies}")
         if self.steps < 1 or self.patients_per_step < 2 or self.downsample < 1 or not self.channels:
             raise InputError("learned attacker: steps >= 1, patients_per_step >= 2, downsample >= 1 and at least "
                              f"one convolution are needed, got {self}")
@@ -156,18 +163,31 @@ def train_embedding(
     if len(images) != len(patient_ids):
         raise InputError(f"{len(patient_ids)} patient ids given for {len(images)} attacker scans")
     stack = torch.stack([image.reshape(1, *image.shape[-3:]).float() for image in images])
-    own = ReferenceBank(stack, torch.zeros(stack.shape[0], *stack.shape[2:], dtype=torch.uint8), {"background": 0},
-                        ids=[f"attacker{i}" for i in range(len(images))], patient_ids=[str(p) for p in patient_ids])
+    own = _attacker_bank(stack, [f"attacker{i}" for i in range(len(images))], [str(p) for p in patient_ids])
+    references, view_setting = own, setting
+    if setting.reference_warp > 0:  # a pool of warped copies stands for the client's fresh warps
+        copies = options.warped_copies
+        warped, _ = warp_references(stack[:, 0].repeat(copies, 1, 1, 1), None, setting.reference_warp,
+                                    torch.Generator().manual_seed(seed))
+        references = _attacker_bank(warped[:, None], [f"{i}-warp{c}" for c in range(copies) for i in own.ids],
+                                    list(own.patient_ids) * copies)
+        view_setting = setting.with_(reference_warp=0.0)
 
     def mixed_view(index: int, generator: torch.Generator) -> torch.Tensor:
         """One mixture of the attacker's scan ``index``, or a K-mixture request's mean."""
         request = float(torch.rand((), generator=generator)) < options.request_fraction
-        mixtures = encode_scans([own.images[index]], own, setting, generator, k if request else 1,
+        mixtures = encode_scans([own.images[index]], references, view_setting, generator, k if request else 1,
                                 case_ids=[own.ids[index]], patient_ids=[own.patient_ids[index]])[0]
         return mixtures.mean(0)
 
     # the centre is the attacker's population mean: the mixtures' expected value
     return train_embedding_on_views(patient_ids, mixed_view, stack[:, 0].mean(0), options, seed, progress)
+
+
+def _attacker_bank(images: torch.Tensor, ids: list[str], patient_ids: list[str]) -> ReferenceBank:
+    """The attacker's scans (N, 1, D, H, W) as a bank to draw references from (no labels: one class)."""
+    return ReferenceBank(images, torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.uint8),
+                         {"background": 0}, ids=ids, patient_ids=patient_ids)
 
 
 def train_embedding_on_views(

@@ -90,3 +90,31 @@ def test_training_refuses_the_clients_warp():
 
     with pytest.raises(InputError, match="reference_warp is a client setting"):
         RandomMix(make_bank(), mixing=MixingSettings(reference_warp=2.0))
+
+
+def test_the_learned_attacker_mixes_with_warped_copies_against_a_warping_client(monkeypatch):
+    import mixpriv.privacy.attackers.learned as learned
+
+    banks = []
+
+    def recording(images, bank, mixing, *args, **kwargs):
+        banks.append((bank, mixing))
+        return encode(images, bank, mixing, *args, **kwargs)
+
+    encode = learned.encode_scans
+    monkeypatch.setattr(learned, "encode_scans", recording)
+    g = torch.Generator().manual_seed(0)
+    scans = [torch.rand(1, 16, 16, 16, generator=g) for _ in range(6)]
+    options = learned.LearnedAttackerOptions(steps=1, patients_per_step=2, channels=(4,), embedding_dim=8,
+                                             downsample=1, warped_copies=2)
+    for warp in (0.0, 2.0):
+        banks.clear()
+        learned.train_embedding(scans, ["a", "a", "b", "b", "c", "c"], MixingSettings((0.2, 0.5), reference_warp=warp),
+                                2, options, progress=False)
+        bank, mixing = banks[0]
+        assert mixing.reference_warp == 0.0  # the pool's warps stand for the client's
+        if warp:
+            assert len(bank) == 12 and all("-warp" in i for i in bank.ids)
+            assert not torch.equal(bank.images[0], scans[0])
+        else:
+            assert len(bank) == 6 and torch.equal(bank.images[0], scans[0])

@@ -42,9 +42,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=8, help="number of TTA references")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cases", type=int, default=None)
-    p.add_argument("--reference-warp", type=float, default=None,
-                   help="warp every reference of every mixture by a fresh random diffeomorphism of this peak "
-                        "displacement (voxels), against the key-recovery attacker (default: none)")
+    add_reference_warp(p)
     p.add_argument("--out", type=Path, default=Path("outputs/evaluation"))
     p.set_defaults(func=_evaluate)
 
@@ -81,8 +79,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         >>> from mixpriv.cli import build_parser
         >>> args = build_parser().parse_args(["predict", "scan.nii.gz", "--model", "mp.ckpt", "--key", "key.mpk",
         ...                                   "--out", "seg.nii.gz"])
-        >>> args.k, args.method, args.variance, args.probabilities, args.seed
-        (8, 'learned', None, None, None)
+        >>> args.k, args.method, args.variance, args.probabilities, args.seed, args.reference_warp
+        (8, 'learned', None, None, None, None)
     """
     p = sub.add_parser("predict", help="privately segment one scan in-process (mix, segment, unmix, TTA)")
     p.add_argument("scan", type=Path, help="NIfTI scan")
@@ -93,6 +91,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--method", choices=("learned", "naive"), default="learned")
     p.add_argument("--seed", type=int, default=None)
+    add_reference_warp(p)
     p.set_defaults(func=_predict)
 
 
@@ -100,12 +99,14 @@ def _predict(args: argparse.Namespace) -> None:
     from mixpriv.inference.scans import TemplateSpace
     from mixpriv.lightning.tta import TTAEnsembler
     from mixpriv.mixing.bank import ReferenceBank
+    from mixpriv.mixing.settings import MixingSettings
     from mixpriv.training import load_model
 
     with _ScanOutputs(args, inputs=(args.key, args.model), variance=args.variance) as outputs:
         model = load_model(args.model, kind="mixpriv")
         key = ReferenceBank.load(args.key)
-        ensembler = TTAEnsembler(model, key, k=args.k, methods=(args.method,), seed=args.seed)
+        mixing = MixingSettings.of_model(model.hparams, reference_warp=args.reference_warp)
+        ensembler = TTAEnsembler(model, key, k=args.k, methods=(args.method,), mixing=mixing, seed=args.seed)
         image = outputs.load_scan(TemplateSpace.of_key(key), model.hparams.input_spacing)
         result = ensembler(image)[args.method]
         outputs.save(result.probabilities, variance=result.variance.sum(0, keepdim=True))
@@ -225,6 +226,14 @@ def _add_template_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template-data", type=Path, default=None,
                    help="with --register: nnU-Net folder whose training cases make the template (default: the "
                         "embedded cohort, the published models' training data)")
+
+
+def add_reference_warp(p: argparse.ArgumentParser) -> None:
+    """``--reference-warp``, of the commands that mix (``evaluate``, ``predict``, ``segment``)."""
+    p.add_argument("--reference-warp", type=float, default=None, metavar="VOXELS",
+                   help="warp every reference of every mixture by a fresh random diffeomorphism of this peak "
+                        "displacement (voxels), so that no reference recurs in what the server receives "
+                        "(against the key-recovery attacker; default: none)")
 
 
 def _add_outputs(p: argparse.ArgumentParser) -> None:

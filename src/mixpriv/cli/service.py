@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from mixpriv.cli.inference import add_reference_warp
+
 log = logging.getLogger("mixpriv")
 
 
@@ -111,6 +113,7 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--register", action="store_true",
                    help="register the scan (12-dof affine) to the key's template space first, on this machine: for "
                         "scans in scanner space; results come back on the scan's own grid")
+    add_reference_warp(p)
     p.set_defaults(func=_segment)
 
 
@@ -118,11 +121,16 @@ def _segment(args: argparse.Namespace) -> None:
     from mixpriv.server.auth import read_token
     from mixpriv.server.client import PrivateClient, ServerError
 
+    from mixpriv.mixing.settings import MixingSettings
+    from mixpriv.training import load_model
+
     logging.getLogger("httpx").setLevel(logging.WARNING)  # keep the URL-per-request lines out of the output
+    model = load_model(args.model, kind="mixpriv")
+    mixing = MixingSettings.of_model(model.hparams, reference_warp=args.reference_warp)
     try:
-        with PrivateClient(args.server, args.key, args.model, token=read_token(args.token_file), k=args.k,
+        with PrivateClient(args.server, args.key, model, token=read_token(args.token_file), k=args.k,
                            method=args.method, seed=args.seed, wire_dtype=args.wire_dtype,
-                           timeout=args.timeout) as client:
+                           timeout=args.timeout, mixing=mixing) as client:
             written = client.segment_file(args.scan, args.out, args.probabilities, args.variance,
                                           inputs=(args.key, args.model), register=args.register)
     except ServerError as error:

@@ -52,7 +52,8 @@ _DESCRIPTIONS = {
     "key-recovery": ("the key's references recovered from the traffic: each mixture minus its projection on the mean "
                      "of its n most correlated mixtures of other requests (those that share its reference), then "
                      "correlation; the best n of the audit's choices"),
-    "learned": "3D embedding trained contrastively on mixtures of the attacker's own scans, one mixture",
+    "learned": "3D embedding trained contrastively on mixtures of the attacker's own scans (against warped "
+               "references: mixed with warped copies of them), one mixture",
     "learned-request": "the same embedding of the request's mean",
 }
 

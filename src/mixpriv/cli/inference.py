@@ -14,6 +14,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
+from mixpriv.cli.options import add_connection, add_reference_warp
+
 if TYPE_CHECKING:
     import torch
 
@@ -165,11 +167,7 @@ def add_predict_compared(sub: argparse._SubParsersAction) -> None:
                    help="also write what the server sees (the encoded or warped scan), resampled onto the scan's grid")
     p.add_argument("--server", default=None, help="segment on this `mixpriv serve` (e.g. http://127.0.0.1:8000) "
                                                   "instead of in-process: only the view is sent")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="with --server: file holding the bearer token (default: $MIXPRIV_SERVER_TOKEN)")
-    p.add_argument("--wire-dtype", choices=("float32", "float16"), default="float32",
-                   help="with --server: dtype of the view sent")
-    p.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds the request may take")
+    add_connection(p, "view", condition="with --server: ")
     p.add_argument("--seed", type=int, default=None, help="seed of the deformation key (reproduction only)")
     p.set_defaults(func=_predict_compared)
 
@@ -226,14 +224,6 @@ def _add_template_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template-data", type=Path, default=None,
                    help="with --register: nnU-Net folder whose training cases make the template (default: the "
                         "embedded cohort, the published models' training data)")
-
-
-def add_reference_warp(p: argparse.ArgumentParser) -> None:
-    """``--reference-warp``, of the commands that mix (``evaluate``, ``predict``, ``segment``)."""
-    p.add_argument("--reference-warp", type=float, default=None, metavar="VOXELS",
-                   help="warp every reference of every mixture by a fresh random diffeomorphism of this peak "
-                        "displacement (voxels), so that no reference recurs in what the server receives "
-                        "(against the key-recovery attacker; default: none)")
 
 
 def _add_outputs(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from mixpriv.cli.inference import add_reference_warp
+from mixpriv.cli.options import add_connection, add_reference_warp
 
 log = logging.getLogger("mixpriv")
 
@@ -104,11 +104,7 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("learned", "naive"), default="learned")
     p.add_argument("--probabilities", type=Path, default=None, help="also write the class probabilities here")
     p.add_argument("--variance", type=Path, default=None, help="also write the TTA variance map here")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="file holding the bearer token (default: $MIXPRIV_SERVER_TOKEN)")
-    p.add_argument("--wire-dtype", choices=("float32", "float16"), default="float32",
-                   help="dtype of the mixtures sent (float16: half the bytes)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
+    add_connection(p, "mixtures")
     p.add_argument("--seed", type=int, default=None, help="seed of the references and weights (reproducible runs)")
     p.add_argument("--register", action="store_true",
                    help="register the scan (12-dof affine) to the key's template space first, on this machine: for "
@@ -118,10 +114,9 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _segment(args: argparse.Namespace) -> None:
+    from mixpriv.mixing.settings import MixingSettings
     from mixpriv.server.auth import read_token
     from mixpriv.server.client import PrivateClient, ServerError
-
-    from mixpriv.mixing.settings import MixingSettings
     from mixpriv.training import load_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # keep the URL-per-request lines out of the output

@@ -34,7 +34,6 @@ from mixpriv.validation import InputError
 CompareModel = PrivacyNetModule | DeformationProxyModule
 
 
-
 def system_name(model: torch.nn.Module, source: object = None) -> str:
     """The row name of a compared-system model ("Privacy-Net" or "Deformation-Proxy").
 

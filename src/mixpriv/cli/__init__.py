@@ -11,6 +11,7 @@ of the library (torch, matplotlib, the server) only then, so that ``mixpriv --he
 - :mod:`mixpriv.cli.hub`: ``models``, ``publish``
 - :mod:`mixpriv.cli.audit`: ``audit``
 - :mod:`mixpriv.cli.demo`: ``demo``
+- :mod:`mixpriv.cli.options`: flags several commands share (``--reference-warp``, the server connection)
 
 This module holds :func:`build_parser` and :func:`main`, the ``mixpriv`` console script
 (``mixpriv = mixpriv.cli:main``); ``python -m mixpriv.cli`` runs it too.

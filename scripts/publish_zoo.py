@@ -10,13 +10,17 @@
 4. Write ``checkpoints/<name>/`` with the model card (recipe, data and label mapping, commit, evaluation
    table, training statistics) and update ``checkpoints/registry.json``.
 
+``--compared`` instead publishes the paper's compared systems, Privacy-Net and Deformation-Proxy
+(issue 16): trains their recipes, evaluates them next to the published tissue models (the paper's
+Table 1 into ``checkpoints/evaluation/compared``) and publishes them with that table on their cards.
+
 ``--unmixer-stage`` instead keeps the published segmenters and trains the Mixup-Privacy model's
 unmixer anew (``UNMIXER_STAGE``: the coarse-context unmixer with its full-resolution refinement,
 on the published segmenter kept fixed, in eval mode), then evaluates and publishes as in 2-4. The
 card keeps the segmenter's recipe and statistics and adds the unmixer's under ``unmixer_training``
 (tissue task only).
 
-Usage: .venv/bin/python scripts/publish_zoo.py [--task tissue|tumour] [--runs runs] [--zoo checkpoints] [--unmixer-stage]
+Usage: .venv/bin/python scripts/publish_zoo.py [--task tissue|tumour] [--runs runs] [--zoo checkpoints] [--unmixer-stage | --compared]
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from mixpriv.data.datamodule import bank_from_cases
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.data.sources import resolve_data_dir
 from mixpriv.demo import TASKS
+from mixpriv.evaluation.compared import compared_systems
 from mixpriv.evaluation.runner import evaluate_models
 from mixpriv.hub import export_pretrained, load_pretrained_folder, update_registry
+from mixpriv.kinds import KINDS, compared_kinds
 from mixpriv.recipe import load_recipe
 from mixpriv.training import load_model, train
 
@@ -118,6 +124,58 @@ def train_unmixer_stage(runs: Path, zoo: Path, folder: DatasetFolder) -> Path:
     return checkpoint
 
 
+def trained_checkpoint(runs: Path, recipe_name: str) -> Path:
+    """``runs/<recipe>/checkpoints/last.ckpt``, training the recipe there first when it does not exist."""
+    checkpoint = runs / recipe_name / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        checkpoint = train(load_recipe(recipe_name), runs / recipe_name).checkpoint
+    return checkpoint
+
+
+def training_card(checkpoint: Path) -> dict:
+    """The card's training entries: the run's resolved recipe and its ``train_stats.json``."""
+    run = checkpoint.parent.parent
+    return {"training_recipe": yaml.safe_load((run / "recipe.yaml").read_text()),
+            "training_stats": json.loads((run / "train_stats.json").read_text())}
+
+
+def publish_compared(runs: Path, zoo: Path, k: int) -> None:
+    """Publish Privacy-Net and Deformation-Proxy (issue 16) next to the published tissue models.
+
+    Trains ``recipes/tissue-privacynet.yaml`` and ``recipes/tissue-deformproxy.yaml`` into ``runs/``
+    (skipped when a run's checkpoint exists; ``scripts/train_compared.sh`` resumes a stopped one),
+    exports both as float16, evaluates them on the test split next to the published baseline and
+    Mixup-Privacy models (the paper's Table 1, K = ``k``) into ``<zoo>/evaluation/compared`` and
+    publishes them with that evaluation on their cards.
+    """
+    task = TASKS["tissue"]
+    folder = DatasetFolder(resolve_data_dir(task.data))
+    baseline = load_pretrained_folder(zoo / task.baseline_model)
+    private = load_pretrained_folder(zoo / task.private_model)
+    key = bank_from_cases(folder, "train", private.hparams.input_spacing)
+    checkpoints = {kind.name: trained_checkpoint(runs, f"tissue-{kind.name}") for kind in compared_kinds()}
+    with tempfile.TemporaryDirectory() as staging:
+        half = {name: load_pretrained_folder(export_pretrained(load_model(checkpoint), staging, name,
+                                                               dtype=torch.float16))
+                for name, checkpoint in checkpoints.items()}
+        result = evaluate_models(baseline, private, folder, key, zoo / "evaluation" / "compared", k=k,
+                                 compared=compared_systems(half.values()))
+    table = result.table.to_markdown(title=f"Embedded cohort test split, K = {k}",
+                                     notes={"key": f"{len(key)} references of the training split"})
+    print(table)
+    aggregate = result.table.aggregate()
+    for name, checkpoint in checkpoints.items():
+        row = KINDS[name].system
+        card = {**training_card(checkpoint), "data": cohort_card(folder, task.data), "commit": git_commit(),
+                "evaluation": {"aggregate": {row: aggregate[row]}, "K": k,
+                               "n_cases": len(result.table.per_case[row])},
+                "evaluation_markdown": table}
+        path = export_pretrained(load_model(checkpoint), zoo, f"tissue-{name}-2mm", card=card,
+                                 dtype=torch.float16, overwrite=True)
+        update_registry(path, zoo / "registry.json")
+        print(f"published tissue-{name}-2mm -> {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="tissue")
@@ -127,9 +185,15 @@ def main() -> None:
     parser.add_argument("--check-cases", type=int, default=4, help="test scans for the float16-vs-float32 check")
     parser.add_argument("--unmixer-stage", action="store_true",
                         help="keep the published segmenters; train and publish a new unmixer (UNMIXER_STAGE)")
+    parser.add_argument("--compared", action="store_true",
+                        help="publish the compared systems (Privacy-Net, Deformation-Proxy) next to the published "
+                             "tissue models instead")
     args = parser.parse_args()
-    if args.unmixer_stage and args.task != "tissue":
-        parser.error("--unmixer-stage retrains the tissue model's unmixer only")
+    if (args.unmixer_stage or args.compared) and args.task != "tissue":
+        parser.error("--unmixer-stage and --compared are for the tissue task only")
+    if args.compared:
+        publish_compared(args.runs, args.zoo, args.k)
+        return
 
     task = TASKS[args.task]
     recipes = {"baseline": task.baseline_recipe, "private": task.private_recipe}
@@ -152,12 +216,8 @@ def main() -> None:
     else:
         full = {}
         for role, recipe_name in recipes.items():
-            checkpoint = args.runs / recipe_name / "checkpoints" / "last.ckpt"
-            if not checkpoint.is_file():
-                checkpoint = train(load_recipe(recipe_name), args.runs / recipe_name).checkpoint
-            run = checkpoint.parent.parent
-            cards[role] = {"training_recipe": yaml.safe_load((run / "recipe.yaml").read_text()),
-                           "training_stats": json.loads((run / "train_stats.json").read_text())}
+            checkpoint = trained_checkpoint(args.runs, recipe_name)
+            cards[role] = training_card(checkpoint)
             full[role] = load_model(checkpoint)
     demo_bank = bank_from_cases(folder, "train", full["private"].hparams.input_spacing, max_references=DEMO_BANK_SIZE)
     out = args.zoo / "evaluation" if args.task == "tissue" else args.zoo / "evaluation" / args.task

@@ -11,6 +11,7 @@ from conftest import LABELS, phantom
 from mixpriv.inference.mixtures import mix_with_references
 from mixpriv.mixing.bank import ReferenceBank
 from mixpriv.mixing.settings import MixingSettings
+from mixpriv.mixing import warps
 from mixpriv.mixing.warps import warp_references
 from mixpriv.validation import InputError
 
@@ -56,6 +57,16 @@ def test_the_label_map_moves_with_its_reference():
     assert (warped_labels != labels).float().mean() > 0.01  # the labels moved ...
     agree = (warped.round().to(torch.uint8) == warped_labels).float().mean()
     assert agree > 0.98  # ... with the image
+
+
+def test_warping_in_chunks_changes_nothing(monkeypatch):
+    images = torch.rand(5, 12, 12, 12)
+    labels = (images > 0.5).to(torch.uint8)
+    whole = warp_references(images, labels, 2.0, torch.Generator().manual_seed(2))
+    monkeypatch.setattr(warps, "CHUNK", 2)  # three chunks: 2 + 2 + 1
+    chunked = warp_references(images, labels, 2.0, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(chunked[0], whole[0])
+    assert torch.equal(chunked[1], whole[1])
 
 
 def test_warps_come_from_the_generator():

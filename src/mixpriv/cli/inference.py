@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from mixpriv.cli.options import add_connection, add_reference_warp
+from mixpriv.cli.options import add_connection, add_reference_warp, server_errors_exit
 
 if TYPE_CHECKING:
     import torch
@@ -192,19 +192,12 @@ def _predict_compared(args: argparse.Namespace) -> None:
 
 def _segment_remotely(args: argparse.Namespace, model, image: torch.Tensor):
     """One scan through a remote compared-system server (only the view is sent)."""
-    import logging
-
     from mixpriv.server.auth import read_token
-    from mixpriv.server.client import ProxyClient, ServerError
+    from mixpriv.server.client import ProxyClient
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        with ProxyClient(args.server, model, token=read_token(args.token_file), seed=args.seed,
-                         wire_dtype=args.wire_dtype, timeout=args.timeout) as client:
-            return client.segment(image)
-    except ServerError as error:
-        logging.getLogger("mixpriv").error("%s", error)
-        raise SystemExit(1) from None
+    with server_errors_exit(), ProxyClient(args.server, model, token=read_token(args.token_file), seed=args.seed,
+                                           wire_dtype=args.wire_dtype, timeout=args.timeout) as client:
+        return client.segment(image)
 
 
 def _template_space(args: argparse.Namespace, spacing) -> TemplateSpace | None:

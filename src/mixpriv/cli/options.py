@@ -1,4 +1,5 @@
-"""Flags that several ``mixpriv`` commands share: the client's reference warps and its connection to a server.
+"""What several ``mixpriv`` commands share: the client's reference-warp and connection flags, and how a
+client command reports a server's error.
 
 Example:
     >>> import argparse
@@ -13,6 +14,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -37,3 +41,26 @@ def add_connection(p: argparse.ArgumentParser, sent: str, condition: str = "") -
     p.add_argument("--wire-dtype", choices=("float32", "float16"), default="float32",
                    help=f"{condition}dtype of the {sent} sent (float16: half the bytes)")
     p.add_argument("--timeout", type=float, default=600.0, help=f"{condition}seconds a request may take")
+
+
+@contextmanager
+def server_errors_exit() -> Iterator[None]:
+    """Run a client command's server exchange: httpx's URL-per-request lines kept out of the output, and a
+    :class:`~mixpriv.server.client.ServerError` logged as its message and turned into exit status 1.
+
+    Example:
+        >>> from mixpriv.server.client import ServerError
+        >>> with server_errors_exit():
+        ...     raise ServerError("the server refused the token")
+        Traceback (most recent call last):
+        ...
+        SystemExit: 1
+    """
+    from mixpriv.server.client import ServerError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        yield
+    except ServerError as error:
+        logging.getLogger("mixpriv").error("%s", error)
+        raise SystemExit(1) from None

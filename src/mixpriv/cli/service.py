@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from mixpriv.cli.options import add_connection, add_reference_warp
+from mixpriv.cli.options import add_connection, add_reference_warp, server_errors_exit
 
 log = logging.getLogger("mixpriv")
 
@@ -116,21 +116,17 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
 def _segment(args: argparse.Namespace) -> None:
     from mixpriv.mixing.settings import MixingSettings
     from mixpriv.server.auth import read_token
-    from mixpriv.server.client import PrivateClient, ServerError
+    from mixpriv.server.client import PrivateClient
     from mixpriv.training import load_model
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # keep the URL-per-request lines out of the output
     model = load_model(args.model, kind="mixpriv")
     mixing = MixingSettings.of_model(model.hparams, reference_warp=args.reference_warp)
-    try:
-        with PrivateClient(args.server, args.key, model, token=read_token(args.token_file), k=args.k,
-                           method=args.method, seed=args.seed, wire_dtype=args.wire_dtype,
-                           timeout=args.timeout, mixing=mixing) as client:
-            written = client.segment_file(args.scan, args.out, args.probabilities, args.variance,
-                                          inputs=(args.key, args.model), register=args.register)
-    except ServerError as error:
-        log.error("%s", error)
-        raise SystemExit(1) from None
+    with server_errors_exit(), PrivateClient(args.server, args.key, model, token=read_token(args.token_file),
+                                             k=args.k, method=args.method, seed=args.seed,
+                                             wire_dtype=args.wire_dtype, timeout=args.timeout,
+                                             mixing=mixing) as client:
+        written = client.segment_file(args.scan, args.out, args.probabilities, args.variance,
+                                      inputs=(args.key, args.model), register=args.register)
     for path in (written.labels, written.probabilities, written.variance):
         if path is not None:
             print(f"wrote {path}")

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from mixpriv.hub.pretrained import module_class
+from mixpriv.hub.pretrained import kind_of_module
 from mixpriv.inference.proxies import ProxyPipeline
-from mixpriv.kinds import compared_kinds
+from mixpriv.kinds import KINDS
 from mixpriv.lightning.deformation_proxy import DeformationProxyModule
 from mixpriv.lightning.privacy_net import PrivacyNetModule
 from mixpriv.validation import InputError
@@ -46,9 +46,9 @@ def system_name(model: torch.nn.Module, source: object = None) -> str:
         ...
         mixpriv.validation.InputError: my.ckpt is a Linear, not a compared system: give a Privacy-Net or a Deformation-Proxy model
     """
-    for kind in compared_kinds():
-        if isinstance(model, module_class(kind.name)):
-            return kind.system
+    kind = kind_of_module(model)
+    if kind is not None and KINDS[kind].compared:
+        return KINDS[kind].system
     raise InputError(f"{source if source is not None else 'the model'} is a {type(model).__name__}, not a compared "
                      "system: give a Privacy-Net or a Deformation-Proxy model")
 

@@ -38,11 +38,11 @@ _DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "
 
 def model_kind(model: torch.nn.Module) -> str:
     """The card's ``kind`` of a module: ``"baseline"``, ``"mixpriv"``, ``"privacynet"`` or ``"deformproxy"``."""
-    from mixpriv.hub.pretrained import module_class
+    from mixpriv.hub.pretrained import kind_of_module
 
-    for kind in KINDS:
-        if isinstance(model, module_class(kind)):
-            return kind
+    kind = kind_of_module(model)
+    if kind is not None:
+        return kind
     raise ModelCardError(f"cannot export a {type(model).__name__}: expected one of "
                          f"{sorted(kind.module_class.rsplit('.', 1)[1] for kind in KINDS.values())}")
 

@@ -62,6 +62,16 @@ def module_class(kind: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def kind_of_module(model: torch.nn.Module) -> str | None:
+    """The kind of a module (``"baseline"``, ``"mixpriv"``, ...); ``None`` for a module of no kind.
+
+    Example:
+        >>> kind_of_module(torch.nn.Linear(1, 1)) is None
+        True
+    """
+    return next((kind for kind in KINDS if isinstance(model, module_class(kind))), None)
+
+
 def build_module(kind: str, hparams: Mapping, state: Mapping[str, torch.Tensor], where: str) -> torch.nn.Module:
     """Rebuild a module of ``kind`` from its init arguments and load its weights (``strict=True``).
 

@@ -33,11 +33,16 @@ from mixpriv.proxies.deformation import DeformationKey, integrate_velocity, key_
 _SEED_BOUND = 2 ** 62
 #: How much coarser than the references the warps are drawn and integrated.
 COARSE = 4
+#: References warped at once (bounds the memory of the full-resolution fields).
+CHUNK = 8
 
 
 def warp_references(images: torch.Tensor, labels: torch.Tensor | None, magnitude: float,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Warp each of N references (N, D, H, W) and its label map (N, D, H, W) by its own fresh diffeomorphism.
+
+    The warps are drawn (one seed per reference) at once and computed ``CHUNK`` references at a time,
+    so memory grows with the chunk, not with N; the result does not depend on the chunking.
 
     Args:
         images: the references' images.
@@ -50,9 +55,18 @@ def warp_references(images: torch.Tensor, labels: torch.Tensor | None, magnitude
     """
     if magnitude == 0:
         return images, labels
+    seeds = torch.randint(0, _SEED_BOUND, (images.shape[0],), generator=generator).tolist()
+    parts = [_warp_by_seeds(images[start:start + CHUNK], None if labels is None else labels[start:start + CHUNK],
+                            magnitude, seeds[start:start + CHUNK]) for start in range(0, len(seeds), CHUNK)]
+    warped = torch.cat([image for image, _ in parts])
+    return warped, None if labels is None else torch.cat([label for _, label in parts])
+
+
+def _warp_by_seeds(images: torch.Tensor, labels: torch.Tensor | None, magnitude: float,
+                   seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Warp references (n, D, H, W) and their label maps by the warps of ``seeds`` (one each)."""
     shape = tuple(images.shape[1:])
     coarse = tuple(max(2, round(n / COARSE)) for n in shape)
-    seeds = torch.randint(0, _SEED_BOUND, (images.shape[0],), generator=generator).tolist()
     base = DeformationKey(0)  # the default smoothness, in the references' voxels
     keys = [DeformationKey(int(seed), magnitude=float(magnitude) / COARSE, control_spacing=base.control_spacing / COARSE,
                            smoothing=base.smoothing / COARSE) for seed in seeds]

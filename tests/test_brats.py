@@ -18,15 +18,12 @@ from mixpriv.data.brats import (
     MODALITIES,
     BratsFolder,
     brats_to_classes,
-    brats_to_nnunet,
     check_modalities,
     classes_to_brats,
-    nnunet_to_brats,
-    recorded_label_mapping,
-    recorded_modalities,
     remap_labels,
     split_cases,
 )
+from mixpriv.data.brats_convert import brats_to_nnunet, nnunet_to_brats, recorded_label_mapping, recorded_modalities
 from mixpriv.data.brats_patients import PATIENTS_FILE, read_patients
 from mixpriv.data.folder import DatasetFolder
 from mixpriv.files import OutputError

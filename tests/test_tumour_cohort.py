@@ -11,7 +11,8 @@ import pytest
 from scipy import ndimage
 
 from mixpriv.constants import ENV_HOME, SPLITS
-from mixpriv.data.brats import BratsFolder, brats_to_nnunet, classes_to_brats
+from mixpriv.data.brats import BratsFolder, classes_to_brats
+from mixpriv.data.brats_convert import brats_to_nnunet
 from mixpriv.data.brats_patients import PATIENTS_FILE
 from mixpriv.data.cohort import load_template, output_grid
 from mixpriv.data.folder import DatasetFolder

@@ -100,7 +100,7 @@ def add_convert_brats(sub: argparse._SubParsersAction) -> None:
 
 
 def _convert_brats(args: argparse.Namespace) -> None:
-    from mixpriv.data import brats
+    from mixpriv.data import brats, brats_convert
     from mixpriv.validation import InputError
 
     options = {"modalities": args.modalities, "dataset_id": args.dataset_id, "seed": args.seed,
@@ -111,9 +111,9 @@ def _convert_brats(args: argparse.Namespace) -> None:
         given = [flags[name] for name, value in options.items() if value is not None]
         if given:
             raise InputError(f"{', '.join(given)} only apply to --to nnunet (the dataset records them)")
-        print(brats.nnunet_to_brats(args.src, args.out))
+        print(brats_convert.nnunet_to_brats(args.src, args.out))
         return
     defaults = {"modalities": brats.DEFAULT_MODALITIES, "dataset_id": 1, "seed": 0,
                 "fractions": brats.DEFAULT_FRACTIONS}
     chosen = {name: defaults[name] if value is None else value for name, value in options.items()}
-    print(brats.brats_to_nnunet(args.src, args.out, **chosen))
+    print(brats_convert.brats_to_nnunet(args.src, args.out, **chosen))

@@ -6,7 +6,7 @@
 * ``embedded:tumour``: the embedded tumour cohort (:mod:`mixpriv.data.tumour`), built on first use
   and converted to the nnU-Net layout (T1ce);
 * a folder in the BraTS 2021 challenge layout (``BraTS2021_XXXXX/`` case folders, no
-  ``dataset.json``): converted once (T1ce, :func:`~mixpriv.data.brats.brats_to_nnunet`) into
+  ``dataset.json``): converted once (T1ce, :func:`~mixpriv.data.brats_convert.brats_to_nnunet`) into
   ``$MIXPRIV_HOME/converted/`` (default ``~/.cache/mixpriv``), never next to the input, and
   converted again when one of its files is newer than the conversion;
 * any other folder: an nnU-Net v2 dataset (:class:`~mixpriv.data.folder.DatasetFolder`).
@@ -25,7 +25,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mixpriv.data.brats import CASE_PATTERN, brats_to_nnunet
+from mixpriv.data.brats import CASE_PATTERN
+from mixpriv.data.brats_convert import brats_to_nnunet
 from mixpriv.files import mixpriv_home
 
 __all__ = ["EMBEDDED_TISSUE", "EMBEDDED_TUMOUR", "TUMOUR_DATASET_ID", "is_brats_folder", "nnunet_copy_of_brats",

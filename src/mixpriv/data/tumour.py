@@ -319,7 +319,7 @@ def build_tumour_cohort(out_dir: str | Path | None = None, *, n_patients: int = 
     is written into a temporary sibling folder and renamed when complete. Read it with
     :class:`~mixpriv.data.brats.BratsFolder` (``modalities=("t1ce",)``, the default, or
     ``("t1ce", "flair")``), which reads the patients from ``patients.csv`` and splits by patient, and
-    convert it with :func:`~mixpriv.data.brats.brats_to_nnunet`.
+    convert it with :func:`~mixpriv.data.brats_convert.brats_to_nnunet`.
 
     Args:
         out_dir: target folder; None uses :func:`default_tumour_cohort_dir`.

@@ -4,7 +4,8 @@
 # fine-tune. One run at a time: on 2 CPU cores two trainings at once are 10x slower each.
 # Usage: bash scripts/train_frontier.sh [runs folder] [setting ...]
 #   settings: l20-50 l10-30 l35-65-r3 l20-50-r3 (default: all, in this order)
-# A run that stopped (session end, max_time cap) resumes where it was: run the script again.
+# A run that stopped (session end, max_time cap) resumes where it was: run the script again (each run of
+# the script gets its 2 h cap anew: `mixpriv train --resume` counts the cap from where the run stopped).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup-env.sh"

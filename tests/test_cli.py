@@ -40,6 +40,22 @@ def test_recipe_overrides_and_errors():
         load_recipe("no-such-recipe")
 
 
+def test_a_resumed_run_gets_its_time_cap_anew(tmp_path):
+    from datetime import timedelta
+
+    import torch
+
+    from mixpriv.training import segment_time_cap
+
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": 100.0, "validate": 5.0}}}}, checkpoint)
+    assert segment_time_cap("00:02:00:00", checkpoint) == timedelta(hours=2, seconds=100)
+    assert segment_time_cap({"minutes": 1}, checkpoint) == timedelta(minutes=1, seconds=100)
+    assert segment_time_cap(timedelta(hours=1), tmp_path / "none.ckpt") == timedelta(hours=1)
+    with pytest.raises(RecipeError, match="not DD:HH:MM:SS"):
+        segment_time_cap("02:00:00", checkpoint)
+
+
 @pytest.mark.slow
 def test_train_evaluate_predict_round_trip(tiny_folder, tmp_path):
     data = [f"data.data_dir={tiny_folder}"]

@@ -19,6 +19,7 @@ import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -158,8 +159,9 @@ def train(
             ``["segmenter.encoder"]`` or ``["segmenter"]`` to train a new unmixer alone.
         resume: continue the run in ``out_dir`` from ``checkpoints/last.ckpt`` (weights, optimiser,
             learning-rate schedule, step count and elapsed time), e.g. after its ``max_time`` cap
-            stopped it or the recipe's ``max_steps`` was raised. ``train_stats.json`` then describes
-            this segment and keeps the earlier ones under ``earlier_segments``.
+            stopped it or the recipe's ``max_steps`` was raised. The ``max_time`` cap then applies
+            to this segment anew (:func:`segment_time_cap`). ``train_stats.json`` describes this
+            segment and keeps the earlier ones under ``earlier_segments``.
     """
     out_dir = Path(out_dir)
     resume_from = out_dir / "checkpoints" / "last.ckpt"
@@ -179,6 +181,8 @@ def train(
     trainer_config = dict(recipe.get("trainer", {}))
     if trainer_config.get("precision", "auto") == "auto":
         trainer_config["precision"] = auto_precision()
+    if resume and trainer_config.get("max_time") is not None:
+        trainer_config["max_time"] = segment_time_cap(trainer_config["max_time"], resume_from)
     # The queue shards subjects itself under DDP; Lightning must not add a sampler to it.
     trainer_config["use_distributed_sampler"] = False
     meter = ThroughputMeter()
@@ -222,6 +226,40 @@ def train(
     stats_path.write_text(json.dumps(stats, indent=2))
     log.info("trained %s in %.0f s (%s patches/s)", recipe.get("name"), elapsed, stats["patches_per_second"])
     return TrainingRun(out_dir, last, stats)
+
+
+def segment_time_cap(max_time: str | Mapping | timedelta, checkpoint: Path) -> timedelta:
+    """The ``max_time`` of a resumed run, so that the cap applies to the new segment.
+
+    Raises:
+        RecipeError: a string cap that is not ``DD:HH:MM:SS``.
+
+    Lightning's ``Timer`` restores the training time of the checkpoint and counts it against
+    ``max_time``: a run stopped by its cap would otherwise stop again at once when resumed. The
+    cap given (``"DD:HH:MM:SS"``, a dict of :class:`~datetime.timedelta` fields, or a timedelta) is
+    lengthened by the training time the checkpoint records.
+
+    Example:
+        >>> segment_time_cap("00:02:00:00", Path("missing.ckpt"))  # no checkpoint: the cap as given
+        datetime.timedelta(seconds=7200)
+    """
+    if isinstance(max_time, str):
+        parts = max_time.split(":")
+        if len(parts) != 4 or not all(part.isdigit() for part in parts):
+            raise RecipeError(f"trainer.max_time {max_time!r} is not DD:HH:MM:SS (e.g. '00:02:00:00' for 2 hours)")
+        days, hours, minutes, seconds = (int(part) for part in parts)
+        cap = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    elif isinstance(max_time, Mapping):
+        cap = timedelta(**max_time)
+    else:
+        cap = max_time
+    if not checkpoint.is_file():
+        return cap
+    # the run's own checkpoint, written by this trainer (Lightning loads it the same way to resume)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("callbacks", {})
+    elapsed = float(state.get("Timer", {}).get("time_elapsed", {}).get("train", 0.0))
+    log.info("resuming after %.0f s of training: max_time %s applies to this segment", elapsed, cap)
+    return cap + timedelta(seconds=elapsed)
 
 
 def _earlier_segments(stats_path: Path) -> list[dict]:

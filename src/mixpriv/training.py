@@ -231,13 +231,13 @@ def train(
 def segment_time_cap(max_time: str | Mapping | timedelta, checkpoint: Path) -> timedelta:
     """The ``max_time`` of a resumed run, so that the cap applies to the new segment.
 
-    Raises:
-        RecipeError: a string cap that is not ``DD:HH:MM:SS``.
-
     Lightning's ``Timer`` restores the training time of the checkpoint and counts it against
     ``max_time``: a run stopped by its cap would otherwise stop again at once when resumed. The
     cap given (``"DD:HH:MM:SS"``, a dict of :class:`~datetime.timedelta` fields, or a timedelta) is
     lengthened by the training time the checkpoint records.
+
+    Raises:
+        RecipeError: a string cap that is not ``DD:HH:MM:SS``.
 
     Example:
         >>> segment_time_cap("00:02:00:00", Path("missing.ckpt"))  # no checkpoint: the cap as given

@@ -66,12 +66,6 @@ def plot_test_retest(first: Mapping[str, Sequence[float]], second: Mapping[str, 
     Example:
         >>> import tempfile, os
         >>> from mixpriv.privacy.reliability import ICCResult
-
-#: mAP of the paper's Table 2 (PPMI, the paper's own attacker), for comparison in the figures.
-PAPER_TABLE_2_MAP = {"Mixup-Privacy (paper)": 0.352, "Privacy-Net (paper)": 0.202, "Deformation-Proxy (paper)": 0.147}
-#: Line style of each of those rows.
-PAPER_LINE_STYLES = ("--", "-.", ":")
-_DESIGN_MARKERS = {"request": "o", "shuffled": "s", "single": "^"}
         >>> out = plot_test_retest({"GM": [0.9, 0.8, 0.85]}, {"GM": [0.91, 0.79, 0.86]},
         ...                        {"GM": ICCResult(0.97, 0.8, 0.99, 3)}, os.path.join(tempfile.mkdtemp(), "icc.png"))
         >>> out.name
@@ -122,11 +116,13 @@ def plot_separation(target: torch.Tensor, reference: torch.Tensor, mixture: torc
 
 def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dice: float | None = None) -> Path:
     """The privacy-utility frontier: sweep rows (``setting``, ``worst_case_map``, ``dice``, optional
-    ``design`` and ``bss``), each privacy score against Dice, one marker shape per request design.
+    ``mixing``, ``design`` and ``bss``), each privacy score against Dice.
 
-    Left: worst-case re-identification mAP, with the paper's Table 2 rows as vertical lines; right
-    (when any row has one): the separation attack's MS-SSIM. Rows without a Dice are drawn as a
-    dotted vertical line (their privacy was measured, their utility not).
+    One colour per mixing setting (``mixing``, else ``setting``), one marker per request design, both
+    explained in legends beside the axes. Left: worst-case re-identification mAP, with the paper's
+    Table 2 rows as red vertical lines; right (when any row has one): the separation attack's MS-SSIM.
+    Rows without a Dice are drawn as a dotted vertical line in their setting's colour (their privacy
+    was measured, their utility not).
 
     Example:
         >>> import tempfile, os
@@ -135,39 +131,48 @@ def plot_privacy_utility(rows: Sequence[Mapping], path: str | Path, baseline_dic
         >>> plot_privacy_utility(rows, os.path.join(tempfile.mkdtemp(), "sweep.png"), 0.91).name
         'sweep.png'
     """
+    from matplotlib.lines import Line2D
+
     panels = [("worst_case_map", "worst-case re-identification mAP (lower = more private)")]
     if any(row.get("bss") is not None for row in rows):
         panels.append(("bss", "separation attack MS-SSIM, λ known (lower = more private)"))
-    figure = Figure(figsize=(6.5 * len(panels), 4.6))
+    settings = list(dict.fromkeys(row.get("mixing", row["setting"]) for row in rows))
+    palette = [f"C{i}" for i in range(10) if i != 3]  # C3 is red: the paper's rows
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(settings)}
+    figure = Figure(figsize=(5.5 * len(panels) + 3.5, 4.6))
     axes = np.atleast_1d(figure.subplots(1, len(panels), sharey=True))
     axes[0].set_ylabel("mean foreground Dice (Learned+TTA; Learned for single)")
     dice_values = [row["dice"] for row in rows if row.get("dice") is not None]
+    references = [baseline_dice, baseline_dice - 0.01] if baseline_dice is not None else []
     for ax, (key, label) in zip(axes, panels):
-        ax.margins(x=0.2)  # room for the labels of the outermost points
-        if dice_values or baseline_dice is not None:
-            low = min(dice_values + ([baseline_dice - 0.01] if baseline_dice is not None else []))
-            high = max(dice_values + ([baseline_dice] if baseline_dice is not None else []))
-            ax.set_ylim(low - 0.02, high + 0.01)
+        if dice_values or references:
+            ax.set_ylim(min(dice_values + references) - 0.02, max(dice_values + references) + 0.01)
         for row in rows:
             x, dice = row.get(key), row.get("dice")
+            colour = colours[row.get("mixing", row["setting"])]
             if x is None:
                 continue
             if dice is None:
-                ax.axvline(x, color="grey", lw=0.6, ls=":")
-                ax.annotate(row["setting"], (x, ax.get_ylim()[0]), fontsize=7, rotation=90, xytext=(2, 4),
-                            textcoords="offset points")
+                ax.axvline(x, color=colour, lw=1.0, ls=":")
             else:
-                ax.scatter([x], [dice], s=30, marker=_DESIGN_MARKERS.get(row.get("design", "request"), "o"))
-                ax.annotate(row["setting"], (x, dice), fontsize=7, xytext=(4, 4), textcoords="offset points")
+                ax.scatter([x], [dice], s=40, color=colour, edgecolors="black", linewidths=0.5, zorder=3,
+                           marker=_DESIGN_MARKERS.get(row.get("design", "request"), "o"))
         if key == "worst_case_map":
             for (name, value), style in zip(PAPER_TABLE_2_MAP.items(), PAPER_LINE_STYLES):
-                ax.axvline(value, color="tab:red", lw=0.7, ls=style, label=name)
+                ax.axvline(value, color="tab:red", lw=0.7, ls=style)
         if baseline_dice is not None:
-            ax.axhline(baseline_dice, color="black", lw=0.8, ls="--", label="non-private baseline")
-            ax.axhline(baseline_dice - 0.01, color="grey", lw=0.8, ls=":", label="baseline - 0.01")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.axhline(baseline_dice, color="black", lw=0.8, ls="--")
+            ax.axhline(baseline_dice - 0.01, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(label)
-    figure.suptitle("Privacy-utility frontier (markers: o one request per scan, s shuffled batch, ^ one mixture)",
-                    fontsize=10)
+    handles = [Line2D([], [], color=colours[name], marker="s", ls="", label=name) for name in settings]
+    handles += [Line2D([], [], color="grey", marker=marker, ls="", label=f"design: {design}")
+                for design, marker in _DESIGN_MARKERS.items()]
+    handles += [Line2D([], [], color="grey", ls=":", label="no Dice measured")]
+    handles += [Line2D([], [], color="tab:red", lw=0.7, ls=style, label=name)
+                for name, style in zip(PAPER_TABLE_2_MAP, PAPER_LINE_STYLES)]
+    if baseline_dice is not None:
+        handles += [Line2D([], [], color="black", lw=0.8, ls="--", label=f"non-private baseline ({baseline_dice:.3f})"),
+                    Line2D([], [], color="grey", lw=0.8, ls="--", label="baseline − 0.01")]
+    axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    figure.suptitle("Privacy-utility frontier", fontsize=10)
     return _save(figure, path)

@@ -52,7 +52,8 @@ def reliability_section(audit: TestRetestAudit, out_dir: Path) -> tuple[dict, li
 
 def sweep_section(audit: SweepAudit, out_dir: Path) -> tuple[dict, list[str]]:
     """The privacy-utility sweep: per mixing setting, re-identification, separation and Dice; the recommendation."""
-    rows = [{"setting": row.name, "design": row.design, "lambda_range": list(row.setting.lambda_range),
+    rows = [{"setting": row.name, "mixing": row.setting.name, "design": row.design,
+             "lambda_range": list(row.setting.lambda_range),
              "references_per_mix": row.setting.references_per_mix, "worst_case_map": row.reid_map,
              "worst_case_attacker": row.reid_attacker,
              "bss": row.bss, "bss_trivial": row.bss_trivial, "bss_request": row.bss_request,
@@ -60,21 +61,25 @@ def sweep_section(audit: SweepAudit, out_dir: Path) -> tuple[dict, list[str]]:
             for row in audit.rows]
     figure = plot_privacy_utility(rows, out_dir / "privacy_utility.png", audit.baseline_dice)
     recommended = audit.recommended()
+    separation = any(r["bss"] is not None or r["bss_request"] is not None for r in rows)
+    bss_note = ("BSS = MS-SSIM of the target recovered by the λ-known separation "
+                "attack on each setting's mixtures (same patches and MS-SSIM setting as the separation section), "
+                "next to MS-SSIM(mixture, target) on the same patches: the attack recovers the target only where "
+                "it beats the mixture. *BSS on requests*: the same targets, each with the K mixtures of its request "
+                "separated jointly, next to MS-SSIM(request mean, target). ") if separation else ""
+    header = ["Setting", "worst-case mAP", "worst attacker"]
+    header += ["BSS MS-SSIM", "mixture MS-SSIM", "BSS on requests", "request mean MS-SSIM"] if separation else []
+    table = [[r["setting"], _fmt(r["worst_case_map"]), r["worst_case_attacker"],
+              *([_fmt(r["bss"]), _fmt(r["bss_trivial"]), _fmt(r["bss_request"]), _fmt(r["bss_request_trivial"])]
+                if separation else []),
+              _fmt(r["dice"]), r["model"] or "—"] for r in rows]
     lines = ["## Privacy-utility sweep", "",
              ("Re-identification: the worst-case mAP of the attacker suite, and the attacker that reached it. "
-              "BSS = MS-SSIM of the target recovered by the λ-known separation "
-              "attack on each setting's mixtures (same patches and MS-SSIM setting as the separation section), "
-              "next to MS-SSIM(mixture, target) on the same patches: the attack recovers the target only where "
-              "it beats the mixture. *BSS on requests*: the same targets, each with the K mixtures of its request "
-              f"separated jointly, next to MS-SSIM(request mean, target). Dice = Learned+TTA (K = {audit.k}; "
+              f"{bss_note}Dice = Learned+TTA (K = {audit.k}; "
               "Learned for one mixture per scan, the `single` design) of a model trained for the setting, "
               f"on {audit.dice_cases} test scans (— = no model given for the setting). "
               f"Non-private baseline on the same scans: {_fmt(audit.baseline_dice)}."), "",
-             *markdown_table(["Setting", "worst-case mAP", "worst attacker", "BSS MS-SSIM", "mixture MS-SSIM",
-                              "BSS on requests", "request mean MS-SSIM", "Learned+TTA Dice", "model"],
-                             [[r["setting"], _fmt(r["worst_case_map"]), r["worst_case_attacker"], _fmt(r["bss"]),
-                               _fmt(r["bss_trivial"]), _fmt(r["bss_request"]), _fmt(r["bss_request_trivial"]),
-                               _fmt(r["dice"]), r["model"] or "—"] for r in rows]),
+             *markdown_table([*header, "Dice (Learned+TTA; single: Learned)", "model"], table),
              "",
              (f"**Recommended:** {recommended.name}: the lowest worst-case mAP among the settings "
               "whose Dice is within 0.01 of the baseline." if recommended else

@@ -1,0 +1,60 @@
+"""Issue 13's privacy-utility frontier from the measurements committed under checkpoints/evaluation/privacy.
+
+Each setting pairs the attacker-suite audits that measured its worst-case re-identification mAP
+(model-free: they attack the mixtures) with the Dice evaluation of a model trained for it
+(`mixpriv evaluate`, 24 test scans, K = 8), and the non-private baseline's Dice on the same scans.
+A setting whose model was not evaluated gets no Dice (a dotted line on the figure). Writes
+frontier.md, frontier.json and privacy_utility.png.
+
+Usage:
+    .venv/bin/python scripts/privacy_frontier.py [--out checkpoints/evaluation/privacy/frontier]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixpriv.mixing.settings import MixingSettings
+from mixpriv.privacy.frontier import RecordedPoint, frontier_from_records, write_frontier
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVACY = ROOT / "checkpoints" / "evaluation" / "privacy"
+SUITE = PRIVACY / "report.json"  # the attacker suite, 2026-12-02: four settings x three designs
+WARPS = PRIVACY / "warps"
+DICE = PRIVACY / "frontier-dice"
+
+POINTS = [
+    RecordedPoint(MixingSettings((0.65, 0.95)), (SUITE,), DICE / "0-tissue-mixpriv-2mm" / "summary.json",
+                  "tissue-mixpriv-2mm"),
+    RecordedPoint(MixingSettings((0.2, 0.5)), (SUITE,), DICE / "1-frontier-l20-50" / "summary.json",
+                  "frontier-l20-50"),
+    RecordedPoint(MixingSettings((0.2, 0.5), references_per_mix=3), (SUITE,),
+                  DICE / "2-frontier-l20-50-r3" / "summary.json", "frontier-l20-50-r3"),
+    RecordedPoint(MixingSettings((0.1, 0.3)), (SUITE,)),
+    RecordedPoint(MixingSettings((0.1, 0.3), reference_warp=4), (WARPS / "warp4" / "report.json",
+                                                                 WARPS / "warp4-request" / "report.json")),
+    RecordedPoint(MixingSettings((0.1, 0.3), reference_warp=8), (WARPS / "warp8" / "report.json",
+                                                                 WARPS / "warp8-request" / "report.json"),
+                  WARPS / "dice-l10-30" / "summary.json", "tissue-mixpriv-2mm-l10-30"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=PRIVACY / "frontier")
+    args = parser.parse_args()
+    points = []
+    for point in POINTS:
+        if point.dice is not None and not Path(point.dice).exists():
+            print(f"no Dice yet for {point.setting.name}: {Path(point.dice).relative_to(ROOT)} is missing")
+            point = RecordedPoint(point.setting, point.reports)
+        points.append(point)
+    frontier = frontier_from_records(points, DICE / "0-tissue-mixpriv-2mm" / "summary.json")
+    sources = sorted({str(Path(path).relative_to(ROOT)) for point in points
+                      for path in (*point.reports, *([point.dice] if point.dice else []))})
+    print(write_frontier(frontier, args.out, sources).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -154,10 +154,10 @@ def publish_compared(runs: Path, zoo: Path, k: int) -> None:
     private = load_pretrained_folder(zoo / task.private_model)
     key = bank_from_cases(folder, "train", private.hparams.input_spacing)
     checkpoints = {kind.name: trained_checkpoint(runs, f"tissue-{kind.name}") for kind in compared_kinds()}
+    models = {name: load_model(checkpoint) for name, checkpoint in checkpoints.items()}
     with tempfile.TemporaryDirectory() as staging:
-        half = {name: load_pretrained_folder(export_pretrained(load_model(checkpoint), staging, name,
-                                                               dtype=torch.float16))
-                for name, checkpoint in checkpoints.items()}
+        half = {name: load_pretrained_folder(export_pretrained(model, staging, name, dtype=torch.float16))
+                for name, model in models.items()}
         result = evaluate_models(baseline, private, folder, key, zoo / "evaluation" / "compared", k=k,
                                  compared=compared_systems(half.values()))
     table = result.table.to_markdown(title=f"Embedded cohort test split, K = {k}",
@@ -170,7 +170,7 @@ def publish_compared(runs: Path, zoo: Path, k: int) -> None:
                 "evaluation": {"aggregate": {row: aggregate[row]}, "K": k,
                                "n_cases": len(result.table.per_case[row])},
                 "evaluation_markdown": table}
-        path = export_pretrained(load_model(checkpoint), zoo, f"tissue-{name}-2mm", card=card,
+        path = export_pretrained(models[name], zoo, f"tissue-{name}-2mm", card=card,
                                  dtype=torch.float16, overwrite=True)
         update_registry(path, zoo / "registry.json")
         print(f"published tissue-{name}-2mm -> {path}")

@@ -43,7 +43,7 @@ from mixpriv.mixing.settings import MixingSettings
 from mixpriv.networks import AdaINUnmixer
 from mixpriv.server.app import HostedSegmenter, ServerConfig, create_app
 from mixpriv.server.client import PrivateClient, ServerError
-from mixpriv.server.wire import MixtureLimits, encode_mixtures
+from mixpriv.server.wire import MixtureLimits, decode_mixtures, encode_mixtures
 from mixpriv.validation import InputError
 
 NAME = "tiny-mixpriv-server"
@@ -455,6 +455,14 @@ _PAYLOADS = st.one_of(
     st.builds(lambda s, v: _npy(np.zeros(s, "<f4"))[:6] + v + _npy(np.zeros(s, "<f4"))[8:], _SHAPES,
               st.binary(min_size=2, max_size=2).filter(lambda v: v not in (b"\x01\x00", b"\x02\x00"))),
 )
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", ">f4"])
+def test_bodies_of_every_accepted_dtype_decode_to_the_same_float32(dtype):
+    values = np.random.default_rng(0).normal(size=(2, 9, 8, 10)).astype(dtype)
+    decoded = decode_mixtures(_npy(values))
+    assert decoded.dtype == np.float32 and decoded.flags.c_contiguous and decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, values.astype(np.float32))
 
 
 def test_malformed_payloads_get_4xx_and_the_server_keeps_serving(server, http, model, token, tmp_path):

@@ -1,4 +1,4 @@
-"""Domain randomisation (mixpriv.data.randomisation, mixpriv.data.synthesis) on tiny phantoms, CPU."""
+"""Domain randomisation (mixpriv.data.randomisation, .deformation, .synthesis) on tiny phantoms, CPU."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import torchio as tio
 import yaml
 
 from mixpriv.data.randomisation import DomainRandomisation, RicianNoise, save_preview
+from mixpriv.data.deformation import Atrophy, Warp
 from mixpriv.data.synthesis import (
-    Atrophy,
     RandomTissueIntensities,
     RemapIntensities,
     SynthesiseIntensities,
     SyntheticHead,
-    Warp,
 )
 from mixpriv.validation import InputError
 

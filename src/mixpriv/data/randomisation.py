@@ -7,8 +7,8 @@ returns the TorchIO transform, applied to a training subject before mixing and t
 only (references stay clean):
 
 1. anatomy: rotation, scaling and a coarse + fine (cortical-scale) elastic warp of image and
-   label together (:class:`~mixpriv.data.synthesis.RandomWarp`); CSF grown into GM/WM in
-   random regions and around the ventricles (:class:`~mixpriv.data.synthesis.RandomAtrophy`);
+   label together (:class:`~mixpriv.data.deformation.RandomWarp`); CSF grown into GM/WM in
+   random regions and around the ventricles (:class:`~mixpriv.data.deformation.RandomAtrophy`);
 2. intensities: with probability ``p_synth`` the image is replaced by a Gaussian-mixture
    sample of the labels with random per-tissue means and stds (any contrast), otherwise each
    tissue's contrast of the real image is remapped (:class:`~mixpriv.data.synthesis.RandomTissueIntensities`);
@@ -38,12 +38,8 @@ from torchio.transforms.augmentation.random_transform import RandomTransform
 
 from mixpriv.constants import IMAGE, LABEL
 from mixpriv.data.preprocessing import intensity_normalisation, preprocessing
-from mixpriv.data.synthesis import (
-    RandomAtrophy,
-    RandomSyntheticHead,
-    RandomTissueIntensities,
-    RandomWarp,
-)
+from mixpriv.data.deformation import RandomAtrophy, RandomWarp
+from mixpriv.data.synthesis import RandomSyntheticHead, RandomTissueIntensities
 from mixpriv.validation import InputError
 
 __all__ = ["DomainRandomisation", "RandomRicianNoise", "RicianNoise", "save_preview"]

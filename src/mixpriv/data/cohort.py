@@ -30,13 +30,8 @@ The folder follows the nnU-Net v2 layout (``imagesTr``, ``labelsTr``, ``imagesTs
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,9 +43,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from mixpriv.constants import SPLITS, TEST, TRAIN, VAL
-from mixpriv.files import mixpriv_home
-
-logger = logging.getLogger(__name__)
+from mixpriv.data.cohort_cache import build_once, cohort_dir
 
 GENERATOR_VERSION = 1
 LABELS = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
@@ -318,17 +311,6 @@ def default_cohort_dir(spacing: float = 2.0, seed: int = 0, n_patients: int = 60
     return cohort_dir("tissue", spacing, seed, n_patients, scans_per_patient)
 
 
-def cohort_dir(kind: str, spacing: float, seed: int, n_patients: int, scans_per_patient: int) -> Path:
-    """``$MIXPRIV_HOME/cohorts/<kind>-<spacing>mm-p<patients>x<scans>-seed<seed>``: where an embedded cohort is cached.
-
-    Example:
-        >>> cohort_dir("tumour", 1.5, 0, 24, 2).name
-        'tumour-1p5mm-p24x2-seed0'
-    """
-    tag = f"{float(spacing):g}".replace(".", "p")
-    return mixpriv_home() / "cohorts" / f"{kind}-{tag}mm-p{n_patients}x{scans_per_patient}-seed{seed}"
-
-
 def build_cohort(out_dir: str | Path | None = None, *, n_patients: int = 60, scans_per_patient: int = 2,
                  spacing: float = 2.0, seed: int = 0, split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
                  progress: bool = True, overwrite: bool = False, workers: int | None = None) -> Path:
@@ -367,48 +349,3 @@ def build_cohort(out_dir: str | Path | None = None, *, n_patients: int = 60, sca
     wanted = {"generator_version": GENERATOR_VERSION, **params}
     return build_once(out, wanted, _stored_parameters(out), overwrite, "cohort",
                       lambda tmp: _write_cohort(tmp, params, progress, workers or min(4, os.cpu_count() or 1)))
-
-
-def build_once(out: Path, wanted: dict, stored: dict | None, overwrite: bool, what: str,
-               write: Callable[[Path], None]) -> Path:
-    """Return ``out`` if it already holds what ``wanted`` describes (its ``stored`` parameters), else
-    ``write`` it into a temporary sibling folder and swap that in when complete.
-
-    Raises:
-        ValueError: ``out`` holds something else and not ``overwrite``.
-
-    Example:
-        >>> import tempfile
-        >>> out = Path(tempfile.mkdtemp()) / "demo"
-        >>> build_once(out, {"n": 1}, None, False, "demo", lambda tmp: (tmp / "a.txt").write_text("a")).name
-        'demo'
-        >>> sorted(p.name for p in out.iterdir())
-        ['a.txt']
-    """
-    if stored == wanted:
-        logger.info("Reusing the %s in %s", what, out)
-        return out
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        held = f"a {what} built with {stored}" if stored else f"files that are not a complete {what}"
-        raise ValueError(f"{out} already holds {held}, not {wanted}; pass overwrite=True or another out_dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    start, tmp = time.perf_counter(), Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        write(tmp)
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Built the %s in %s in %.1f s", what, out, time.perf_counter() - start)
-    return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the complete ``tmp`` folder to ``out``, moving any previous ``out`` aside first."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -60,8 +60,6 @@ from mixpriv.data.cohort import (
     Patient,
     Template,
     acquire,
-    build_once,
-    cohort_dir,
     draw_patient,
     load_template,
     output_grid,
@@ -69,6 +67,7 @@ from mixpriv.data.cohort import (
     sample_points,
     save_nifti,
 )
+from mixpriv.data.cohort_cache import build_once, cohort_dir
 from mixpriv.data.tumour_growth import (
     Tumour,
     draw_tumour,

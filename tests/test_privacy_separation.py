@@ -21,11 +21,11 @@ from mixpriv.privacy.score_matching import (
     to_unit_range,
 )
 from mixpriv.privacy.score_network import build_score_network, geometric_sigmas
+from mixpriv.privacy.lambda_search import estimate_lambda
 from mixpriv.privacy.separation import (
     Separation,
     basis_separate,
     basis_separate_request,
-    estimate_lambda,
     match_sources,
 )
 from mixpriv.validation import InputError

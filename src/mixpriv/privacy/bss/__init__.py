@@ -4,7 +4,7 @@ The client sends ``m = λ·x + (1 − λ)·r``: its scan ``x`` mixed with a secr
 attacker trains a 3D score network on brain patches (:func:`train_score_prior`) and separates
 patches of ``m`` with BASIS (:func:`~mixpriv.privacy.separation.basis_separate`), the same prior for
 both sources, either knowing λ ("λ known", the strongest attacker) or estimating it by a grid
-search (``"λ estimated"``, :func:`~mixpriv.privacy.separation.estimate_lambda`). An evaluator who
+search (``"λ estimated"``, :func:`~mixpriv.privacy.lambda_search.estimate_lambda`). An evaluator who
 knows the truth pairs the outputs with the sources (:func:`~mixpriv.privacy.separation.match_sources`)
 and scores the recovered target by 3D MS-SSIM against the true one.
 

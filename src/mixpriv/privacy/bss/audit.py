@@ -30,13 +30,13 @@ from mixpriv.privacy.bss.results import (
     SeparationAudit,
 )
 from mixpriv.privacy.control import sample_control_volumes
+from mixpriv.privacy.lambda_search import estimate_lambda
 from mixpriv.privacy.score_matching import read_score_network_card
 from mixpriv.privacy.score_network import ScoreFn
 from mixpriv.privacy.separation import (
     basis_separate,
     basis_separate_request,
     check_stability,
-    estimate_lambda,
     match_sources,
 )
 from mixpriv.privacy.similarity import MSSSIMSettings, ms_ssim_3d, settings_for

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mixpriv.memory import THP_ENV, prefer_huge_pages
+
+prefer_huge_pages()  # as the mixpriv command line does, here and in the server it starts (mixpriv.memory)
 import torch
 from server_load import Server, default_setup
 
@@ -220,6 +224,7 @@ def main() -> None:
             print("| " + " | ".join(row) + " |")
     if args.json:
         results.update(model=args.private, baseline=args.baseline, shape=list(image.shape[1:]), device=str(device),
+                       huge_pages=os.environ.get(THP_ENV) == "1",
                        torch_threads=torch.get_num_threads(), repeats=args.repeats, batch_size=args.batch_size)
         write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")

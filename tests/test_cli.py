@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -119,3 +120,16 @@ def test_train_evaluate_predict_round_trip(tiny_folder, tmp_path):
         probabilities = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
         assert probabilities.shape == (*flipped.shape, 4) and np.allclose(probabilities.sum(-1), 1, atol=1e-4)
         (tmp_path / "p.nii.gz").unlink()
+
+
+@pytest.mark.parametrize(("environment", "expected"), [({}, "True 1"), ({"THP_MEM_ALLOC_ENABLE": "0"}, "False 0")])
+def test_huge_pages_are_asked_for_before_torch_unless_the_environment_says_no(environment, expected):
+    code = ("import os; from mixpriv.memory import prefer_huge_pages; print(prefer_huge_pages(), "
+            "os.environ['THP_MEM_ALLOC_ENABLE'])")
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"} | environment
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == expected.split()
+    late = subprocess.run([sys.executable, "-c", "import torch; from mixpriv.memory import prefer_huge_pages; "
+                           "import os; print(prefer_huge_pages(), os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
+                          env=env, capture_output=True, text=True, check=True).stdout
+    assert late.split()[0] == "False"  # too late: PyTorch has read its setting

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["models", "--registry", "no-such-registry.json"])  # logs "registry ... does not exist"
         2
     """
+    from mixpriv.memory import prefer_huge_pages
+
+    prefer_huge_pages()  # before anything imports torch
     from mixpriv.hub.errors import HubError
 
     args = build_parser().parse_args(argv)

@@ -93,6 +93,9 @@ def test_missing_settings_duplicates_and_files_are_named(records, tmp_path):
         recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (suite, suite)))
     with pytest.raises(InputError, match="no such file"):
         recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (tmp_path / "nowhere.json",)))
+    (tmp_path / "baseline-only.json").write_text(json.dumps({"metadata": {"n_cases": 24}, "aggregate": {}}))
+    with pytest.raises(InputError, match="records no λ range"):
+        recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (suite,), tmp_path / "baseline-only.json"))
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="is not JSON"):
         recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (tmp_path / "bad.json",)))

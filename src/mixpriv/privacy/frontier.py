@@ -70,15 +70,15 @@ def _mean_dice(summary: dict, method: str, path: str | os.PathLike) -> float:
 
 
 def _check_dice_mixing(summary: dict, setting: MixingSettings, path: str | os.PathLike) -> None:
-    """The evaluation must have mixed the way ``setting`` says (λ range, R, warp)."""
+    """The evaluation must have mixed the way ``setting`` says (λ range, R, α, warp)."""
     metadata = summary.get("metadata", {})
-    measured = MixingSettings(tuple(metadata.get("lambda_range", ())) or setting.lambda_range,
-                              int(metadata.get("references_per_mix", 1)),
-                              float(metadata.get("dirichlet_alpha", setting.dirichlet_alpha)),
-                              float(metadata.get("reference_warp", 0.0)))
-    if "lambda_range" not in metadata or measured != setting:
-        raise InputError(f"{path} was measured with {measured.name if 'lambda_range' in metadata else 'no λ range'}, "
-                         f"not with {setting.name}: pair each setting with a Dice of its own mixing")
+    if "lambda_range" not in metadata:
+        raise InputError(f"{path} records no λ range: is it the evaluation of a Mixup-Privacy model?")
+    measured = MixingSettings(tuple(metadata["lambda_range"]), int(metadata.get("references_per_mix", 1)),
+                              float(metadata.get("dirichlet_alpha", 1.0)), float(metadata.get("reference_warp", 0.0)))
+    if measured != setting:
+        raise InputError(f"{path} was measured with {measured.name}, not with {setting.name}: pair each setting "
+                         f"with a Dice of its own mixing")
 
 
 def recorded_rows(point: RecordedPoint) -> list[SweepRow]:

@@ -30,7 +30,7 @@ POINTS = [
     RecordedPoint(MixingSettings((0.2, 0.5)), (SUITE,), DICE / "1-frontier-l20-50" / "summary.json",
                   "frontier-l20-50"),
     RecordedPoint(MixingSettings((0.2, 0.5), references_per_mix=3), (SUITE,),
-                  DICE / "2-frontier-l20-50-r3" / "summary.json", "frontier-l20-50-r3"),
+                  DICE / "2-frontier-l20-50-r3" / "summary.json", "tissue-mixpriv-2mm-l20-50-r3"),
     RecordedPoint(MixingSettings((0.1, 0.3)), (SUITE,)),
     RecordedPoint(MixingSettings((0.1, 0.3), reference_warp=4), (WARPS / "warp4" / "report.json",
                                                                  WARPS / "warp4-request" / "report.json")),

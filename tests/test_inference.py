@@ -690,3 +690,21 @@ def test_preprocessing_is_shared_by_load_scan(tmp_path):
     subject, _ = load_scan(path)
     expected = preprocessing()(tio.Subject(image=tio.ScalarImage(path)))[IMAGE].data
     torch.testing.assert_close(subject[IMAGE].data, expected)
+
+
+def test_a_lone_last_patch_travels_with_a_copy_whose_output_is_dropped():
+    x = torch.rand(2, 40, 16, 16)
+    assert len(PatchGrid(x.shape[1:], 16).starts) == 3
+    sizes = []
+
+    def double(batch):
+        sizes.append(batch["x"].shape[0])
+        return batch["x"] * 2
+
+    paired = sliding_window(double, {"x": x}, patch_size=16, batch_size=2)
+    assert sizes == [2, 2]  # the third patch with a copy of itself
+    sizes.clear()
+    alone = sliding_window(double, {"x": x}, patch_size=16, batch_size=1)
+    assert sizes == [1, 1, 1]  # calls of one patch each stay so
+    torch.testing.assert_close(paired, alone)
+    torch.testing.assert_close(paired, x * 2)

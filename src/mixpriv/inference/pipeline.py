@@ -297,18 +297,22 @@ def _grid_pass(
         spatial = patches["inputs"].shape[2:]
         items = patches["inputs"].reshape(positions * k, channels, *spatial)
         which = torch.arange(k, device=items.device).repeat(positions)  # the mixture of each item
-        outputs = []
+        out = None  # (items, [mixed C | unmixed C]), written chunk by chunk: no concatenation passes
         for first in range(0, items.shape[0], batch_size):
             chunk = slice(first, first + batch_size)
             probabilities = segment(items[chunk].float()) if segment is not None else items[chunk].float()
-            parts = [probabilities] if segment is not None else []
+            classes = probabilities.shape[1]
+            if out is None:
+                parts = (segment is not None) + (unmix is not None)
+                out = torch.empty((items.shape[0], parts * classes, *spatial), device=items.device)
+            if segment is not None:
+                out[chunk, :classes] = probabilities
             if unmix is not None:
                 labels = patches["labels"].reshape(positions * k, r, *spatial)[chunk]
                 mixture = which[chunk]
-                reference = label_mixture(labels, weights[mixture], probabilities.shape[1])
-                parts.append(unmix(probabilities, reference, lambdas[mixture]).float())
-            outputs.append(torch.cat(parts, 1))
-        return torch.cat(outputs).reshape(positions, -1, *spatial)
+                reference = label_mixture(labels, weights[mixture], classes)
+                out[chunk, -classes:] = unmix(probabilities, reference, lambdas[mixture])
+        return out.reshape(positions, -1, *spatial)
 
     positions_per_call = batch_size // math.gcd(batch_size, k)  # whole network batches where possible
     stitched = sliding_window(per_patch, volumes, patch_size, overlap, positions_per_call, device, progress)

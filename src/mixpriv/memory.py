@@ -17,10 +17,11 @@ The ``mixpriv`` command line calls :func:`prefer_huge_pages` before it imports t
 user who wants the same sets the variable before importing torch. A value already in the
 environment wins (``THP_MEM_ALLOC_ENABLE=0`` opts out).
 
-Example:
-    >>> import sys
-    >>> prefer_huge_pages() if "torch" in sys.modules else False  # too late once torch is imported
-    False
+Example (a script's first lines; ``tests/test_cli.py`` checks both answers in fresh processes):
+    >>> from mixpriv.memory import prefer_huge_pages
+    >>> prefer_huge_pages()  # doctest: +SKIP
+    True
+    >>> import torch  # its CPU allocator now uses huge pages for large tensors
 """
 
 from __future__ import annotations

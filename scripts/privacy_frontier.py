@@ -6,8 +6,13 @@ Each setting pairs the attacker-suite audits that measured its worst-case re-ide
 A setting whose model was not evaluated gets no Dice (a dotted line on the figure). Writes
 frontier.md, frontier.json and privacy_utility.png.
 
+With ``--annotate FOLDER ...``, each published Mixup-Privacy model also gets its setting's audited
+worst case written into its card (``privacy``; README re-rendered, weights untouched) and its registry
+entry updated.
+
 Usage:
     .venv/bin/python scripts/privacy_frontier.py [--out checkpoints/evaluation/privacy/frontier]
+    .venv/bin/python scripts/privacy_frontier.py --annotate checkpoints/tissue-mixpriv-2mm
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixpriv.hub import update_registry
+from mixpriv.hub.cards import annotate_card, read_card
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.privacy.frontier import RecordedPoint, frontier_from_records, write_frontier
+from mixpriv.privacy.frontier import RecordedPoint, frontier_from_records, privacy_card_entry, write_frontier
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIVACY = ROOT / "checkpoints" / "evaluation" / "privacy"
 SUITE = PRIVACY / "report.json"  # the attacker suite, 2026-12-02: four settings x three designs
+SUITE_MEASURED = "2026-12-02"
 WARPS = PRIVACY / "warps"
 DICE = PRIVACY / "frontier-dice"
 
@@ -40,10 +48,28 @@ POINTS = [
 ]
 
 
+def annotate(folder: Path) -> None:
+    """Write the audited worst case of the model's own mixing (unwarped references) into its card."""
+    setting = MixingSettings.of_model(read_card(folder)["hparams"])
+    matches = [point for point in POINTS if point.setting == setting]
+    if not matches:
+        raise SystemExit(f"{folder}: no audit of its mixing {setting.name} is listed in POINTS")
+    entry = privacy_card_entry(matches[0], SUITE_MEASURED)
+    entry["audits"] = [str(Path(path).relative_to(ROOT)) for path in matches[0].reports]
+    annotate_card(folder, {"privacy": entry})
+    update_registry(folder, ROOT / "checkpoints" / "registry.json")
+    print(f"{folder}: " + ", ".join(f"{design} {row['worst_case_map']:.3f} ({row['worst_case_attacker']})"
+                                    for design, row in entry["designs"].items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=PRIVACY / "frontier")
+    parser.add_argument("--annotate", type=Path, nargs="+", default=[], metavar="FOLDER",
+                        help="published Mixup-Privacy models whose cards get their setting's audited worst case")
     args = parser.parse_args()
+    for folder in args.annotate:
+        annotate(folder)
     points = []
     for point in POINTS:
         if point.dice is not None and not Path(point.dice).exists():

@@ -22,6 +22,7 @@ from conftest import LABELS, TINY_SEGMENTER, TINY_UNMIXER
 from mixpriv.hub import (ChecksumError, DownloadError, ModelCardError, OfflineError, UnknownModelError,
                          export_pretrained, from_pretrained, list_models, load_default_bank, load_pretrained_folder,
                          update_registry)
+from mixpriv.hub.cards import annotate_card, read_card
 from mixpriv.hub.download import MAX_DOWNLOAD_BYTES, download_file, fetch_bytes
 from mixpriv.lightning.baseline import BaselineSegmenter
 from mixpriv.lightning.mixup import MixupPrivacyModule
@@ -471,3 +472,17 @@ def test_a_file_without_a_size_is_bounded_before_its_sha256_check(tmp_path):
         announced.close()
         unannounced.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_annotating_a_card_keeps_the_weights_and_shows_the_audit(tmp_path, model):
+    folder = export_pretrained(model, tmp_path, "annotated", bank=tiny_bank())
+    weights = (folder / "model.safetensors").read_bytes()
+    privacy = {"summary": "Audited.", "designs": {"single": {"worst_case_map": 0.25, "worst_case_attacker": "paper"}}}
+    card = annotate_card(folder, {"privacy": privacy})
+    assert card["privacy"] == privacy and read_card(folder)["privacy"] == privacy
+    assert "## Privacy (audited)" in (folder / "README.md").read_text()
+    assert "| single: worst-case re-identification mAP | 0.250 (paper attacker) |" in (folder / "README.md").read_text()
+    assert (folder / "model.safetensors").read_bytes() == weights
+    load_pretrained_folder(folder)  # every recorded hash still holds
+    with pytest.raises(ModelCardError, match="computed by the exporter"):
+        annotate_card(folder, {"files": {}})

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from mixpriv.mixing.settings import MixingSettings
-from mixpriv.privacy.frontier import RecordedPoint, frontier_from_records, recorded_rows, write_frontier
+from mixpriv.privacy.frontier import (
+    RecordedPoint,
+    frontier_from_records,
+    privacy_card_entry,
+    recorded_rows,
+    write_frontier,
+)
 from mixpriv.validation import InputError
 
 
@@ -99,3 +105,12 @@ def test_missing_settings_duplicates_and_files_are_named(records, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="is not JSON"):
         recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (tmp_path / "bad.json",)))
+
+
+def test_the_card_entry_holds_each_designs_worst_case(records):
+    suite, _, _, _ = records
+    entry = privacy_card_entry(RecordedPoint(MixingSettings((0.2, 0.5)), (suite,)), "2026-12-02")
+    assert entry["designs"] == {"request": {"worst_case_map": 1.0, "worst_case_attacker": "request-mean"},
+                                "shuffled": {"worst_case_map": 0.9, "worst_case_attacker": "key-recovery"},
+                                "single": {"worst_case_map": 0.55, "worst_case_attacker": "paper"}}
+    assert entry["setting"] == "λ∈[0.2, 0.5]" and "measured 2026-12-02" in entry["summary"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mixpriv.constants import DEFAULT_DIRICHLET_ALPHA, DEFAULT_REFERENCES_PER_MIX, TUMOUR_CLASSES
 from mixpriv.hub.errors import ModelCardError
-from mixpriv.hub.integrity import BANK_FILE, METADATA_FILE, WEIGHTS_FILE, check_file_name
+from mixpriv.hub.integrity import BANK_FILE, METADATA_FILE, README_FILE, WEIGHTS_FILE, check_file_name
 from mixpriv.kinds import KINDS
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,12 @@ def render_readme(card: Mapping) -> str:
     evaluation = card.get("evaluation_markdown")
     if evaluation:
         parts += ["## Evaluation", "", str(evaluation).strip(), ""]
+    privacy = card.get("privacy")
+    if privacy:
+        rows = [(f"{design}: worst-case re-identification mAP",
+                 f"{row['worst_case_map']:.3f} ({row['worst_case_attacker']} attacker)")
+                for design, row in privacy.get("designs", {}).items()]
+        parts += ["## Privacy (audited)", "", str(privacy.get("summary", "")), "", _table(rows), ""]
     for key, title in (("training", "Training"), ("data", "Data")):
         if card.get(key):
             value = card[key]
@@ -258,3 +264,30 @@ def render_readme(card: Mapping) -> str:
             parts += [f"## {title}", "", text, ""]
     parts += ["## License", "", str(card.get("license", LICENSE)), ""]
     return "\n".join(parts)
+
+
+def annotate_card(folder: str | Path, additions: Mapping) -> dict:
+    """Add entries (e.g. an audit's ``privacy``) to a published model's card, in place, and render its README again.
+
+    The weights and the bank are not touched, so their sha256 in the card stay true; ``metadata.json``
+    and ``README.md`` are each written atomically. Update the registry afterwards
+    (:func:`~mixpriv.hub.update_registry`): it records every file's hash.
+
+    Raises:
+        ModelCardError: ``folder`` holds no valid card, or ``additions`` would override a key the exporter computes.
+
+    Example:
+        >>> annotate_card("checkpoints/tissue-mixpriv-2mm", {"privacy": {"summary": "..."}})  # doctest: +SKIP
+    """
+    from mixpriv.files import write_text_atomically
+
+    folder = Path(folder)
+    card = read_card(folder)
+    additions = to_json_value(dict(additions), "card")
+    clash = sorted(RESERVED_KEYS & set(additions))
+    if clash:
+        raise ModelCardError(f"card keys {clash} are computed by the exporter and cannot be set by the caller")
+    card.update(additions)
+    write_text_atomically(folder / METADATA_FILE, json.dumps(card, indent=2) + "\n")
+    write_text_atomically(folder / README_FILE, render_readme(card))
+    return card

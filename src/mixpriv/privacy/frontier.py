@@ -110,6 +110,30 @@ def recorded_rows(point: RecordedPoint) -> list[SweepRow]:
     return [rows[design] for design in DICE_METHOD if design in rows]
 
 
+def privacy_card_entry(point: RecordedPoint, measured: str) -> dict:
+    """A model card's ``privacy`` entry for a model that mixes as ``point.setting``: per request design, the
+    worst-case re-identification mAP and the attacker that set it, from ``point.reports`` (the Dice is not read).
+
+    Example:
+        >>> entry = privacy_card_entry(RecordedPoint(MixingSettings((0.65, 0.95)), ("report.json",)),
+        ...                            "2026-12-02")  # doctest: +SKIP
+        >>> entry["designs"]["single"]  # doctest: +SKIP
+        {'worst_case_map': 1.0, 'worst_case_attacker': 'paper'}
+    """
+    rows = recorded_rows(RecordedPoint(point.setting, point.reports))
+    metadata = _read_json(point.reports[0]).get("metadata", {})
+    scope = (f"{metadata.get('scans', '?')} test scans of {metadata.get('patients', '?')} patients of the embedded "
+             f"cohort, a key of {metadata.get('references in the key', '?')} references")
+    return {"setting": point.setting.name, "measured": measured, "audits": [str(path) for path in point.reports],
+            "designs": {row.design: {"worst_case_map": row.reid_map, "worst_case_attacker": row.reid_attacker}
+                        for row in rows},
+            "summary": (f"Re-identification by mixpriv's attacker suite ({scope}; `mixpriv audit --parts reid`), "
+                        f"measured {measured}: the highest mAP of any attacker, per way of sending the mixtures "
+                        "(`request`: a scan's K mixtures in one request; `shuffled`: the mixtures of many scans "
+                        "shuffled together; `single`: one mixture per scan, no TTA). 1.000 means every patient "
+                        "is recognised; lower is more private (the paper's Table 2: 0.352).")}
+
+
 def frontier_from_records(points: Sequence[RecordedPoint], baseline_summary: str | os.PathLike,
                           k: int = 8) -> SweepAudit:
     """Every point's rows, with the non-private baseline's mean Dice read from ``baseline_summary``

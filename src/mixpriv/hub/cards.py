@@ -79,6 +79,15 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def _caller_entries(entries: Mapping) -> dict:
+    """A caller's card entries as JSON values; ``ModelCardError`` if one would override a computed key."""
+    entries = to_json_value(dict(entries), "card")
+    clash = sorted(RESERVED_KEYS & set(entries))
+    if clash:
+        raise ModelCardError(f"card keys {clash} are computed by the exporter and cannot be set by the caller")
+    return entries
+
+
 def build_card(
     *,
     name: str,
@@ -105,10 +114,7 @@ def build_card(
     if kind not in KINDS:
         raise ModelCardError(f"unknown model kind {kind!r}; known kinds: {sorted(KINDS)}")
     hparams = to_json_value(dict(hparams))
-    extra = to_json_value(dict(extra or {}), "card")
-    clash = sorted(RESERVED_KEYS & set(extra))
-    if clash:
-        raise ModelCardError(f"card keys {clash} are computed by the exporter and cannot be set by the caller")
+    extra = _caller_entries(extra or {})
     labels = dict(hparams.get("label_names", {}))
     tumour = labels == TUMOUR_CLASSES
     card = {
@@ -283,11 +289,7 @@ def annotate_card(folder: str | Path, additions: Mapping) -> dict:
 
     folder = Path(folder)
     card = read_card(folder)
-    additions = to_json_value(dict(additions), "card")
-    clash = sorted(RESERVED_KEYS & set(additions))
-    if clash:
-        raise ModelCardError(f"card keys {clash} are computed by the exporter and cannot be set by the caller")
-    card.update(additions)
+    card.update(_caller_entries(additions))
     write_text_atomically(folder / METADATA_FILE, json.dumps(card, indent=2) + "\n")
     write_text_atomically(folder / README_FILE, render_readme(card))
     return card

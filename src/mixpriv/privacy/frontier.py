@@ -7,6 +7,7 @@ model per setting trained and evaluated on its own (``mixpriv evaluate``). :func
 joins those records into one :class:`~mixpriv.privacy.audit.SweepAudit`, checking that each Dice was
 measured with the mixing of the setting it is paired with, and :func:`write_frontier` writes it the
 way the sweep part does (Markdown table, JSON, the privacy-utility figure, the recommended setting).
+:func:`privacy_card_entry` turns one setting's records into a model card's audited ``privacy`` entry.
 
 Example:
     >>> from mixpriv.mixing.settings import MixingSettings

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from mixpriv.evaluation.report import DiceTable
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.frontier import (
     RecordedPoint,
@@ -25,14 +26,13 @@ def _report(path, rows):
     return path
 
 
-def _summary(path, lambda_range, learned_tta, learned, baseline=None, **mixing):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    aggregate = {"Learned+TTA": {"mean": {"mean": learned_tta}}, "Learned": {"mean": {"mean": learned}}}
-    if baseline is not None:
-        aggregate["Baseline"] = {"mean": {"mean": baseline}}
-    path.write_text(json.dumps({"metadata": {"lambda_range": lambda_range, "n_cases": 24, **mixing},
-                                "aggregate": aggregate}))
-    return path
+def _summary(folder, lambda_range, learned_tta, learned, baseline=None, **mixing):
+    """A `mixpriv evaluate` summary of one case whose mean foreground Dice per method is as given."""
+    table = DiceTable({"background": 0, "fg": 1}, metadata={"lambda_range": lambda_range, "n_cases": 24, **mixing})
+    for method, value in (("Baseline", baseline), ("Learned", learned), ("Learned+TTA", learned_tta)):
+        if value is not None:
+            table.add(method, "case", {"fg": value})
+    return table.save(folder)["summary"]
 
 
 @pytest.fixture
@@ -45,8 +45,8 @@ def records(tmp_path):
     ])
     warped = _report(tmp_path / "warp" / "report.json",
                      [("λ∈[0.1, 0.3], refs warped 8 vox · single", "single", 0.32, "key-recovery")])
-    published = _summary(tmp_path / "dice" / "published.json", [0.65, 0.95], 0.909, 0.900, baseline=0.905)
-    low = _summary(tmp_path / "dice" / "low.json", [0.2, 0.5], 0.837, 0.810)
+    published = _summary(tmp_path / "dice" / "published", [0.65, 0.95], 0.909, 0.900, baseline=0.905)
+    low = _summary(tmp_path / "dice" / "low", [0.2, 0.5], 0.837, 0.810)
     return suite, warped, published, low
 
 
@@ -83,10 +83,10 @@ def test_a_dice_of_another_mixing_is_refused(records):
 
 def test_a_warp_must_match_too(records, tmp_path):
     _, warped, _, _ = records
-    unwarped = _summary(tmp_path / "dice" / "unwarped.json", [0.1, 0.3], 0.75, 0.68)
+    unwarped = _summary(tmp_path / "dice" / "unwarped", [0.1, 0.3], 0.75, 0.68)
     with pytest.raises(InputError, match="not with λ∈\\[0.1, 0.3\\], refs warped 8 vox"):
         recorded_rows(RecordedPoint(MixingSettings((0.1, 0.3), reference_warp=8), (warped,), unwarped))
-    matching = _summary(tmp_path / "dice" / "warped.json", [0.1, 0.3], 0.75, 0.68, reference_warp=8.0)
+    matching = _summary(tmp_path / "dice" / "warped", [0.1, 0.3], 0.75, 0.68, reference_warp=8.0)
     [row] = recorded_rows(RecordedPoint(MixingSettings((0.1, 0.3), reference_warp=8), (warped,), matching))
     assert row.dice == 0.68
 
@@ -99,9 +99,11 @@ def test_missing_settings_duplicates_and_files_are_named(records, tmp_path):
         recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (suite, suite)))
     with pytest.raises(InputError, match="no such file"):
         recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (tmp_path / "nowhere.json",)))
-    (tmp_path / "baseline-only.json").write_text(json.dumps({"metadata": {"n_cases": 24}, "aggregate": {}}))
+    baseline_only = DiceTable({"background": 0, "fg": 1}, metadata={"n_cases": 24})
+    baseline_only.add("Baseline", "case", {"fg": 0.9})
     with pytest.raises(InputError, match="records no λ range"):
-        recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (suite,), tmp_path / "baseline-only.json"))
+        recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (suite,),
+                                    baseline_only.save(tmp_path / "baseline-only")["summary"]))
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="is not JSON"):
         recorded_rows(RecordedPoint(MixingSettings((0.2, 0.5)), (tmp_path / "bad.json",)))

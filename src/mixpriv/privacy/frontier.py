@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixpriv.evaluation.report import MEAN_KEY, DiceTable
 from mixpriv.files import write_text_atomically
 from mixpriv.mixing.settings import MixingSettings
 from mixpriv.privacy.audit import SweepAudit, SweepRow
@@ -63,20 +64,27 @@ def _read_json(path: str | os.PathLike) -> dict:
         raise InputError(f"{path} is not JSON: {error}") from None
 
 
-def _mean_dice(summary: dict, method: str, path: str | os.PathLike) -> float:
+def _dice_table(path: str | os.PathLike) -> DiceTable:
+    """A ``mixpriv evaluate`` summary, read the way the evaluation reads its own."""
     try:
-        return float(summary["aggregate"][method]["mean"]["mean"])
-    except (KeyError, TypeError):
-        raise InputError(f"{path} holds no mean {method} Dice (is it a `mixpriv evaluate` summary.json?)") from None
+        return DiceTable.from_summary(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not JSON: {error}") from None
 
 
-def _check_dice_mixing(summary: dict, setting: MixingSettings, path: str | os.PathLike) -> None:
+def _mean_dice(aggregate: dict, method: str, path: str | os.PathLike) -> float:
+    if method not in aggregate:
+        raise InputError(f"{path} holds no {method} Dice (is it a `mixpriv evaluate` summary.json?)")
+    return float(aggregate[method][MEAN_KEY]["mean"])
+
+
+def _check_dice_mixing(metadata: dict, setting: MixingSettings, path: str | os.PathLike) -> None:
     """The evaluation must have mixed the way ``setting`` says (λ range, R, α, warp)."""
-    metadata = summary.get("metadata", {})
     if "lambda_range" not in metadata:
         raise InputError(f"{path} records no λ range: is it the evaluation of a Mixup-Privacy model?")
-    measured = MixingSettings(tuple(metadata["lambda_range"]), int(metadata.get("references_per_mix", 1)),
-                              float(metadata.get("dirichlet_alpha", 1.0)), float(metadata.get("reference_warp", 0.0)))
+    measured = MixingSettings.of_model(metadata, reference_warp=float(metadata.get("reference_warp", 0.0)))
     if measured != setting:
         raise InputError(f"{path} was measured with {measured.name}, not with {setting.name}: pair each setting "
                          f"with a Dice of its own mixing")
@@ -89,9 +97,15 @@ def recorded_rows(point: RecordedPoint) -> list[SweepRow]:
         InputError: a report or summary is missing or malformed, no report holds the setting, a design
             is recorded twice, or the Dice was measured with another mixing.
     """
-    summary = _read_json(point.dice) if point.dice is not None else None
-    if summary is not None:
-        _check_dice_mixing(summary, point.setting, point.dice)
+    return _rows(point, _dice_table(point.dice) if point.dice is not None else None)
+
+
+def _rows(point: RecordedPoint, table: DiceTable | None) -> list[SweepRow]:
+    """:func:`recorded_rows` with the point's Dice summary already read (``None``: no Dice)."""
+    aggregate = None
+    if table is not None:
+        _check_dice_mixing(table.metadata, point.setting, point.dice)
+        aggregate = table.aggregate()
     rows: dict[str, SweepRow] = {}
     for report in point.reports:
         recorded = _read_json(report).get("reidentification", {}).get("settings")
@@ -103,9 +117,9 @@ def recorded_rows(point: RecordedPoint) -> list[SweepRow]:
                 continue
             if design in rows:
                 raise InputError(f"{point.setting.name} · {design} is recorded twice (again in {report})")
-            dice = _mean_dice(summary, DICE_METHOD[design], point.dice) if summary is not None else None
+            dice = _mean_dice(aggregate, DICE_METHOD[design], point.dice) if aggregate is not None else None
             rows[design] = SweepRow(point.setting, float(entry["worst_case_map"]), entry["worst_case_attacker"],
-                                    design=design, dice=dice, model=point.model if summary is not None else None)
+                                    design=design, dice=dice, model=point.model if aggregate is not None else None)
     if not rows:
         raise InputError(f"none of {', '.join(map(str, point.reports))} holds the setting {point.setting.name}")
     return [rows[design] for design in DICE_METHOD if design in rows]
@@ -121,7 +135,7 @@ def privacy_card_entry(point: RecordedPoint, measured: str) -> dict:
         >>> entry["designs"]["single"]  # doctest: +SKIP
         {'worst_case_map': 1.0, 'worst_case_attacker': 'paper'}
     """
-    rows = recorded_rows(RecordedPoint(point.setting, point.reports))
+    rows = _rows(point, None)
     metadata = _read_json(point.reports[0]).get("metadata", {})
     scope = (f"{metadata.get('scans', '?')} test scans of {metadata.get('patients', '?')} patients of the embedded "
              f"cohort, a key of {metadata.get('references in the key', '?')} references")
@@ -139,11 +153,13 @@ def frontier_from_records(points: Sequence[RecordedPoint], baseline_summary: str
                           k: int = 8) -> SweepAudit:
     """Every point's rows, with the non-private baseline's mean Dice read from ``baseline_summary``
     (a ``mixpriv evaluate`` summary with a ``Baseline`` row, measured on the same scans)."""
-    baseline = _read_json(baseline_summary)
-    rows = [row for point in points for row in recorded_rows(point)]
-    cases = {int(_read_json(p.dice).get("metadata", {}).get("n_cases", 0)) for p in points if p.dice is not None}
-    return SweepAudit(rows, baseline_dice=_mean_dice(baseline, "Baseline", baseline_summary),
-                      dice_cases=max(cases, default=0), k=k)
+    rows, cases = [], [0]
+    for point in points:
+        table = _dice_table(point.dice) if point.dice is not None else None
+        rows += _rows(point, table)
+        cases += [int(table.metadata.get("n_cases", 0))] if table is not None else []
+    baseline = _mean_dice(_dice_table(baseline_summary).aggregate(), "Baseline", baseline_summary)
+    return SweepAudit(rows, baseline_dice=baseline, dice_cases=max(cases), k=k)
 
 
 def write_frontier(audit: SweepAudit, out_dir: str | os.PathLike, sources: Sequence[str] = ()) -> Path:

@@ -285,6 +285,7 @@ def _grid_pass(
     go through the networks at once.
     """
     k, channels = inputs.shape[:2]
+    parts = (segment is not None) + (unmix is not None)  # outputs per item: [mixed C | unmixed C]
     volumes = {"inputs": inputs.reshape(k * channels, *inputs.shape[2:])}
     if unmix is not None:
         r = mixtures.reference_labels.shape[1]
@@ -297,13 +298,12 @@ def _grid_pass(
         spatial = patches["inputs"].shape[2:]
         items = patches["inputs"].reshape(positions * k, channels, *spatial)
         which = torch.arange(k, device=items.device).repeat(positions)  # the mixture of each item
-        out = None  # (items, [mixed C | unmixed C]), written chunk by chunk: no concatenation passes
+        out = None  # (items, parts x C), written chunk by chunk: no concatenation passes
         for first in range(0, items.shape[0], batch_size):
             chunk = slice(first, first + batch_size)
             probabilities = segment(items[chunk].float()) if segment is not None else items[chunk].float()
             classes = probabilities.shape[1]
             if out is None:
-                parts = (segment is not None) + (unmix is not None)
                 out = torch.empty((items.shape[0], parts * classes, *spatial), device=items.device)
             if segment is not None:
                 out[chunk, :classes] = probabilities
@@ -317,7 +317,7 @@ def _grid_pass(
     positions_per_call = batch_size // math.gcd(batch_size, k)  # whole network batches where possible
     stitched = sliding_window(per_patch, volumes, patch_size, overlap, positions_per_call, device, progress)
     stitched = stitched.reshape(k, -1, *stitched.shape[1:])
-    num_classes = stitched.shape[1] // ((segment is not None) + (unmix is not None))
+    num_classes = stitched.shape[1] // parts
     mixed = stitched[:, :num_classes] if segment is not None else None
     unmixed = stitched[:, -num_classes:] if unmix is not None else None
     return mixed, unmixed

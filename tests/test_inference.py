@@ -476,12 +476,10 @@ def two_stage_model() -> MixupPrivacyModule:
     return model
 
 
-def test_a_two_stage_unmixer_finishes_the_whole_volume_once(two_stage_model):
-    """One patch covering the volume: the first stage stitched and the second run on the volume
-    are the unmixer on that patch; without overlap the fused and remote pipelines agree."""
+def test_the_context_unmixer_on_one_patch_covering_the_volume_is_its_forward_pass(two_stage_model):
     assert two_stage_model.unmixes_in_two_stages
     pipeline = PrivatePipeline.of_model(two_stage_model)
-    assert pipeline.unmix_volume is not None
+    assert pipeline.unmix is None and pipeline.unmix_volumes is not None
     mixtures = pipeline.mix(torch.from_numpy(phantom(1, (16, 16, 16))[0])[None], make_bank(2, shape=(16, 16, 16)), 2,
                             torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -489,20 +487,43 @@ def test_a_two_stage_unmixer_finishes_the_whole_volume_once(two_stage_model):
         expected = two_stage_model.unmix(mixed, mixtures.reference_probabilities(), mixtures.lambdas)
     torch.testing.assert_close(pipeline.run(mixtures)["learned"].per_reference, expected, atol=1e-5, rtol=0)
 
+
+def test_the_context_unmixer_runs_its_coarse_unet_per_coarse_patch_and_the_rest_once_per_volume(two_stage_model):
+    """Without overlap, each coarse patch's logits are the coarse U-Net on that patch alone (its instance norms
+    see a training patch's field of view, not the volume's); they are stitched, upsampled and finished once."""
+    unmixer = two_stage_model.unmixer
     bank = make_bank(3, shape=(32, 16, 32))
-    image = torch.from_numpy(phantom(2, (32, 16, 32))[0])[None]
-    local = PrivatePipeline.of_model(two_stage_model, overlap=0, batch_size=3)
-    mixtures = local.mix(image, bank, 3, torch.Generator().manual_seed(0))
-    remote = PrivatePipeline.of_model(two_stage_model, overlap=0, segment_volumes=lambda m: segment_mixtures(
-        two_stage_model.segment_mixture, m, 16, overlap=0))
-    finished = []
-    finish = local.unmix_volume
-    local.unmix_volume = lambda *inputs: finished.append(inputs[0].shape) or finish(*inputs)
-    torch.testing.assert_close(remote.run(mixtures)["learned"].per_reference,
-                               local.run(mixtures)["learned"].per_reference, atol=1e-5, rtol=0)
-    assert finished == [(1, NUM_CLASSES, 32, 16, 32)] * 3  # once per mixture, on the whole volume
-    run = local.run(mixtures, ("learned", "naive"))  # outside no_grad, as the evaluation calls it
+    pipeline = PrivatePipeline.of_model(two_stage_model, overlap=0, batch_size=3)
+    mixtures = pipeline.mix(torch.from_numpy(phantom(2, (32, 16, 32))[0])[None], bank, 3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = segment_mixtures(two_stage_model.segment_mixture, mixtures.mixtures, 16, overlap=0)
+        references, lambdas = mixtures.reference_probabilities(), mixtures.lambdas
+        features = unmixer.coarse_features(mixed, references, lambdas)  # scale 2: coarse patches of 8
+        coarse = torch.zeros(3, NUM_CLASSES, 16, 8, 16)
+        for z in (0, 8):
+            for x in (0, 8):
+                coarse[..., z:z + 8, :, x:x + 8] = unmixer.coarse_logits(features[..., z:z + 8, :, x:x + 8], lambdas)
+        expected = torch.softmax(unmixer.finish(mixed, references, lambdas, unmixer.upsample(coarse, (32, 16, 32))), 1)
+    calls = []
+    unmix = pipeline.unmix_volumes
+    pipeline.unmix_volumes = lambda mixed, *rest: calls.append(mixed.shape) or unmix(mixed, *rest)
+    run = pipeline.run(mixtures, ("learned", "naive"))  # outside no_grad, as the evaluation calls it
+    torch.testing.assert_close(run["learned"].per_reference, expected, atol=1e-5, rtol=0)
+    assert calls == [(3, NUM_CLASSES, 32, 16, 32)]  # once per request, on the whole volumes
     assert not any(t.requires_grad for t in (run.mixed_probabilities, run["learned"].per_reference))
+    remote = PrivatePipeline.of_model(two_stage_model, segment_volumes=lambda m: segment_mixtures(
+        two_stage_model.segment_mixture, m, 16))
+    torch.testing.assert_close(remote.run(mixtures)["learned"].per_reference,
+                               PrivatePipeline.of_model(two_stage_model).run(mixtures)["learned"].per_reference)
+
+
+def test_the_context_unmixer_takes_volumes_whose_sides_are_not_a_multiple_of_its_scale(two_stage_model):
+    pipeline = PrivatePipeline.of_model(two_stage_model)
+    mixtures = pipeline.mix(torch.from_numpy(phantom(3, (19, 16, 21))[0])[None], make_bank(2, shape=(19, 16, 21)), 2,
+                            torch.Generator().manual_seed(0))
+    probabilities = pipeline.run(mixtures)["learned"].per_reference
+    assert probabilities.shape == (2, NUM_CLASSES, 19, 16, 21)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(2, 19, 16, 21), atol=1e-5, rtol=0)
 
 
 def test_tta_ensembler_rejects_bad_configuration(tiny_model):

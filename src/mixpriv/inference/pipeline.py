@@ -9,10 +9,10 @@
 server's client and ``mixpriv predict`` share. With a local segmenter it segments and unmixes
 each patch in one step (the way the unmixer was trained: on the segmenter's output for that
 patch) and stitches both once; with a remote server (``segment_volumes``) it unmixes the
-server's whole-volume answer over the same grid. A two-stage unmixer (the coarse-context one)
-runs only its first stage per patch, which is stitched like the probabilities, and its
-full-resolution second stage once per whole mixture: each voxel once, not once per overlapping
-patch (3.7 times on the default grid). The naive unmixing always works on the stitched mixed
+server's whole-volume answer over the same grid. The coarse-context unmixer unmixes the
+stitched answer, local or remote alike (:mod:`mixpriv.inference.coarse_context`): its coarse
+U-Net over a grid of coarse patches, the rest once per voxel, not once per overlapping patch
+(3.7 times on the default grid). The naive unmixing always works on the stitched mixed
 probabilities, so both methods come from one server pass.
 """
 
@@ -21,9 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from mixpriv.inference.coarse_context import unmix_volumes
 from mixpriv.inference.grid import sliding_window
 from mixpriv.inference.mixtures import Mixtures, mix_with_references
 from mixpriv.mixing.bank import ReferenceBank
@@ -40,9 +42,10 @@ VolumeSegmenter = Callable[[torch.Tensor], torch.Tensor]
 """Class probabilities (K, C, D, H, W) of whole mixtures (K, 1, D, H, W): e.g. the remote server."""
 Unmixer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Target probabilities from (mixed probabilities, reference label distribution, lambda (N,))."""
-VolumeUnmixer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""Second stage of a two-stage unmixer: target probabilities from (mixed probabilities, reference
-label distribution, lambda (N,), the first stage's output stitched over the whole volume)."""
+VolumeUnmixer = Callable[[torch.Tensor, Mixtures, int, int | None], torch.Tensor]
+"""Target probabilities (K, C, D, H, W) from the stitched mixed probabilities of K mixtures, the
+mixtures, the grid's patch size and overlap: e.g. the coarse-context unmixer
+(:func:`mixpriv.inference.coarse_context.unmix_volumes`)."""
 
 
 @dataclass
@@ -129,9 +132,9 @@ class PrivatePipeline:
             run fused, patch by patch.
         segment_volumes: or the remote server, on whole mixtures (e.g.
             :meth:`mixpriv.server.PrivateClient.segment_mixtures`).
-        unmix: the learned unmixer (needed for the ``learned`` method), run per patch.
-        unmix_volume: with it, ``unmix`` is the first stage of a two-stage unmixer (its output is
-            stitched over the grid) and ``unmix_volume`` the second, run once per whole mixture.
+        unmix: the learned unmixer run per patch, fused with the local segmenter;
+        unmix_volumes: or one that unmixes the stitched mixed probabilities of whole volumes
+            (one of the two is needed for the ``learned`` method).
         mixing: how to mix (λ range, references per mixture, Dirichlet α).
         patch_size: grid patch side (the model's training patch size).
         overlap: least overlap of the grid's patches (default :func:`~mixpriv.inference.grid.default_overlap`).
@@ -152,7 +155,7 @@ class PrivatePipeline:
         segment_patches: PatchSegmenter | None = None,
         segment_volumes: VolumeSegmenter | None = None,
         unmix: Unmixer | None = None,
-        unmix_volume: VolumeUnmixer | None = None,
+        unmix_volumes: VolumeUnmixer | None = None,
         mixing: MixingSettings = DEFAULT_MIXING,
         patch_size: int = 48,
         overlap: int | None = None,
@@ -162,13 +165,15 @@ class PrivatePipeline:
     ) -> None:
         if (segment_patches is None) == (segment_volumes is None):
             raise InputError("give the pipeline one segmenter: segment_patches (local) or segment_volumes (remote)")
+        if unmix is not None and unmix_volumes is not None:
+            raise InputError("give the pipeline one learned unmixer: unmix (per patch) or unmix_volumes (whole volumes)")
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         self.num_classes = num_classes
         self.segment_patches = segment_patches
         self.segment_volumes = segment_volumes
         self.unmix = unmix
-        self.unmix_volume = unmix_volume
+        self.unmix_volumes = unmix_volumes
         self.mixing = mixing
         self.patch_size = patch_size
         self.overlap = overlap
@@ -189,8 +194,8 @@ class PrivatePipeline:
         options.setdefault("device", model.device)
         staged = model.unmixes_in_two_stages
         return cls(model.num_classes, segment_patches=None if segment_volumes else model.segment_mixture,
-                   segment_volumes=segment_volumes, unmix=model.unmix_context if staged else model.unmix,
-                   unmix_volume=model.unmix_finish if staged else None,
+                   segment_volumes=segment_volumes, unmix=None if staged else model.unmix,
+                   unmix_volumes=partial(unmix_volumes, model.unmixer) if staged else None,
                    mixing=mixing or MixingSettings.of_model(model.hparams), **options)
 
     def mix(self, image: torch.Tensor, bank: ReferenceBank, k: int, generator: torch.Generator | None = None,
@@ -208,11 +213,14 @@ class PrivatePipeline:
     @torch.no_grad()
     def run(self, mixtures: Mixtures, methods: Sequence[str] = ("learned",)) -> PrivateRun:
         """Segment the mixtures once and unmix them with each method (no gradients are kept)."""
+        methods = self._checked(methods)
         if self.segment_volumes is not None:
             return self.unmix_answer(mixtures, self.segment_volumes(mixtures.mixtures), methods)
-        methods = self._checked(methods)
-        unmix = self.unmix if "learned" in methods else None
-        mixed, unmixed = _grid_pass(self.segment_patches, unmix, mixtures.mixtures, mixtures, *self._grid_options())
+        if self.unmix_volumes is not None or "learned" not in methods:
+            mixed = segment_mixtures(self.segment_patches, mixtures.mixtures, *self._grid_options())
+            return self.unmix_answer(mixtures, mixed, methods)
+        mixed, unmixed = _grid_pass(self.segment_patches, self.unmix, mixtures.mixtures, mixtures,
+                                    *self._grid_options())
         return self._results(mixtures, mixed, unmixed, methods)
 
     @torch.no_grad()
@@ -224,14 +232,17 @@ class PrivatePipeline:
         the mixtures of several scans shuffled together).
         """
         methods = self._checked(methods)
-        mixed = mixed.float()
-        unmixed = (_grid_pass(None, self.unmix, mixed, mixtures, *self._grid_options())[1]
-                   if "learned" in methods else None)
+        mixed = mixed.float().to(self.device)
+        unmixed = None
+        if "learned" in methods and self.unmix_volumes is not None:
+            unmixed = self.unmix_volumes(mixed, mixtures, self.patch_size, self.overlap)
+        elif "learned" in methods:
+            unmixed = _grid_pass(None, self.unmix, mixed, mixtures, *self._grid_options())[1]
         return self._results(mixtures, mixed, unmixed, methods)
 
     def _checked(self, methods: Sequence[str]) -> tuple[str, ...]:
         methods = check_methods(methods)
-        if "learned" in methods and self.unmix is None:
+        if "learned" in methods and self.unmix is None and self.unmix_volumes is None:
             raise InputError("learned unmixing needs an unmixer")
         return methods
 
@@ -240,21 +251,11 @@ class PrivatePipeline:
 
     def _results(self, mixtures: Mixtures, mixed: torch.Tensor, unmixed: torch.Tensor | None,
                  methods: Sequence[str]) -> PrivateRun:
-        if unmixed is not None and self.unmix_volume is not None:
-            unmixed = self._finish(mixed.to(self.device), mixtures, unmixed)
         results = {}
         for method in methods:
             per_reference = unmixed if method == "learned" else _naive(mixed.to(self.device), mixtures)
             results[method] = PrivateSegmentation(per_reference)
         return PrivateRun(mixtures, mixed, results)
-
-    def _finish(self, mixed: torch.Tensor, mixtures: Mixtures, first_stage: torch.Tensor) -> torch.Tensor:
-        """The two-stage unmixer's second stage on each whole mixture, written over ``first_stage``."""
-        lambdas = mixtures.lambdas.to(self.device)
-        for k in range(len(mixtures)):
-            reference = mixtures.reference_probabilities(k).to(self.device)[None]
-            first_stage[k] = self.unmix_volume(mixed[k:k + 1], reference, lambdas[k:k + 1], first_stage[k:k + 1])[0]
-        return first_stage
 
 
 def _naive(mixed: torch.Tensor, mixtures: Mixtures) -> torch.Tensor:

@@ -92,18 +92,9 @@ class MixupPrivacyModule(SegmentationModuleBase):
 
     @property
     def unmixes_in_two_stages(self) -> bool:
-        """Whether the unmixer splits into a per-patch :meth:`unmix_context` and a per-volume :meth:`unmix_finish`."""
+        """Whether the unmixer is the coarse-context one, which unmixes whole stitched volumes
+        (:func:`mixpriv.inference.coarse_context.unmix_volumes`) rather than each patch."""
         return isinstance(self.unmixer, ContextAdaINUnmixer)
-
-    def unmix_context(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor,
-                      lam: torch.Tensor) -> torch.Tensor:
-        """Client side, first stage of the coarse-context unmixer, per patch: its upsampled context logits."""
-        return self.unmixer.context(mixed_probs, reference_one_hot, lam).float()
-
-    def unmix_finish(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor,
-                     context: torch.Tensor) -> torch.Tensor:
-        """Client side, second stage, on a patch or a whole volume: target class probabilities."""
-        return torch.softmax(self.unmixer.finish(mixed_probs, reference_one_hot, lam, context).float(), dim=1)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         mixture = batch[IMAGE]["data"].float()

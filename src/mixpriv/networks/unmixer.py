@@ -177,9 +177,10 @@ class ContextAdaINUnmixer(AdaINUnmixer):
     into two per-sample C x C matrices. With ``spec.refine_channels`` a thin full-resolution
     convolution on (logits, y_r) corrects the sum, started at zero. On a 48³ patch it takes about
     a tenth of the light segmenter's multiply-adds (a quarter of its time on a 2-core CPU; the
-    full-resolution unmixer takes more than the segmenter). It runs in two stages,
-    :meth:`context` (per patch) and :meth:`finish` (per patch or per stitched volume), so that an
-    inference pipeline can run the full-resolution stage once per volume.
+    full-resolution unmixer takes more than the segmenter). Its stages are public so that an
+    inference pipeline can run each at the resolution it needs, once per voxel of a whole volume:
+    :meth:`coarse_features` (pooling), :meth:`coarse_logits` (per coarse patch: the instance norms),
+    :meth:`upsample` and :meth:`finish` (voxel by voxel, and 3x3x3 neighbourhoods).
 
     Example:
         >>> net = ContextAdaINUnmixer(4, {"channels": [16, 32], "context_scale": 4})
@@ -229,17 +230,41 @@ class ContextAdaINUnmixer(AdaINUnmixer):
             on_mixed, on_reference = on_mixed.expand(lam.shape[0], c, c), on_reference.expand(lam.shape[0], c, c)
         return torch.cat([on_mixed, on_reference], dim=2)
 
-    def context(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """The coarse U-Net's logits (plus the head's bias), upsampled to the input's size (N, C, ...).
+    def coarse_features(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor,
+                        lam: torch.Tensor) -> torch.Tensor:
+        """The coarse U-Net's inputs (N, in, ...): the inputs average-pooled by ``context_scale``.
 
-        The one part that needs a patch's field of view (its instance norms): the rest
-        (:meth:`finish`) works voxel by voxel and on 3x3x3 neighbourhoods.
+        Works on a patch or a whole volume; a side that is not a multiple of the scale is first
+        padded by repeating its last voxels (:meth:`upsample` crops that off again).
         """
         lam = _per_sample(lam, mixed_probs)
         scale = self.spec.context_scale
-        coarse = self._inputs(F.avg_pool3d(mixed_probs, scale), F.avg_pool3d(reference_one_hot, scale), lam)
-        context = self._unet(coarse, lam) + self.pointwise.bias.reshape(1, -1, 1, 1, 1)
-        return F.interpolate(context, size=mixed_probs.shape[2:], mode="trilinear", align_corners=False)
+        missing = [-side % scale for side in mixed_probs.shape[2:]]
+        if any(missing):
+            padding = [p for side in reversed(missing) for p in (0, side)]
+            mixed_probs = F.pad(mixed_probs, padding, mode="replicate")
+            reference_one_hot = F.pad(reference_one_hot, padding, mode="replicate")
+        return self._inputs(F.avg_pool3d(mixed_probs, scale), F.avg_pool3d(reference_one_hot, scale), lam)
+
+    def coarse_logits(self, features: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The coarse U-Net's logits (plus the head's bias) on :meth:`coarse_features` of one patch (N, C, ...).
+
+        The one part that needs a patch's field of view (its instance norms): an inference pipeline
+        runs it over a grid of coarse patches of the training patch's size, the rest voxel by voxel.
+        """
+        return self._unet(features, _per_sample(lam, features)) + self.pointwise.bias.reshape(1, -1, 1, 1, 1)
+
+    def upsample(self, coarse: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Coarse logits (N, C, ...) trilinearly upsampled to the full-resolution ``size`` (padding cropped)."""
+        scale = self.spec.context_scale
+        padded = [side + (-side % scale) for side in size]
+        context = F.interpolate(coarse, size=padded, mode="trilinear", align_corners=False)
+        return context[..., :size[0], :size[1], :size[2]]
+
+    def context(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The coarse U-Net's logits (plus the head's bias) on one patch, upsampled to its size (N, C, ...)."""
+        features = self.coarse_features(mixed_probs, reference_one_hot, lam)
+        return self.upsample(self.coarse_logits(features, lam), mixed_probs.shape[2:])
 
     def finish(self, mixed_probs: torch.Tensor, reference_one_hot: torch.Tensor, lam: torch.Tensor,
                context: torch.Tensor) -> torch.Tensor:

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mixpriv.memory import THP_ENV, prefer_huge_pages
+from mixpriv.memory import tune_cpu_memory
 
-prefer_huge_pages()  # as the mixpriv command line does, here and in the server it starts (mixpriv.memory)
+MEMORY = tune_cpu_memory()  # as the mixpriv command line does, here and in the server it starts (mixpriv.memory)
 import torch
 from server_load import Server, default_setup
 
@@ -73,18 +72,17 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int,
 
 
 class TimedUnmixer:
-    """Wraps an unmixer (or a stage of one) and adds up the seconds spent in its calls (synchronised on a
-    GPU), into its own ``seconds`` or those of ``total`` (another TimedUnmixer)."""
+    """Wraps an unmixer and adds up the seconds spent in its calls (synchronised on a GPU) in ``seconds``."""
 
-    def __init__(self, unmix, device: torch.device, total: TimedUnmixer | None = None) -> None:
-        self.unmix, self.device, self.seconds, self.total = unmix, device, 0.0, total or self
+    def __init__(self, unmix, device: torch.device) -> None:
+        self.unmix, self.device, self.seconds = unmix, device, 0.0
 
     def __call__(self, *args):
         synchronize(self.device)
         start = time.perf_counter()
         out = self.unmix(*args)
         synchronize(self.device)
-        self.total.seconds += time.perf_counter() - start
+        self.seconds += time.perf_counter() - start
         return out
 
 
@@ -174,10 +172,10 @@ def main() -> None:
     patch = private.hparams.patch_size
 
     pipeline = PrivatePipeline.of_model(private, batch_size=args.batch_size)
-    timed = TimedUnmixer(pipeline.unmix, device)
-    pipeline.unmix = timed
-    if pipeline.unmix_volume is not None:  # a two-stage unmixer: both stages count as the unmixer
-        pipeline.unmix_volume = TimedUnmixer(pipeline.unmix_volume, device, timed)
+    if pipeline.unmix_volumes is not None:  # the coarse-context unmixer, on whole volumes
+        timed = pipeline.unmix_volumes = TimedUnmixer(pipeline.unmix_volumes, device)
+    else:
+        timed = pipeline.unmix = TimedUnmixer(pipeline.unmix, device)
     generator = torch.Generator().manual_seed(0)
     k8_calls = []
 
@@ -224,7 +222,7 @@ def main() -> None:
             print("| " + " | ".join(row) + " |")
     if args.json:
         results.update(model=args.private, baseline=args.baseline, shape=list(image.shape[1:]), device=str(device),
-                       huge_pages=os.environ.get(THP_ENV) == "1",
+                       **MEMORY,
                        torch_threads=torch.get_num_threads(), repeats=args.repeats, batch_size=args.batch_size)
         write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mixpriv.cli import main
+from mixpriv.memory import GLIBC_MALLOC_ENV
 from mixpriv.recipe import RecipeError, apply_overrides, load_recipe
 
 TINY_OVERRIDES = [
@@ -120,6 +122,35 @@ def test_train_evaluate_predict_round_trip(tiny_folder, tmp_path):
         probabilities = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
         assert probabilities.shape == (*flipped.shape, 4) and np.allclose(probabilities.sum(-1), 1, atol=1e-4)
         (tmp_path / "p.nii.gz").unlink()
+
+
+FRESH_BLOCK_FAULTS = """
+import resource
+from mixpriv.memory import keep_freed_memory
+kept = keep_freed_memory()
+def faults_of_a_fresh_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray(64 << 20)
+    block[::4096] = bytes(len(block[::4096]))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_fresh_block()  # the first one is faulted in either way
+print(kept, faults_of_a_fresh_block())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("environment", [{}, {"MIXPRIV_KEEP_FREED_MEMORY": "0"},
+                                         {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}])
+def test_freed_memory_is_kept_mapped_unless_the_environment_says_no(environment):
+    """A freed 64 MiB block, allocated again, costs no page faults when glibc keeps it; 16 k otherwise."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MIXPRIV_KEEP_FREED_MEMORY", *GLIBC_MALLOC_ENV)} | environment
+    kept, faults = subprocess.run([sys.executable, "-c", FRESH_BLOCK_FAULTS], env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()
+    if environment:
+        assert kept == "False" and int(faults) > 10_000
+    else:
+        assert kept == "True" and int(faults) < 1_000
 
 
 @pytest.mark.parametrize(("environment", "expected"), [({}, "True 1"), ({"THP_MEM_ALLOC_ENABLE": "0"}, "False 0")])

@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["models", "--registry", "no-such-registry.json"])  # logs "registry ... does not exist"
         2
     """
-    from mixpriv.memory import prefer_huge_pages
+    from mixpriv.memory import tune_cpu_memory
 
-    prefer_huge_pages()  # before anything imports torch
+    tune_cpu_memory()  # before anything imports torch or allocates much
     from mixpriv.hub.errors import HubError
 
     args = build_parser().parse_args(argv)

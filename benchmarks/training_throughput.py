@@ -42,6 +42,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixpriv.memory import tune_cpu_memory
+
+tune_cpu_memory()  # as the mixpriv command line does (mixpriv.memory)
+
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback

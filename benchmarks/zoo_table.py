@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixpriv.memory import tune_cpu_memory
+
+tune_cpu_memory()  # as the mixpriv command line does (mixpriv.memory)
+
 from mixpriv.data.cohort import build_cohort
 from mixpriv.data.datamodule import bank_from_cases
 from mixpriv.data.folder import DatasetFolder

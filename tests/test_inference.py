@@ -466,7 +466,7 @@ def test_fused_pipeline_equals_the_two_pass_pipeline_where_patches_do_not_overla
 
 
 @pytest.fixture(scope="module")
-def two_stage_model() -> MixupPrivacyModule:
+def context_model() -> MixupPrivacyModule:
     torch.manual_seed(0)
     unmixer = {"channels": [4, 8], "context_scale": 2, "refine_channels": 4}
     model = MixupPrivacyModule(LABELS, TINY_SEGMENTER, unmixer, lambda_range=(0.6, 0.9), patch_size=16).eval()
@@ -476,27 +476,27 @@ def two_stage_model() -> MixupPrivacyModule:
     return model
 
 
-def test_the_context_unmixer_on_one_patch_covering_the_volume_is_its_forward_pass(two_stage_model):
-    assert two_stage_model.unmixes_in_two_stages
-    pipeline = PrivatePipeline.of_model(two_stage_model)
+def test_the_context_unmixer_on_one_patch_covering_the_volume_is_its_forward_pass(context_model):
+    assert context_model.unmixes_whole_volumes
+    pipeline = PrivatePipeline.of_model(context_model)
     assert pipeline.unmix is None and pipeline.unmix_volumes is not None
     mixtures = pipeline.mix(torch.from_numpy(phantom(1, (16, 16, 16))[0])[None], make_bank(2, shape=(16, 16, 16)), 2,
                             torch.Generator().manual_seed(0))
     with torch.no_grad():
-        mixed = two_stage_model.segment_mixture(mixtures.mixtures)
-        expected = two_stage_model.unmix(mixed, mixtures.reference_probabilities(), mixtures.lambdas)
+        mixed = context_model.segment_mixture(mixtures.mixtures)
+        expected = context_model.unmix(mixed, mixtures.reference_probabilities(), mixtures.lambdas)
     torch.testing.assert_close(pipeline.run(mixtures)["learned"].per_reference, expected, atol=1e-5, rtol=0)
 
 
-def test_the_context_unmixer_runs_its_coarse_unet_per_coarse_patch_and_the_rest_once_per_volume(two_stage_model):
+def test_the_context_unmixer_runs_its_coarse_unet_per_coarse_patch_and_the_rest_once_per_volume(context_model):
     """Without overlap, each coarse patch's logits are the coarse U-Net on that patch alone (its instance norms
     see a training patch's field of view, not the volume's); they are stitched, upsampled and finished once."""
-    unmixer = two_stage_model.unmixer
+    unmixer = context_model.unmixer
     bank = make_bank(3, shape=(32, 16, 32))
-    pipeline = PrivatePipeline.of_model(two_stage_model, overlap=0, batch_size=3)
+    pipeline = PrivatePipeline.of_model(context_model, overlap=0, batch_size=3)
     mixtures = pipeline.mix(torch.from_numpy(phantom(2, (32, 16, 32))[0])[None], bank, 3, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        mixed = segment_mixtures(two_stage_model.segment_mixture, mixtures.mixtures, 16, overlap=0)
+        mixed = segment_mixtures(context_model.segment_mixture, mixtures.mixtures, 16, overlap=0)
         references, lambdas = mixtures.reference_probabilities(), mixtures.lambdas
         features = unmixer.coarse_features(mixed, references, lambdas)  # scale 2: coarse patches of 8
         coarse = torch.zeros(3, NUM_CLASSES, 16, 8, 16)
@@ -511,14 +511,14 @@ def test_the_context_unmixer_runs_its_coarse_unet_per_coarse_patch_and_the_rest_
     torch.testing.assert_close(run["learned"].per_reference, expected, atol=1e-5, rtol=0)
     assert calls == [(3, NUM_CLASSES, 32, 16, 32)]  # once per request, on the whole volumes
     assert not any(t.requires_grad for t in (run.mixed_probabilities, run["learned"].per_reference))
-    remote = PrivatePipeline.of_model(two_stage_model, segment_volumes=lambda m: segment_mixtures(
-        two_stage_model.segment_mixture, m, 16))
+    remote = PrivatePipeline.of_model(context_model, segment_volumes=lambda m: segment_mixtures(
+        context_model.segment_mixture, m, 16))
     torch.testing.assert_close(remote.run(mixtures)["learned"].per_reference,
-                               PrivatePipeline.of_model(two_stage_model).run(mixtures)["learned"].per_reference)
+                               PrivatePipeline.of_model(context_model).run(mixtures)["learned"].per_reference)
 
 
-def test_the_context_unmixer_takes_volumes_whose_sides_are_not_a_multiple_of_its_scale(two_stage_model):
-    pipeline = PrivatePipeline.of_model(two_stage_model)
+def test_the_context_unmixer_takes_volumes_whose_sides_are_not_a_multiple_of_its_scale(context_model):
+    pipeline = PrivatePipeline.of_model(context_model)
     mixtures = pipeline.mix(torch.from_numpy(phantom(3, (19, 16, 21))[0])[None], make_bank(2, shape=(19, 16, 21)), 2,
                             torch.Generator().manual_seed(0))
     probabilities = pipeline.run(mixtures)["learned"].per_reference

@@ -192,10 +192,10 @@ class PrivatePipeline:
         model.eval()
         options.setdefault("patch_size", model.hparams.patch_size)
         options.setdefault("device", model.device)
-        staged = model.unmixes_in_two_stages
+        whole = model.unmixes_whole_volumes
         return cls(model.num_classes, segment_patches=None if segment_volumes else model.segment_mixture,
-                   segment_volumes=segment_volumes, unmix=None if staged else model.unmix,
-                   unmix_volumes=partial(unmix_volumes, model.unmixer) if staged else None,
+                   segment_volumes=segment_volumes, unmix=None if whole else model.unmix,
+                   unmix_volumes=partial(unmix_volumes, model.unmixer) if whole else None,
                    mixing=mixing or MixingSettings.of_model(model.hparams), **options)
 
     def mix(self, image: torch.Tensor, bank: ReferenceBank, k: int, generator: torch.Generator | None = None,

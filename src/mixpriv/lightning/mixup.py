@@ -91,7 +91,7 @@ class MixupPrivacyModule(SegmentationModuleBase):
         return torch.softmax(self.unmixer(mixed_probs, reference_one_hot, lam).float(), dim=1)
 
     @property
-    def unmixes_in_two_stages(self) -> bool:
+    def unmixes_whole_volumes(self) -> bool:
         """Whether the unmixer is the coarse-context one, which unmixes whole stitched volumes
         (:func:`mixpriv.inference.coarse_context.unmix_volumes`) rather than each patch."""
         return isinstance(self.unmixer, ContextAdaINUnmixer)
